@@ -1,0 +1,28 @@
+"""wraith: SSH tunnels with pluggable transports.
+
+The public API::
+
+    from wraith_core import ConnectOptions, ServeOptions, open_stream, serve
+"""
+
+from __future__ import annotations
+
+from .errors import WraithError
+from .options import ConnectOptions, ServeOptions
+
+__all__ = ["ConnectOptions", "ServeOptions", "WraithError", "open_stream", "serve", "__version__"]
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> object:
+    # Lazy imports keep `import wraith_core` cheap (and free of asyncssh) for
+    # tools that only need the option objects.
+    if name == "open_stream":
+        from .stream import open_stream
+
+        return open_stream
+    if name == "serve":
+        from .server_api import serve
+
+        return serve
+    raise AttributeError(name)

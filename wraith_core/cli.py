@@ -1,0 +1,185 @@
+"""The ``wraith`` command: flags in, option objects out, library does the work."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from .errors import WraithError
+from .logs import setup_logging
+from .options import ConnectOptions, ServeOptions
+
+log = logging.getLogger("wraith")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--transport", choices=["tcp", "tls", "iroh"], default="tcp")
+    p.add_argument("--proxy", metavar="URL")
+    p.add_argument("--iroh-relay", metavar="URL|none")
+    p.add_argument("--max-pktsize", type=int, metavar="BYTES", help="SSH channel packet size (default 262144)")
+    p.add_argument("--window", type=int, metavar="BYTES", help="SSH channel window (default 4 MiB)")
+    p.add_argument("--keepalive-interval", type=float, metavar="SECONDS")
+    p.add_argument("--keepalive-count-max", type=int, metavar="N")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="wraith", description="SSH tunnels over TCP, TLS or iroh.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    s = sub.add_parser("serve", help="run a wraith SSH server")
+    s.add_argument("--key", required=True, metavar="HOSTKEY", help="host private key (OpenSSH format)")
+    s.add_argument("--authorized-keys", metavar="FILE")
+    s.add_argument("--cert-authority", metavar="FILE")
+    s.add_argument("--listen", metavar="HOST:PORT")
+    s.add_argument("--tls-cert", metavar="PEM")
+    s.add_argument("--tls-key", metavar="PEM")
+    s.add_argument("--stealth", action="store_true")
+    s.add_argument("--max-connections-per-ip", type=int, metavar="N")
+    s.add_argument("--max-auth-attempts", type=int, metavar="N")
+    s.add_argument("--login-grace-time", type=float, metavar="SECONDS")
+    _common(s)
+
+    c = sub.add_parser("connect", help="connect to a wraith (or OpenSSH) server")
+    c.add_argument("--server", metavar="[USER@]HOST:PORT")
+    c.add_argument("--peer", metavar="ID_OR_TICKET")
+    c.add_argument("--identity", metavar="KEY")
+    c.add_argument("--certificate", metavar="FILE")
+    c.add_argument("--user", metavar="NAME")
+    c.add_argument("--socks5", metavar="ADDR:PORT", help="SOCKS5 listener (default 127.0.0.1:1080; 'off' to disable)")
+    c.add_argument("--socks5-auth", metavar="USER:PASS")
+    c.add_argument("--forward", "-L", action="append", default=[], metavar="[BIND:]PORT:HOST:HOSTPORT")
+    c.add_argument("--remote-forward", "-R", action="append", default=[], metavar="[BIND:]PORT:HOST:HOSTPORT")
+    c.add_argument("--tls-server-name", metavar="NAME")
+    c.add_argument("--tls-ca", metavar="FILE")
+    c.add_argument("--insecure", action="store_true")
+    hk = c.add_mutually_exclusive_group()
+    hk.add_argument("--known-hosts", metavar="FILE")
+    hk.add_argument("--host-key", metavar="KEY|SHA256:FP")
+    hk.add_argument("--accept-any-host-key", action="store_true")
+    _common(c)
+
+    k = sub.add_parser("keygen", help="write an ed25519 key pair (KEY and KEY.pub)")
+    k.add_argument("path")
+    k.add_argument("--force", action="store_true")
+    k.add_argument("--comment", default="wraith")
+
+    d = sub.add_parser("demo", help="loopback demo: server + client + SOCKS5, fetches a page through it")
+    d.add_argument("--socks5", default="127.0.0.1:1080", metavar="ADDR:PORT")
+    d.add_argument("--once", action="store_true", help="exit after the demo request instead of staying up")
+    return parser
+
+
+def _set(obj: Any, args: argparse.Namespace, names: Sequence[str]) -> None:
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None and value is not False:
+            setattr(obj, name, value)
+
+
+_COMMON = ["transport", "proxy", "iroh_relay", "max_pktsize", "window", "keepalive_interval",
+           "keepalive_count_max"]
+
+
+def serve_options(args: argparse.Namespace) -> ServeOptions:
+    opts = ServeOptions()
+    _set(opts, args, _COMMON + ["key", "authorized_keys", "cert_authority", "listen", "tls_cert", "tls_key",
+                                "stealth", "max_connections_per_ip", "max_auth_attempts", "login_grace_time"])
+    return opts
+
+
+def connect_options(args: argparse.Namespace) -> ConnectOptions:
+    opts = ConnectOptions()
+    _set(opts, args, _COMMON + ["server", "peer", "identity", "certificate", "user", "socks5_auth",
+                                "forward", "remote_forward", "tls_server_name", "tls_ca", "insecure",
+                                "known_hosts", "host_key", "accept_any_host_key"])
+    if args.socks5 is not None:
+        opts.socks5 = None if args.socks5.lower() in ("off", "none", "") else args.socks5
+    return opts
+
+
+async def _until_signal(start: Callable[[], Any], stop: Callable[[], Any]) -> None:
+    loop = asyncio.get_running_loop()
+    done = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, done.set)
+    await start()
+    await done.wait()
+    log.info("shutting down")
+    await stop()
+
+
+async def run_serve(opts: ServeOptions) -> None:
+    from .server_api import WraithServer
+
+    server = WraithServer(opts)
+
+    async def start() -> None:
+        await server.start()
+        for addr in server.addresses():
+            print(f"wraith serve: listening {opts.transport} {addr}", flush=True)
+
+    await _until_signal(start, server.close)
+
+
+async def run_connect(opts: ConnectOptions) -> None:
+    from .client import WraithClient
+
+    client = WraithClient(opts)
+
+    async def start() -> None:
+        await client.start()
+        if client.socks is not None:
+            print(f"wraith connect: socks5 listening {client.socks.host}:{client.socks.port}", flush=True)
+        for fwd in client.forwarders:
+            print(f"wraith connect: forward listening {fwd.spec.bind_host}:{fwd.port}", flush=True)
+
+    await _until_signal(start, client.close)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(getattr(args, "log_level", "info"))
+    from . import tuning
+
+    try:
+        if args.command == "serve":
+            tuning.run(run_serve(serve_options(args)))
+        elif args.command == "connect":
+            tuning.run(run_connect(connect_options(args)))
+        elif args.command == "keygen":
+            from .keys import generate_ed25519
+
+            path = Path(args.path)
+            if path.exists() and not args.force:
+                raise WraithError(f"{path} exists (use --force to overwrite)", "EEXIST")
+            priv, pub = generate_ed25519(path, args.comment)
+            print(f"wrote {priv} and {pub}")
+        elif args.command == "demo":
+            from .demo import run_demo
+
+            tuning.run(run_demo(args.socks5, args.once))
+        else:  # pragma: no cover - argparse enforces the choices
+            parser.error(f"unknown command {args.command}")
+    except WraithError as exc:
+        print(f"wraith: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,134 @@
+"""Key material: OpenSSH keys from a path or the bytes themselves.
+
+Only OpenSSH formats are accepted (ADR-011). PEM/PKCS#8 private keys are
+refused with a message that names the conversion command.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import asyncssh
+
+from .errors import KeyError_
+
+KeyInput = str | bytes | os.PathLike[str]
+
+_PEM_MARKERS = (
+    b"-----BEGIN RSA PRIVATE KEY-----",
+    b"-----BEGIN EC PRIVATE KEY-----",
+    b"-----BEGIN DSA PRIVATE KEY-----",
+    b"-----BEGIN PRIVATE KEY-----",
+    b"-----BEGIN ENCRYPTED PRIVATE KEY-----",
+)
+_OPENSSH_PRIVATE = b"-----BEGIN OPENSSH PRIVATE KEY-----"
+
+
+def _looks_inline(value: str) -> bool:
+    return "\n" in value or value.startswith(("-----BEGIN", "ssh-", "ecdsa-", "sk-", "cert-authority"))
+
+
+def read_key_input(value: KeyInput, what: str) -> tuple[bytes, str]:
+    """Return ``(data, label)`` for a key given as a path or as its bytes/text.
+
+    ``label`` is the path, or ``<inline>``, for error messages.
+    """
+    if isinstance(value, bytes):
+        return value, f"<inline {what}>"
+    text = os.fspath(value)
+    if _looks_inline(text):
+        return text.encode(), f"<inline {what}>"
+    path = Path(text).expanduser()
+    try:
+        return path.read_bytes(), str(path)
+    except FileNotFoundError:
+        raise KeyError_(f"{what} file not found: {path}") from None
+    except IsADirectoryError:
+        raise KeyError_(f"{what} path is a directory: {path}") from None
+    except PermissionError:
+        raise KeyError_(f"{what} file not readable (permission denied): {path}") from None
+
+
+def load_private_key(value: KeyInput, what: str = "private key") -> asyncssh.SSHKey:
+    data, label = read_key_input(value, what)
+    stripped = data.strip()
+    if any(stripped.startswith(m) for m in _PEM_MARKERS):
+        raise KeyError_(
+            f"{label}: PEM/PKCS#8 keys are not supported; wraith takes OpenSSH-format keys "
+            f"(-----BEGIN OPENSSH PRIVATE KEY-----). Convert it with: ssh-keygen -p -f KEYFILE"
+        )
+    if not stripped.startswith(_OPENSSH_PRIVATE):
+        raise KeyError_(
+            f"{label}: not an OpenSSH private key (expected -----BEGIN OPENSSH PRIVATE KEY-----; "
+            "make one with `wraith keygen` or `ssh-keygen -t ed25519`)"
+        )
+    try:
+        return asyncssh.import_private_key(data)
+    except asyncssh.KeyEncryptionError:
+        raise KeyError_(f"{label}: the key is passphrase-protected; wraith needs an unencrypted key") from None
+    except (asyncssh.KeyImportError, ValueError) as exc:
+        raise KeyError_(f"{label}: cannot read OpenSSH private key: {exc}") from None
+
+
+def load_public_key(value: KeyInput, what: str = "public key") -> asyncssh.SSHKey:
+    data, label = read_key_input(value, what)
+    try:
+        return asyncssh.import_public_key(data)
+    except (asyncssh.KeyImportError, ValueError) as exc:
+        raise KeyError_(f"{label}: not an OpenSSH public key ({exc})") from None
+
+
+def load_certificate(value: KeyInput, what: str = "certificate") -> asyncssh.SSHCertificate:
+    data, label = read_key_input(value, what)
+    try:
+        return asyncssh.import_certificate(data)
+    except (asyncssh.KeyImportError, ValueError) as exc:
+        raise KeyError_(f"{label}: not an OpenSSH certificate ({exc})") from None
+
+
+def authorized_keys_text(value: KeyInput, what: str = "authorized keys") -> str:
+    data, label = read_key_input(value, what)
+    text = data.decode("utf-8", "replace")
+    try:
+        asyncssh.import_authorized_keys(text)
+    except (asyncssh.KeyImportError, ValueError) as exc:
+        raise KeyError_(f"{label}: invalid authorized_keys content ({exc})") from None
+    return text
+
+
+def cert_authority_lines(value: KeyInput) -> str:
+    """Turn CA public keys (one per line) into ``cert-authority`` authorized_keys lines."""
+    data, label = read_key_input(value, "cert authority")
+    lines = []
+    for raw in data.decode("utf-8", "replace").splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if not line.startswith("cert-authority"):
+            try:
+                asyncssh.import_public_key(line)
+            except (asyncssh.KeyImportError, ValueError) as exc:
+                raise KeyError_(f"{label}: not an OpenSSH CA public key ({exc})") from None
+            line = "cert-authority " + line
+        lines.append(line)
+    if not lines:
+        raise KeyError_(f"{label}: no CA public key found")
+    return "\n".join(lines) + "\n"
+
+
+def fingerprint(key: asyncssh.SSHKey) -> str:
+    """OpenSSH-style ``SHA256:…`` fingerprint."""
+    return key.get_fingerprint("sha256")
+
+
+def generate_ed25519(path: Path, comment: str = "wraith") -> tuple[Path, Path]:
+    """Write an ed25519 key pair (``path`` 0600 and ``path.pub``)."""
+    key = asyncssh.generate_private_key("ssh-ed25519", comment=comment)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(key.export_private_key("openssh"))
+    pub = Path(str(path) + ".pub")
+    pub.write_bytes(key.export_public_key("openssh"))
+    return path, pub

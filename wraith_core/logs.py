@@ -1,0 +1,42 @@
+"""Logging: one line per event, fail2ban-friendly, never a destination.
+
+asyncssh's own log lines name forwarding destinations, so everything it logs
+below ERROR is dropped — at every level, including ``--debug``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+log = logging.getLogger("wraith")
+
+
+class _DropChatty(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("asyncssh") and record.levelno < logging.ERROR:
+            return False
+        if record.name.startswith("asyncio") and record.levelno < logging.WARNING:
+            return False
+        return True
+
+
+def setup_logging(level: str = "info", stream: object = None) -> None:
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if getattr(h, "_wraith", False):
+            root.removeHandler(h)
+    handler = logging.StreamHandler(stream or sys.stderr)  # type: ignore[arg-type]
+    handler._wraith = True  # type: ignore[attr-defined]
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S"))
+    handler.addFilter(_DropChatty())
+    root.addHandler(handler)
+    root.setLevel(getattr(logging, level.upper(), logging.INFO))
+    logging.getLogger("asyncssh").setLevel(logging.ERROR)
+    # asyncssh's debug levels (debug1..3) are off unless asked for
+    try:
+        import asyncssh
+
+        asyncssh.set_debug_level(1)
+    except ImportError:
+        pass

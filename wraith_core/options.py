@@ -1,0 +1,182 @@
+"""ConnectOptions / ServeOptions: the one place flags become values.
+
+Field names are the CLI flags in snake_case. Key inputs accept a path or the
+key bytes/text themselves. ``WRAITH_SERVER`` and ``WRAITH_IDENTITY`` provide
+defaults for ``server`` and ``identity``.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+from .addr import ForwardSpec, ProxyURL, parse_forward, parse_hostport, parse_proxy
+from .errors import UsageError
+from .keys import KeyInput
+
+TRANSPORTS = ("tcp", "tls", "iroh")
+DEFAULT_PORT = 2222
+# Measured: 256 KiB SSH packets (with malloc top-pad tuning, see tuning.py) bring
+# asyncssh to OpenSSH's throughput; 32 KiB packets run at about half.
+DEFAULT_PKTSIZE = 256 * 1024
+DEFAULT_WINDOW = 4 * 1024 * 1024
+
+
+def _env(name: str) -> str | None:
+    return os.environ.get(name) or None
+
+
+def _default_user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "wraith"
+
+
+@dataclass
+class _Common:
+    transport: str = "tcp"
+    proxy: str | None = None
+    iroh_relay: str | None = None
+    max_pktsize: int = DEFAULT_PKTSIZE
+    window: int = DEFAULT_WINDOW
+    keepalive_interval: float = 5.0
+    keepalive_count_max: int = 3
+
+    def _check_common(self) -> None:
+        if self.transport not in TRANSPORTS:
+            raise UsageError(f"unknown transport {self.transport!r} (choose tcp, tls or iroh)")
+        if self.max_pktsize < 1024:
+            raise UsageError("max_pktsize must be at least 1024")
+        if self.window < self.max_pktsize:
+            raise UsageError("window must be at least max_pktsize")
+        if self.proxy is not None:
+            parse_proxy(self.proxy)
+
+    def proxy_url(self) -> ProxyURL | None:
+        return parse_proxy(self.proxy) if self.proxy else None
+
+    def replace(self, **changes: Any) -> Any:
+        return replace(self, **changes)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+
+@dataclass
+class ConnectOptions(_Common):
+    """Options of ``wraith connect`` and ``open_stream``."""
+
+    server: str | None = field(default_factory=lambda: _env("WRAITH_SERVER"))
+    peer: str | None = None
+    identity: KeyInput | None = field(default_factory=lambda: _env("WRAITH_IDENTITY"))
+    certificate: KeyInput | None = None
+    user: str = field(default_factory=_default_user)
+    socks5: str | None = "127.0.0.1:1080"
+    socks5_auth: str | None = None
+    forward: list[str] = field(default_factory=list)
+    remote_forward: list[str] = field(default_factory=list)
+    tls_server_name: str | None = None
+    tls_ca: KeyInput | None = None
+    insecure: bool = False
+    known_hosts: KeyInput | None = None
+    host_key: KeyInput | None = None
+    accept_any_host_key: bool = False
+    connect_timeout: float = 15.0
+    # How long a new channel waits for the session during an outage before failing.
+    session_wait: float = 5.0
+
+    def check(self) -> None:
+        self._check_common()
+        if self.transport == "iroh":
+            if not self.peer:
+                raise UsageError("--transport iroh needs --peer ENDPOINT_ID_OR_TICKET")
+        elif not self.server:
+            raise UsageError("--server HOST:PORT is required (or set WRAITH_SERVER)")
+        if self.identity is None:
+            raise UsageError("--identity KEY is required (or set WRAITH_IDENTITY)")
+        if not (self.known_hosts or self.host_key or self.accept_any_host_key):
+            raise UsageError(
+                "refusing to connect without host key verification: give --known-hosts FILE or "
+                "--host-key KEY|SHA256:…, or --accept-any-host-key to skip it"
+            )
+        if self.socks5_auth is not None and ":" not in self.socks5_auth:
+            raise UsageError("--socks5-auth expects USER:PASS")
+        self.server_address()
+        if self.socks5:
+            self.socks5_address()
+        self.forwards()
+        self.remote_forwards()
+
+    def server_address(self) -> tuple[str, int]:
+        spec = self.server or ""
+        if "@" in spec:
+            spec = spec.rsplit("@", 1)[1]
+        if self.transport == "iroh":
+            return (self.peer or "", 0)
+        return parse_hostport(spec, "--server", default_port=DEFAULT_PORT)
+
+    def ssh_user(self) -> str:
+        if self.server and "@" in self.server:
+            return self.server.rsplit("@", 1)[0]
+        return self.user
+
+    def socks5_address(self) -> tuple[str, int]:
+        return parse_hostport(self.socks5 or "", "--socks5", default_host="127.0.0.1",
+                              default_port=1080, allow_zero=True)
+
+    def socks5_credentials(self) -> tuple[bytes, bytes] | None:
+        if not self.socks5_auth:
+            return None
+        user, pw = self.socks5_auth.split(":", 1)
+        return user.encode(), pw.encode()
+
+    def forwards(self) -> list[ForwardSpec]:
+        return [parse_forward(s, "--forward", "127.0.0.1") for s in self.forward]
+
+    def remote_forwards(self) -> list[ForwardSpec]:
+        # OpenSSH binds -R listeners on the server's loopback unless told otherwise.
+        return [parse_forward(s, "--remote-forward", "localhost") for s in self.remote_forward]
+
+
+@dataclass
+class ServeOptions(_Common):
+    """Options of ``wraith serve`` and ``serve()``."""
+
+    key: KeyInput | None = None
+    authorized_keys: KeyInput | None = None
+    cert_authority: KeyInput | None = None
+    listen: str = f"0.0.0.0:{DEFAULT_PORT}"
+    tls_cert: KeyInput | None = None
+    tls_key: KeyInput | None = None
+    stealth: bool = False
+    stealth_timeout: float = 60.0
+    max_connections_per_ip: int = 0
+    max_auth_attempts: int = 10
+    login_grace_time: float = 30.0
+    connect_timeout: float = 10.0
+    drain_time: float = 2.0
+
+    def check(self) -> None:
+        self._check_common()
+        if self.key is None:
+            raise UsageError("--key HOSTKEY is required (make one with `wraith keygen HOSTKEY`)")
+        if self.authorized_keys is None and self.cert_authority is None:
+            raise UsageError("give --authorized-keys FILE and/or --cert-authority FILE (public-key auth only)")
+        if self.stealth and self.transport != "tls":
+            raise UsageError("--stealth works only with --transport tls")
+        if self.transport == "tls" and not (self.tls_cert and self.tls_key):
+            raise UsageError("--transport tls needs --tls-cert PEM and --tls-key PEM")
+        if self.max_auth_attempts < 1:
+            raise UsageError("--max-auth-attempts must be at least 1")
+        if self.max_connections_per_ip < 0:
+            raise UsageError("--max-connections-per-ip must be 0 (unlimited) or more")
+        if self.transport != "iroh":
+            self.listen_address()
+
+    def listen_address(self) -> tuple[str, int]:
+        return parse_hostport(self.listen, "--listen", default_host="0.0.0.0",
+                              default_port=DEFAULT_PORT, allow_zero=True)

@@ -1,0 +1,1 @@
+"""Sans-I/O codecs: bytes in, events and bytes out; no sockets, no asyncio."""

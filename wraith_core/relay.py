@@ -1,0 +1,219 @@
+"""The one bidirectional pump.
+
+A relay joins two byte streams. Each side is a :class:`RelayEnd`, which is at
+once an asyncio ``Protocol`` (for sockets) and an asyncssh ``SSHTCPSession``
+(for channels): both kinds of transport offer ``write``, ``write_eof``,
+``pause_reading``, ``resume_reading``, ``close`` and ``abort``, and call back
+``data_received``, ``eof_received``, ``pause_writing``, ``resume_writing`` and
+``connection_lost``. So bytes move by callbacks, without tasks or copies:
+
+* backpressure: when one side's write buffer passes its high-water mark its
+  protocol is told ``pause_writing`` and we stop reading the other side;
+* half-close: EOF read on one side is written as EOF on the other; the relay
+  closes both sides once EOF has passed in both directions;
+* errors: a side lost with an error aborts the other (RST / channel close);
+* early bytes: a side may receive data before the other side exists (a target
+  that speaks first while the SSH channel is still opening); it is held, with
+  reading paused, and flushed the moment the peer attaches — never lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+# Write buffer high-water mark for channel and socket transports in a relay.
+HIGH_WATER = 512 * 1024
+
+
+class RelayEnd:
+    __slots__ = (
+        "transport", "peer", "_early", "_eof_in", "_eof_out", "_lost", "_clean",
+        "_paused_by", "_on_done",
+    )
+
+    def __init__(self, on_done: Callable[[], None] | None = None) -> None:
+        self.transport: Any = None
+        self.peer: RelayEnd | None = None
+        self._early: list[bytes] | None = None
+        self._eof_in = False      # EOF read from our transport
+        self._eof_out = False     # EOF written to our transport
+        self._lost = False
+        self._clean = False       # lost after EOF and without error
+        self._paused_by = 0       # bit 1: waiting for peer, bit 2: peer's buffer full
+        self._on_done = on_done
+
+    @staticmethod
+    def pair(on_done: Callable[[], None] | None = None) -> tuple[RelayEnd, RelayEnd]:
+        a, b = RelayEnd(on_done), RelayEnd()
+        a.peer, b.peer = b, a
+        return a, b
+
+    def _set_paused(self, bit: int, on: bool) -> None:
+        before = self._paused_by
+        self._paused_by = before | bit if on else before & ~bit
+        t = self.transport
+        if t is None or self._lost:
+            return
+        if before == 0 and self._paused_by:
+            t.pause_reading()
+        elif before and self._paused_by == 0:
+            t.resume_reading()
+
+    # -- protocol callbacks (asyncio Protocol and asyncssh SSHTCPSession) ----
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        if hasattr(transport, "set_write_buffer_limits"):
+            transport.set_write_buffer_limits(high=HIGH_WATER)
+        peer = self.peer
+        if peer is None:
+            return
+        if peer.transport is None:
+            self._set_paused(1, True)  # hold bytes until the other side exists
+            return
+        # The other side was waiting for us: deliver what it held.
+        early, peer._early = peer._early, None
+        for chunk in early or ():
+            transport.write(chunk)
+        if peer._eof_in:
+            self._send_eof()
+        if peer._lost:
+            if peer._clean:
+                self._close()
+            else:
+                self._abort()
+            return
+        peer._set_paused(1, False)
+
+    def session_started(self) -> None:  # asyncssh SSHSession interface
+        pass
+
+    def data_received(self, data: bytes, datatype: Any = None) -> None:
+        peer = self.peer
+        if peer is not None and peer.transport is not None and not peer._lost:
+            peer.transport.write(data)
+        elif peer is not None and peer.transport is None:
+            if self._early is None:
+                self._early = []
+            self._early.append(bytes(data))
+            self._set_paused(1, True)
+        # else: the peer is gone; the bytes have nowhere to go
+
+    def eof_received(self) -> bool:
+        self._eof_in = True
+        peer = self.peer
+        if peer is not None and peer.transport is not None and not peer._lost:
+            peer._send_eof()
+            self._maybe_done()
+        return True  # keep our write side open: half-close
+
+    def pause_writing(self) -> None:
+        if self.peer is not None:
+            self.peer._set_paused(2, True)
+
+    def resume_writing(self) -> None:
+        if self.peer is not None:
+            self.peer._set_paused(2, False)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._lost:
+            return
+        self._lost = True
+        self._clean = exc is None and self._eof_in
+        peer = self.peer
+        if peer is not None and peer.transport is not None and not peer._lost:
+            if self._clean:
+                peer._close()   # flushes what is still buffered, then closes
+            else:
+                peer._abort()   # visible failure: RST / channel close, never silent truncation
+        cb, self._on_done = self._on_done, None
+        if cb is not None:
+            cb()
+        if peer is not None and peer._lost:
+            self.peer = peer.peer = None  # both sides gone: break the cycle
+
+    # -- actions ------------------------------------------------------------
+
+    def _send_eof(self) -> None:
+        if self._eof_out or self._lost:
+            return
+        self._eof_out = True
+        t = self.transport
+        try:
+            if t.can_write_eof():
+                t.write_eof()
+            else:  # e.g. TLS cannot half-close: close after flushing
+                t.close()
+        except (OSError, RuntimeError):
+            t.abort()
+
+    def _maybe_done(self) -> None:
+        peer = self.peer
+        if peer is not None and self._eof_in and peer._eof_in and self._eof_out and peer._eof_out:
+            self._close()
+            peer._close()
+
+    def _close(self) -> None:
+        if self.transport is not None and not self._lost:
+            self.transport.close()
+
+    def _abort(self) -> None:
+        if self.transport is not None and not self._lost:
+            self.transport.abort()
+
+    def abort(self) -> None:
+        """Tear down both sides (used on shutdown and idle timeout)."""
+        peer = self.peer
+        self._abort()
+        if peer is not None:
+            peer._abort()
+
+
+def attach_socket(end: RelayEnd, transport: asyncio.BaseTransport) -> None:
+    """Hand an already-connected socket transport (e.g. after a SOCKS handshake) to ``end``."""
+    transport.set_protocol(end)  # type: ignore[arg-type]
+    end.connection_made(transport)
+
+
+_tasks: set[asyncio.Task[None]] = set()
+
+
+def spawn(coro: Any) -> asyncio.Task[None]:
+    """Run a background task and keep a reference until it ends."""
+    task = asyncio.get_running_loop().create_task(coro)
+    _tasks.add(task)
+    task.add_done_callback(_tasks.discard)
+    return task
+
+
+class AcceptedEnd(RelayEnd):
+    """The socket side of an accepted connection whose other side (a channel, a
+    target) is opened once the socket is up. Bytes the socket sends meanwhile are
+    held; if the other side cannot be opened the socket is reset."""
+
+    __slots__ = ("_opener",)
+
+    def __init__(self, opener: Callable[[RelayEnd, Any], Any]) -> None:
+        super().__init__()
+        self._opener = opener
+        other = RelayEnd()
+        self.peer, other.peer = other, self
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        opener, self._opener = self._opener, None
+        spawn(self._open(opener, transport))
+
+    async def _open(self, opener: Callable[[RelayEnd, Any], Any], transport: Any) -> None:
+        other = self.peer
+        assert other is not None
+        try:
+            await opener(other, transport)
+        except Exception:
+            if not self._lost:
+                transport.abort()
+            return
+        if self._lost and other.transport is not None and not other._lost:
+            other._abort()

@@ -1,0 +1,129 @@
+"""The SOCKS5 listener: protocol/socks5 + channel manager + the one relay.
+
+The success reply is sent only after the SSH channel has opened; failures map
+to SOCKS5 reply codes. Domain names go to the server unresolved (SOCKS5h).
+Targets are never logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from .errors import ConnectError
+from .protocol.socks5 import ConnectRequest, HandshakeFailed, Reply, Socks5Server
+from .relay import RelayEnd, spawn
+from .ssh.channels import ChannelManager, ChannelOpenFailed
+
+log = logging.getLogger("wraith.socks")
+
+HANDSHAKE_TIMEOUT = 30.0
+
+
+class _SocksConn(asyncio.Protocol):
+    __slots__ = ("_listener", "_codec", "_transport", "_timer", "_lost")
+
+    def __init__(self, listener: Socks5Listener) -> None:
+        self._listener = listener
+        self._codec = Socks5Server(listener.credentials)
+        self._transport: Any = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._lost = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport
+        self._timer = asyncio.get_running_loop().call_later(self._listener.handshake_timeout, self._expire)
+
+    def _expire(self) -> None:
+        log.debug("socks5 handshake timed out")
+        self._transport.abort()
+
+    def data_received(self, data: bytes) -> None:
+        codec = self._codec
+        codec.receive_data(data)
+        out = codec.data_to_send()
+        if out:
+            self._transport.write(out)
+        for event in codec.events():
+            if isinstance(event, HandshakeFailed):
+                log.debug("socks5 handshake failed: %s", event.reason)
+                self._cancel_timer()
+                self._transport.close()
+                return
+            if isinstance(event, ConnectRequest):
+                self._cancel_timer()
+                self._transport.pause_reading()
+                spawn(self._connect(event))
+                return
+
+    def eof_received(self) -> bool:
+        # EOF during the handshake: nothing sensible can follow
+        if self._codec.state not in ("wait_reply", "done"):
+            self._cancel_timer()
+            return False
+        return True
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._lost = True
+        self._cancel_timer()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    async def _connect(self, req: ConnectRequest) -> None:
+        codec, transport = self._codec, self._transport
+        sock_end, chan_end = RelayEnd.pair()
+        try:
+            await self._listener.manager.open_relay(chan_end, req.host, req.port)
+        except ChannelOpenFailed as exc:
+            if not self._lost:
+                codec.reply(exc.reply)
+                transport.write(codec.data_to_send())
+                transport.close()
+            return
+        except Exception:
+            if not self._lost:
+                codec.reply(Reply.GENERAL_FAILURE)
+                transport.write(codec.data_to_send())
+                transport.close()
+            return
+        if self._lost:
+            if chan_end.transport is not None:
+                chan_end.transport.abort()
+            return
+        codec.reply(Reply.SUCCEEDED)
+        transport.write(codec.data_to_send())
+        trailing = codec.trailing_data
+        transport.set_protocol(sock_end)
+        sock_end.connection_made(transport)
+        transport.resume_reading()
+        if trailing:
+            sock_end.data_received(trailing)
+
+
+class Socks5Listener:
+    def __init__(self, manager: ChannelManager, host: str, port: int,
+                 credentials: tuple[bytes, bytes] | None = None,
+                 handshake_timeout: float = HANDSHAKE_TIMEOUT) -> None:
+        self.manager = manager
+        self.host = host
+        self.port = port
+        self.credentials = credentials
+        self.handshake_timeout = handshake_timeout
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            self._server = await loop.create_server(lambda: _SocksConn(self), self.host, self.port,
+                                                    reuse_address=True, backlog=1024)
+        except OSError as exc:
+            raise ConnectError(f"--socks5: cannot listen on {self.host}:{self.port}: {exc.strerror or exc}") from None
+        self.port = int(self._server.sockets[0].getsockname()[1])
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.close()

@@ -1,0 +1,1 @@
+"""SSH server and client on top of asyncssh."""

@@ -1,0 +1,258 @@
+"""Client session lifecycle: connect, host-key check, keepalive, reconnect.
+
+One ``Session`` owns at most one live SSH connection at a time. With
+``reconnect=True`` (``wraith connect``) any loss — transport error, auth
+error, keepalive timeout — leads to a full new transport + SSH session with
+exponential backoff (1 s, 2 s, 4 s … capped at 30 s), forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import asyncssh
+
+from .. import keys
+from ..errors import AuthError, ChannelError, ConnectError, HostKeyError, UsageError, WraithError
+from ..options import ConnectOptions
+from ..transport.base import Connector, make_connector
+from .tunnel import ConnectorTunnel
+
+log = logging.getLogger("wraith.client")
+
+BACKOFF_START = 1.0
+BACKOFF_MAX = 30.0
+
+StateCallback = Callable[[str, dict[str, Any]], None]
+UpHook = Callable[[asyncssh.SSHClientConnection], Awaitable[None]]
+
+
+class _HostKeyPin:
+    def __init__(self, value: Any) -> None:
+        self.fingerprint: str | None = None
+        self.key: asyncssh.SSHKey | None = None
+        if isinstance(value, str) and value.strip().startswith("SHA256:"):
+            self.fingerprint = value.strip()
+        else:
+            self.key = keys.load_public_key(value, "host key")
+
+    def matches(self, key: asyncssh.SSHKey) -> bool:
+        if self.fingerprint is not None:
+            return keys.fingerprint(key) == self.fingerprint
+        assert self.key is not None
+        return key.public_data == self.key.public_data
+
+
+class _Owner(asyncssh.SSHClient):
+    def __init__(self, session: Session) -> None:
+        self._session = session
+
+    def validate_host_public_key(self, host: str, addr: str, port: int, key: asyncssh.SSHKey) -> bool:
+        pin = self._session.pin
+        ok = pin is not None and pin.matches(key)
+        if not ok:
+            self._session.host_key_mismatch = keys.fingerprint(key)
+        return ok
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._session._on_lost(exc)
+
+
+class Session:
+    def __init__(self, options: ConnectOptions, *, reconnect: bool = True,
+                 on_state: StateCallback | None = None) -> None:
+        options.check()
+        self.options = options
+        self.reconnect = reconnect
+        self.on_state = on_state
+        self.connector: Connector = make_connector(options)
+        self.client_key = keys.load_private_key(options.identity, "identity")  # type: ignore[arg-type]
+        self.certificate = self._load_certificate()
+        self.pin = _HostKeyPin(options.host_key) if options.host_key else None
+        self.host_key_mismatch: str | None = None
+        self.known_hosts = self._known_hosts()
+        self.conn: asyncssh.SSHClientConnection | None = None
+        self.up_hooks: list[UpHook] = []
+        self._up = asyncio.Event()
+        self._lost = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self.last_error: WraithError | None = None
+        self.connects = 0
+
+    # -- setup -----------------------------------------------------------------
+
+    def _load_certificate(self) -> asyncssh.SSHCertificate | None:
+        opts = self.options
+        if opts.certificate is not None:
+            return keys.load_certificate(opts.certificate)
+        ident = opts.identity
+        if isinstance(ident, (str, os.PathLike)) and not str(ident).lstrip().startswith("-----"):
+            beside = Path(str(ident) + "-cert.pub").expanduser()
+            if beside.is_file():
+                return keys.load_certificate(str(beside))
+        return None
+
+    def _known_hosts(self) -> Any:
+        opts = self.options
+        if self.pin is not None:
+            return ([], [], [])  # nothing trusted up front: every key goes through the pin
+        if opts.known_hosts is not None:
+            data, label = keys.read_key_input(opts.known_hosts, "known hosts")
+            try:
+                return asyncssh.import_known_hosts(data.decode("utf-8", "replace"))
+            except (ValueError, asyncssh.KeyImportError) as exc:
+                raise UsageError(f"{label}: invalid known_hosts file ({exc})") from None
+        if opts.accept_any_host_key:
+            return None
+        raise UsageError("no host key verification configured")
+
+    def _state(self, state: str, **extra: Any) -> None:
+        if self.on_state is not None:
+            try:
+                self.on_state(state, extra)
+            except Exception:  # a listener must not break the session
+                log.exception("state listener failed")
+
+    # -- connecting --------------------------------------------------------------
+
+    async def connect_once(self) -> asyncssh.SSHClientConnection:
+        opts = self.options
+        host, port = opts.server_address()
+        client_keys: list[Any] = [(self.client_key, self.certificate) if self.certificate else self.client_key]
+        self.host_key_mismatch = None
+        try:
+            conn = await asyncio.wait_for(asyncssh.connect(
+                host, port,
+                tunnel=ConnectorTunnel(self.connector),
+                client_factory=lambda: _Owner(self),
+                username=opts.ssh_user(),
+                client_keys=client_keys,
+                known_hosts=self.known_hosts,
+                agent_path=None,
+                password=None,
+                kbdint_auth=False,
+                password_auth=False,
+                gss_host=None,
+                preferred_auth="publickey",
+                keepalive_interval=opts.keepalive_interval,
+                keepalive_count_max=opts.keepalive_count_max,
+                config=None,
+                x509_trusted_certs=None,
+            ), opts.connect_timeout + 5)
+        except asyncssh.PermissionDenied:
+            raise AuthError("authentication failed: the server did not accept the identity key") from None
+        except asyncssh.HostKeyNotVerifiable as exc:
+            seen = f" (server presented {self.host_key_mismatch})" if self.host_key_mismatch else ""
+            raise HostKeyError(f"host key verification failed{seen}: {exc.reason}") from None
+        except WraithError:
+            raise
+        except asyncio.TimeoutError:
+            raise ConnectError(f"timed out connecting to {self.connector.describe()}", "ETIMEDOUT") from None
+        except (asyncssh.Error, OSError, ValueError) as exc:
+            text = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
+            raise ConnectError(f"SSH connection to {self.connector.describe()} failed: {text}") from None
+        return conn
+
+    async def start(self) -> None:
+        """Connect once (raising on failure unless ``reconnect``), then keep the session up."""
+        if not self.reconnect:
+            self._install(await self.connect_once())
+            await self._run_up_hooks()
+            return
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def _install(self, conn: asyncssh.SSHClientConnection) -> None:
+        self.conn = conn
+        self.connects += 1
+        self._lost.clear()
+        self._up.set()
+
+    async def _run_up_hooks(self) -> None:
+        conn = self.conn
+        for hook in self.up_hooks:
+            if conn is None:
+                return
+            try:
+                await hook(conn)
+            except Exception as exc:  # a failed forward must not kill the session
+                log.warning("session hook failed: %s", exc)
+
+    async def _run(self) -> None:
+        delay = BACKOFF_START
+        while not self._closing:
+            self._state("connecting")
+            log.info("session connecting transport=%s", self.options.transport)
+            try:
+                conn = await self.connect_once()
+            except WraithError as exc:
+                self.last_error = exc
+                if self._closing:
+                    return
+                log.warning("session failed: %s", exc)
+                log.info("session retry in %ds", delay)
+                self._state("reconnecting", error=str(exc), code=exc.code, delay=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, BACKOFF_MAX)
+                continue
+            delay = BACKOFF_START
+            self.last_error = None
+            self._install(conn)
+            log.info("session up transport=%s", self.options.transport)
+            self._state("up")
+            await self._run_up_hooks()
+            await self._lost.wait()
+            if self._closing:
+                return
+            log.info("session lost")
+            self._state("lost")
+            log.info("session retry in %ds", int(delay))
+            self._state("reconnecting", delay=delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, BACKOFF_MAX)
+
+    def _on_lost(self, exc: Exception | None) -> None:
+        self.conn = None
+        self._up.clear()
+        self._lost.set()
+
+    async def connection(self, timeout: float | None = None) -> asyncssh.SSHClientConnection:
+        """The live connection, waiting up to ``timeout`` (default: session_wait) for one."""
+        conn = self.conn
+        if conn is not None:
+            return conn
+        if not self.reconnect:
+            raise ChannelError("the SSH session is closed", "ESESSION")
+        wait = self.options.session_wait if timeout is None else timeout
+        try:
+            await asyncio.wait_for(self._up.wait(), wait)
+        except asyncio.TimeoutError:
+            err = self.last_error
+            raise ChannelError("the SSH session is down" + (f": {err}" if err else ""), "ESESSION") from None
+        conn = self.conn
+        if conn is None:
+            raise ChannelError("the SSH session is down", "ESESSION")
+        return conn
+
+    async def close(self) -> None:
+        self._closing = True
+        self._lost.set()
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+        conn = self.conn
+        if conn is not None:
+            conn.close()
+            try:
+                await asyncio.wait_for(conn.wait_closed(), 3)
+            except (asyncio.TimeoutError, Exception):
+                conn.abort()
+        self._state("closed")

@@ -1,0 +1,354 @@
+"""The SSH server: public-key auth policy, limits, channel routing.
+
+* auth: public keys (and OpenSSH user certificates) only; every attempt is
+  one log line ``auth attempt remote_addr=… user=… key_fingerprint=… result=…``;
+  ``max_auth_attempts`` failures end the connection;
+* ``direct-tcpip``: ``wraith-*`` destinations are reserved and never dialed
+  (``wraith-control:0`` goes to the control handler); other targets are
+  dialed first and the channel is confirmed only once the target is
+  connected, so a failure is a proper channel-open failure;
+* ``tcpip-forward``: our own listener, relaying through the one relay;
+* logs never contain destinations, DNS names or byte counts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import asyncssh
+from asyncssh.public_key import decode_ssh_certificate, decode_ssh_public_key
+
+from .. import keys
+from ..dial import DialError, dial
+from ..duplex import DuplexStream
+from ..options import ServeOptions
+from ..relay import AcceptedEnd, RelayEnd
+from ..transport.base import Acceptor, TransportInfo, make_acceptor, transport_info
+from .tunnel import AcceptorTunnel
+
+log = logging.getLogger("wraith.server")
+
+CONTROL_HOST = "wraith-control"
+RESERVED_PREFIX = "wraith-"
+
+
+@dataclass(frozen=True)
+class ConnectionInfo:
+    """Who is on the other end of an incoming stream."""
+
+    remote_address: str
+    transport: str
+    user: str
+    key_fingerprint: str
+
+
+ControlHandler = Callable[[DuplexStream, ConnectionInfo], None]
+
+
+def _key_fingerprint(key_data: bytes) -> str:
+    try:
+        return keys.fingerprint(decode_ssh_public_key(key_data))
+    except asyncssh.KeyImportError:
+        pass
+    try:
+        cert = decode_ssh_certificate(key_data)
+        return keys.fingerprint(cert.key)
+    except (asyncssh.KeyImportError, AttributeError):
+        return "unknown"
+
+
+class _Gate(asyncio.Protocol):
+    """First protocol on an accepted stream: admission control, then SSH takes over."""
+
+    def __init__(self, runner: SSHServerRunner, make_conn: Callable[[], asyncio.BaseProtocol]) -> None:
+        self._runner = runner
+        self._make_conn = make_conn
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        runner = self._runner
+        info = transport_info(transport, runner.kind)
+        if runner.closing:
+            transport.abort()
+            return
+        limit = runner.options.max_connections_per_ip
+        if limit and runner.per_ip[info.remote_addr] >= limit:
+            log.info("connection refused remote_addr=%s reason=max-connections-per-ip", info.remote_addr)
+            transport.abort()
+            return
+        runner.per_ip[info.remote_addr] += 1
+        conn = self._make_conn()
+        conn.set_extra_info(wraith_info=info)  # type: ignore[attr-defined]
+        transport.set_protocol(conn)
+        conn.connection_made(transport)
+
+
+class _ServerConn(asyncssh.SSHServer):
+    """One instance per SSH connection."""
+
+    def __init__(self, runner: SSHServerRunner) -> None:
+        self._runner = runner
+        self._conn: asyncssh.SSHServerConnection | None = None
+        self._info = TransportInfo(runner.kind, "unknown")
+        self._started = time.monotonic()
+        self._failures = 0
+        self._user = ""
+        self._fingerprint = ""
+        self._counted = False
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        self._conn = conn
+        info = conn.get_extra_info("wraith_info")
+        if isinstance(info, TransportInfo):
+            self._info = info
+            self._counted = True
+        self._runner.conns.add(self)
+        log.info("connection opened remote_addr=%s transport=%s", self._info.remote_addr, self._info.kind)
+        original = conn.validate_public_key
+
+        async def validate_public_key(username: str, key_data: bytes, msg: bytes, signature: bytes) -> bool:
+            ok = await original(username, key_data, msg, signature)
+            if ok and not msg:
+                return True  # a query; the signed attempt that follows is logged
+            fp = _key_fingerprint(key_data)
+            log.info("auth attempt remote_addr=%s user=%s key_fingerprint=%s result=%s",
+                     self._info.remote_addr, _safe(username), fp, "accept" if ok else "reject")
+            if ok:
+                self._fingerprint = fp
+            else:
+                self._auth_failed()
+            return ok
+
+        conn.validate_public_key = validate_public_key  # type: ignore[method-assign]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        runner = self._runner
+        runner.conns.discard(self)
+        if self._counted:
+            ip = self._info.remote_addr
+            runner.per_ip[ip] -= 1
+            if runner.per_ip[ip] <= 0:
+                del runner.per_ip[ip]
+        log.info("connection closed remote_addr=%s duration=%.1fs",
+                 self._info.remote_addr, time.monotonic() - self._started)
+
+    def _auth_failed(self) -> None:
+        self._failures += 1
+        if self._failures >= self._runner.options.max_auth_attempts and self._conn is not None:
+            log.info("auth limit reached remote_addr=%s attempts=%d", self._info.remote_addr, self._failures)
+            self._conn.disconnect(asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE,
+                                  "Too many authentication failures")
+
+    # -- auth --------------------------------------------------------------------
+
+    def begin_auth(self, username: str) -> bool:
+        self._user = username
+        assert self._conn is not None
+        self._conn.set_authorized_keys(self._runner.authorized_keys)
+        return True
+
+    def password_auth_supported(self) -> bool:
+        return False
+
+    def kbdint_auth_supported(self) -> bool:
+        return False
+
+    def host_based_auth_supported(self) -> bool:
+        return False
+
+    def public_key_auth_supported(self) -> bool:
+        return True
+
+    def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        return False  # only keys listed in authorized_keys (or signed by the CA) get in
+
+    def auth_completed(self) -> None:
+        log.info("auth success remote_addr=%s user=%s", self._info.remote_addr, _safe(self._user))
+
+    def connection_info(self) -> ConnectionInfo:
+        return ConnectionInfo(self._info.remote_addr, self._info.kind, self._user, self._fingerprint)
+
+    # -- channels ------------------------------------------------------------------
+
+    def connection_requested(self, dest_host: str, dest_port: int, orig_host: str, orig_port: int) -> Any:
+        runner = self._runner
+        assert self._conn is not None
+        if dest_host.lower().startswith(RESERVED_PREFIX):
+            if dest_host.lower() == CONTROL_HOST and dest_port == 0 and runner.on_control is not None:
+                return self._control_channel()
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
+                                            "Reserved destination")
+        chan = self._conn.create_tcp_channel(window=runner.options.window,
+                                             max_pktsize=runner.options.max_pktsize)
+        return chan, self._open_target(dest_host, dest_port)
+
+    def _control_channel(self) -> tuple[Any, DuplexStream]:
+        runner = self._runner
+        assert self._conn is not None and runner.on_control is not None
+        chan = self._conn.create_tcp_channel(window=runner.options.window,
+                                             max_pktsize=runner.options.max_pktsize)
+        info = self.connection_info()
+        handler = runner.on_control
+        stream = _ControlStream(handler, info)
+        return chan, stream
+
+    async def _open_target(self, host: str, port: int) -> RelayEnd:
+        runner = self._runner
+        target, chan_end = RelayEnd.pair()
+        try:
+            await dial(target, host, port, runner.options.connect_timeout, runner.proxy)
+        except DialError as exc:
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, exc.reason) from None
+        except Exception:  # never let an unexpected error escape into asyncssh's open task
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, "Connection failed") from None
+        return chan_end
+
+    def server_requested(self, listen_host: str, listen_port: int) -> Any:
+        return self._listen(listen_host, listen_port)
+
+    async def _listen(self, listen_host: str, listen_port: int) -> Any:
+        assert self._conn is not None
+        listener = RemoteForwardListener(self._runner, self._conn, listen_host)
+        try:
+            await listener.start(listen_port)
+        except OSError:
+            log.info("remote forward refused remote_addr=%s reason=listen-failed", self._info.remote_addr)
+            return False
+        return listener
+
+
+class _ControlStream(DuplexStream):
+    def __init__(self, handler: ControlHandler, info: ConnectionInfo) -> None:
+        super().__init__(info={"connection_info": info})
+        self._handler = handler
+        self.connection_info = info
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        try:
+            self._handler(self, self.connection_info)
+        except Exception:
+            log.exception("control handler failed")
+            self.abort()
+
+
+class RemoteForwardListener:
+    """A server-side ``tcpip-forward`` listener; each accepted socket becomes a
+    ``forwarded-tcpip`` channel back to the client, joined by the one relay."""
+
+    def __init__(self, runner: SSHServerRunner, conn: asyncssh.SSHServerConnection, listen_host: str) -> None:
+        self._runner = runner
+        self._conn = conn
+        self._listen_host = listen_host
+        self._server: asyncio.AbstractServer | None = None
+        self._port = 0
+
+    async def start(self, port: int) -> None:
+        loop = asyncio.get_running_loop()
+        host = self._listen_host
+        # Like OpenSSH's default (GatewayPorts no): remote forwards listen on loopback only.
+        if host not in ("127.0.0.1", "::1"):
+            host = "localhost"
+        self._server = await loop.create_server(self._accept, host, port, reuse_address=True)
+        self._port = self._server.sockets[0].getsockname()[1]
+
+    def _accept(self) -> AcceptedEnd:
+        return AcceptedEnd(self._open)
+
+    async def _open(self, chan_end: RelayEnd, transport: Any) -> None:
+        peer = transport.get_extra_info("peername")
+        orig_host, orig_port = (str(peer[0]), int(peer[1])) if peer else ("", 0)
+        opts = self._runner.options
+        await self._conn.create_connection(lambda: chan_end, self._listen_host, self._port,
+                                           orig_host, orig_port, window=opts.window,
+                                           max_pktsize=opts.max_pktsize)
+
+    def get_port(self) -> int:
+        return self._port
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    async def wait_closed(self) -> None:
+        await asyncio.sleep(0)
+
+
+class SSHServerRunner:
+    """A running ``wraith serve``: transport acceptor + asyncssh + policy."""
+
+    def __init__(self, options: ServeOptions, on_control: ControlHandler | None = None) -> None:
+        options.check()
+        self.options = options
+        self.on_control = on_control
+        self.kind = options.transport
+        self.proxy = options.proxy_url()
+        self.host_key = keys.load_private_key(options.key, "host key")  # type: ignore[arg-type]
+        text = ""
+        if options.authorized_keys is not None:
+            text += keys.authorized_keys_text(options.authorized_keys)
+        if options.cert_authority is not None:
+            text += "\n" + keys.cert_authority_lines(options.cert_authority)
+        self.authorized_keys = asyncssh.import_authorized_keys(text)
+        self.per_ip: Counter[str] = Counter()
+        self.conns: set[_ServerConn] = set()
+        self.closing = False
+        self.acceptor: Acceptor = make_acceptor(options)
+        self._ssh: asyncssh.SSHAcceptor | None = None
+        self._closed = asyncio.Event()
+
+    async def start(self) -> None:
+        opts = self.options
+        tunnel = AcceptorTunnel(self.acceptor, lambda make_conn: _Gate(self, make_conn))
+        self._ssh = await asyncssh.listen(
+            "", 0,
+            tunnel=tunnel,
+            server_factory=lambda: _ServerConn(self),
+            server_host_keys=[self.host_key],
+            login_timeout=opts.login_grace_time,
+            keepalive_interval=opts.keepalive_interval,
+            keepalive_count_max=opts.keepalive_count_max,
+            allow_scp=False,
+            agent_forwarding=False,
+            x11_forwarding=False,
+            config=None,
+        )
+
+    def addresses(self) -> list[str]:
+        return self.acceptor.addresses()
+
+    async def close(self) -> None:
+        """Graceful shutdown: stop accepting, disconnect everyone, drain, exit."""
+        if self.closing:
+            await self._closed.wait()
+            return
+        self.closing = True
+        if self._ssh is not None:
+            self._ssh.close()
+        for c in list(self.conns):
+            if c._conn is not None:
+                c._conn.disconnect(asyncssh.DISC_BY_APPLICATION, "Server shutting down")
+        deadline = time.monotonic() + self.options.drain_time
+        while self.conns and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for c in list(self.conns):
+            if c._conn is not None:
+                c._conn.abort()
+        await asyncio.sleep(0)
+        self._closed.set()
+
+    async def wait_closed(self) -> None:
+        await self._closed.wait()
+
+
+def _safe(text: str) -> str:
+    """A user name as a single log token (no spaces or control characters)."""
+    cleaned = "".join(c if c.isprintable() and not c.isspace() else "?" for c in text)
+    return cleaned[:64] or "-"

@@ -1,0 +1,50 @@
+"""``open_stream``: one SSH session, one channel, one duplex stream."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .addr import parse_hostport
+from .duplex import DuplexStream
+from .options import ConnectOptions
+from .ssh.channels import ChannelManager
+from .ssh.client import Session
+
+CONTROL_TARGET = "wraith-control:0"
+
+
+class SessionStream(DuplexStream):
+    """A DuplexStream that owns its SSH session: closing it ends the session."""
+
+    session: Session | None = None
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        super().connection_lost(exc)
+        session = self.session
+        if session is not None and session.conn is not None:
+            session.conn.close()
+
+
+def parse_target(target: str) -> tuple[str, int]:
+    return parse_hostport(target, "target", allow_zero=True)
+
+
+async def open_stream(options: ConnectOptions, target: str = CONTROL_TARGET, **overrides: Any) -> DuplexStream:
+    """Connect (no reconnect), open one direct-tcpip channel to ``target``, return the stream.
+
+    ``target="wraith-control:0"`` (the default) joins the server's event bus.
+    """
+    if overrides:
+        options = options.replace(**overrides)
+    host, port = parse_target(target)
+    session = Session(options, reconnect=False)
+    await session.start()
+    manager = ChannelManager(session)
+    stream = SessionStream(info={"target": (host, port)})
+    stream.session = session
+    try:
+        await manager.open_relay(stream, host, port)  # type: ignore[arg-type]
+    except BaseException:
+        await session.close()
+        raise
+    return stream

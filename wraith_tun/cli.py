@@ -1,0 +1,204 @@
+"""``wraith-tun``: command line front of the TUN shim (flags -> objects -> run)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import logging
+import os
+import signal
+import sys
+from dataclasses import asdict
+
+from .device import DeviceError, create_tun
+from .dns import VirtualDns
+from .netns import NamespaceError
+from .routes import RouteError, RouteSetup
+from .shim import Shim, ShimConfig
+from .tcp import TcpConfig
+
+log = logging.getLogger("wraith_tun")
+
+USAGE = """wraith-tun [--socks5 HOST:PORT] [--tun-addr ADDR/LEN] [--tun-name NAME] [--mtu N]
+                  [--dns virtual|off] [--dns-addr ADDR] [--max-flows N] [-v]
+                  [--setup [--bypass CIDR]...] | [--unshare -- CMD ARGS...]"""
+
+
+class UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, no usage dump
+        raise UsageError(message)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="wraith-tun", usage=USAGE,
+                description="Turn IP packets on a TUN device into SOCKS5 connections (to `wraith connect`).")
+    p.add_argument("--socks5", default="127.0.0.1:1080", metavar="HOST:PORT",
+                   help="SOCKS5 server for every TCP flow (default 127.0.0.1:1080)")
+    p.add_argument("--tun-addr", default="10.0.0.1/24", metavar="ADDR/LEN",
+                   help="address of the TUN device (default 10.0.0.1/24)")
+    p.add_argument("--tun-name", default=None, help="device name (default wtunN)")
+    p.add_argument("--mtu", type=int, default=16384, help="TUN MTU (default 16384; larger = fewer packets)")
+    p.add_argument("--dns", choices=["virtual", "off"], default="virtual",
+                   help="virtual: answer UDP/53 with fake 198.18.0.0/15 addresses resolved by the server (default)")
+    p.add_argument("--dns-addr", default=None, metavar="ADDR",
+                   help="DNS address on the TUN written to --unshare's resolv.conf (default: next address after --tun-addr)")
+    p.add_argument("--max-flows", type=int, default=4096, help="TCP flows held at once (default 4096)")
+    p.add_argument("--setup", action="store_true", help="route all IPv4 traffic into the TUN until exit")
+    p.add_argument("--bypass", action="append", default=[], metavar="CIDR",
+                   help="with --setup: keep this network on its current route (your SSH server!); repeatable")
+    p.add_argument("--unshare", action="store_true",
+                   help="run CMD (after --) in a new network+mount namespace whose only route is the TUN")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def _hostport(s: str) -> tuple[str, int]:
+    host, sep, port = s.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UsageError(f"--socks5 wants HOST:PORT, got {s!r}")
+    return host, int(port)
+
+
+def _dns_addr_default(iface: ipaddress.IPv4Interface) -> str:
+    net = iface.network
+    nxt = iface.ip + 1
+    if nxt in net and nxt != net.broadcast_address:
+        return str(nxt)
+    return str(iface.ip - 1)
+
+
+def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    cmd: list[str] = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, cmd = argv[:i], argv[i + 1 :]
+    a = _parser().parse_args(argv)
+    a.socks_host, a.socks_port = _hostport(a.socks5)
+    try:
+        a.iface = ipaddress.IPv4Interface(a.tun_addr)
+    except ValueError:
+        raise UsageError(f"--tun-addr wants an IPv4 ADDR/LEN, got {a.tun_addr!r}") from None
+    if a.iface.network.prefixlen > 30 or a.iface.ip in (a.iface.network.network_address, a.iface.network.broadcast_address):
+        raise UsageError("--tun-addr needs a host address in a network of /30 or larger")
+    if not 576 <= a.mtu <= 65535:
+        raise UsageError("--mtu must be between 576 and 65535")
+    if a.max_flows < 1:
+        raise UsageError("--max-flows must be at least 1")
+    try:
+        a.bypass_nets = [ipaddress.IPv4Network(b, strict=False) for b in a.bypass]
+    except ValueError as e:
+        raise UsageError(f"--bypass: {e}") from None
+    if a.dns_addr is None:
+        a.dns_addr = _dns_addr_default(a.iface)
+    else:
+        try:
+            dns_ip = ipaddress.IPv4Address(a.dns_addr)
+        except ValueError:
+            raise UsageError(f"--dns-addr wants an IPv4 address, got {a.dns_addr!r}") from None
+        if dns_ip == a.iface.ip:
+            raise UsageError("--dns-addr must differ from the TUN's own address (that one never reaches the TUN)")
+    if a.unshare and not cmd:
+        raise UsageError("--unshare needs a command after --")
+    if cmd and not a.unshare:
+        raise UsageError("a command after -- needs --unshare")
+    if a.unshare and a.setup:
+        raise UsageError("--setup and --unshare cannot be combined")
+    if a.bypass and not a.setup:
+        raise UsageError("--bypass only makes sense with --setup")
+    return a, cmd
+
+
+def _config(a: argparse.Namespace) -> ShimConfig:
+    return ShimConfig(
+        socks_host=a.socks_host, socks_port=a.socks_port, tcp=TcpConfig(mtu=a.mtu),
+        max_flows=a.max_flows, dns=VirtualDns() if a.dns == "virtual" else None,
+    )
+
+
+def _report(shim: Shim) -> None:
+    log.info("stopped: %s", " ".join(f"{k}={v}" for k, v in asdict(shim.stats).items()))
+
+
+async def _run_unshare(a: argparse.Namespace, cmd: list[str]) -> int:
+    from . import netns
+
+    un = await netns.spawn(cmd, a.iface, a.mtu, a.dns_addr if a.dns == "virtual" else None, a.tun_name)
+    loop = asyncio.get_running_loop()
+    shim = Shim(un.fd, _config(a), loop)
+    shim.start()
+
+    def forward(sig: int) -> None:
+        try:
+            un.proc.send_signal(sig)
+        except ProcessLookupError:
+            pass
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        loop.add_signal_handler(sig, forward, sig)
+    un.go()
+    try:
+        return await un.wait()
+    finally:
+        shim.stop()
+        os.close(un.fd)
+        _report(shim)
+
+
+async def _run_device(a: argparse.Namespace) -> int:
+    loop = asyncio.get_running_loop()
+    dev = create_tun(a.tun_name, a.iface, a.mtu)
+    routes: RouteSetup | None = None
+    shim = Shim(dev.fd, _config(a), loop)
+    try:
+        if a.setup:
+            routes = RouteSetup(dev.name, a.bypass_nets)
+            routes.apply()
+        shim.start()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.add_signal_handler(sig, stop.set)
+        log.info("ready dev=%s addr=%s dns=%s socks5=%s:%d routes=%s", dev.name, a.iface,
+                 a.dns_addr if a.dns == "virtual" else "off", a.socks_host, a.socks_port,
+                 "all" if a.setup else "none")
+        await stop.wait()
+        return 0
+    finally:
+        shim.stop()
+        if routes is not None:
+            routes.remove()
+        dev.close()
+        _report(shim)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        a, cmd = parse(argv)
+    except UsageError as e:
+        print(f"wraith-tun: error: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO,
+                        format="wraith-tun: %(message)s", stream=sys.stderr)
+    try:
+        import uvloop  # type: ignore[import-not-found]
+
+        runner = uvloop.run
+    except ImportError:
+        runner = asyncio.run
+    try:
+        return runner(_run_unshare(a, cmd) if a.unshare else _run_device(a))
+    except (DeviceError, RouteError, NamespaceError) as e:
+        print(f"wraith-tun: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

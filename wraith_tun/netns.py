@@ -1,0 +1,174 @@
+"""``--unshare -- CMD``: run CMD in a new network + mount namespace behind the TUN.
+
+The parent (the shim) starts ``python -m wraith_tun.netns`` as a child. The
+child unshares (adding a user namespace when not root), brings up ``lo``,
+creates the TUN inside the new namespace, makes it the default route,
+bind-mounts a private ``/etc/resolv.conf`` naming the shim's DNS address, hands
+the TUN file descriptor back over a Unix socket (SCM_RIGHTS), waits for "go",
+and execs CMD. The shim keeps serving from the original namespace, so its
+SOCKS5 connections never enter the new one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ctypes
+import ipaddress
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWNET = 0x40000000
+MS_BIND = 4096
+MS_REC = 16384
+MS_PRIVATE = 1 << 18
+
+
+class NamespaceError(Exception):
+    pass
+
+
+@dataclass
+class Unshared:
+    proc: asyncio.subprocess.Process
+    fd: int
+    name: str
+    sock: socket.socket
+    tmpdir: tempfile.TemporaryDirectory[str]
+
+    def go(self) -> None:
+        """Let CMD start (the shim is reading the TUN by now)."""
+        self.sock.sendall(b"g")
+        self.sock.close()
+
+    async def wait(self) -> int:
+        rc = await self.proc.wait()
+        self.tmpdir.cleanup()
+        return 128 - rc if rc < 0 else rc
+
+
+async def spawn(cmd: list[str], iface: ipaddress.IPv4Interface, mtu: int, dns_addr: str | None, name: str | None) -> Unshared:
+    tmpdir = tempfile.TemporaryDirectory(prefix="wraith-tun-")
+    resolv = os.path.join(tmpdir.name, "resolv.conf")
+    with open(resolv, "w") as f:
+        if dns_addr:
+            f.write(f"# written by wraith-tun: DNS goes to the shim's virtual DNS on the TUN\nnameserver {dns_addr}\noptions attempts:3 timeout:2\n")
+        else:
+            f.write("# written by wraith-tun (--dns off)\n")
+    os.chmod(tmpdir.name, 0o755)
+    os.chmod(resolv, 0o644)
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    args = [sys.executable, "-m", "wraith_tun.netns", "--sock-fd", str(child.fileno()),
+            "--tun-addr", str(iface), "--mtu", str(mtu), "--resolv", resolv]
+    if name:
+        args += ["--tun-name", name]
+    proc = await asyncio.create_subprocess_exec(*args, "--", *cmd, pass_fds=(child.fileno(),))
+    child.close()
+    loop = asyncio.get_running_loop()
+    parent.setblocking(False)
+    try:
+        msg, fds = await asyncio.wait_for(_recv_fd(loop, parent), 30)
+    except (asyncio.TimeoutError, OSError) as e:
+        parent.close()
+        await proc.wait()
+        tmpdir.cleanup()
+        raise NamespaceError(f"namespace setup failed: {e}") from e
+    if not fds:
+        parent.close()
+        rc = await proc.wait()
+        tmpdir.cleanup()
+        raise NamespaceError(msg.decode(errors="replace").strip() or f"namespace setup failed (exit {rc})")
+    return Unshared(proc, fds[0], msg.decode().strip(), parent, tmpdir)
+
+
+async def _recv_fd(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> tuple[bytes, list[int]]:
+    fut: asyncio.Future[None] = loop.create_future()
+    loop.add_reader(sock.fileno(), lambda: fut.done() or fut.set_result(None))
+    try:
+        await fut
+    finally:
+        loop.remove_reader(sock.fileno())
+    msg, fds, _flags, _addr = socket.recv_fds(sock, 4096, 1)
+    return msg, fds
+
+
+# ---- the child ---------------------------------------------------------------------------
+
+
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _check(rc: int, what: str) -> None:
+    if rc != 0:
+        err = ctypes.get_errno()
+        raise NamespaceError(f"{what}: {os.strerror(err)}")
+
+
+def _unshare() -> None:
+    libc = _libc()
+    flags = CLONE_NEWNET | CLONE_NEWNS
+    if os.geteuid() != 0:
+        uid, gid = os.geteuid(), os.getegid()
+        _check(libc.unshare(flags | CLONE_NEWUSER), "unshare (user namespaces may be disabled; run as root)")
+        with open("/proc/self/setgroups", "w") as f:
+            f.write("deny")
+        with open("/proc/self/uid_map", "w") as f:
+            f.write(f"0 {uid} 1")
+        with open("/proc/self/gid_map", "w") as f:
+            f.write(f"0 {gid} 1")
+    else:
+        _check(libc.unshare(flags), "unshare")
+    _check(libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None), "make mounts private")
+
+
+def _ip(*args: str) -> None:
+    r = subprocess.run(["ip", *args], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise NamespaceError(f"ip {' '.join(args)}: {r.stderr.strip()}")
+
+
+def child_main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="wraith_tun.netns")
+    ap.add_argument("--sock-fd", type=int, required=True)
+    ap.add_argument("--tun-addr", required=True)
+    ap.add_argument("--tun-name")
+    ap.add_argument("--mtu", type=int, required=True)
+    ap.add_argument("--resolv", required=True)
+    ap.add_argument("cmd", nargs=argparse.REMAINDER)
+    a = ap.parse_args(argv)
+    cmd = a.cmd[1:] if a.cmd[:1] == ["--"] else a.cmd
+    sock = socket.socket(fileno=a.sock_fd)
+    try:
+        from .device import create_tun
+
+        _unshare()
+        _ip("link", "set", "lo", "up")
+        iface = ipaddress.IPv4Interface(a.tun_addr)
+        dev = create_tun(a.tun_name, iface, a.mtu)
+        _ip("route", "add", "default", "dev", dev.name)
+        libc = _libc()
+        _check(libc.mount(a.resolv.encode(), b"/etc/resolv.conf", None, MS_BIND, None), "bind-mount /etc/resolv.conf")
+    except Exception as e:
+        sock.sendall(str(e).encode() or b"namespace setup failed")
+        return 126
+    socket.send_fds(sock, [dev.name.encode()], [dev.fd])
+    dev.close()  # the shim holds the device now
+    if sock.recv(1) != b"g":
+        return 126
+    sock.close()
+    try:
+        os.execvp(cmd[0], cmd)
+    except OSError as e:
+        print(f"wraith-tun: cannot run {cmd[0]}: {e.strerror}", file=sys.stderr)
+        return 127
+
+
+if __name__ == "__main__":
+    raise SystemExit(child_main(sys.argv[1:]))

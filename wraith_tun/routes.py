@@ -1,0 +1,80 @@
+"""Route-all mode (``--setup``): send everything through the TUN except ``--bypass`` CIDRs.
+
+The default route is taken over with two /1 routes (0.0.0.0/1 and
+128.0.0.0/1), which win over the existing default route without deleting it,
+so removing ours restores the machine exactly. Each ``--bypass`` CIDR gets a
+route through the path it used before (the SSH server must stay reachable
+outside the TUN, or wraith's own transport would loop into it).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import subprocess
+
+log = logging.getLogger("wraith_tun")
+
+
+class RouteError(Exception):
+    pass
+
+
+def _ip(*args: str) -> str:
+    try:
+        r = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=10)
+    except FileNotFoundError as e:
+        raise RouteError("the 'ip' command (iproute2) is missing") from e
+    if r.returncode != 0:
+        raise RouteError(f"ip {' '.join(args)}: {r.stderr.strip() or 'failed'}")
+    return r.stdout
+
+
+class RouteSetup:
+    def __init__(self, dev: str, bypass: list[ipaddress.IPv4Network]):
+        self.dev = dev
+        self.bypass = bypass
+        self._added: list[list[str]] = []
+
+    def _add(self, spec: list[str]) -> None:
+        _ip("route", "add", *spec)
+        self._added.append(spec)
+
+    def apply(self) -> None:
+        """Add routes; on failure, remove what was added and raise RouteError."""
+        try:
+            plans = [(net, self._current_path(net)) for net in self.bypass]  # before we take over
+            for net, path in plans:
+                if path is None:
+                    continue
+                self._add([str(net), *path])
+            self._add(["0.0.0.0/1", "dev", self.dev])
+            self._add(["128.0.0.0/1", "dev", self.dev])
+        except RouteError:
+            self.remove()
+            raise
+
+    def _current_path(self, net: ipaddress.IPv4Network) -> list[str] | None:
+        out = _ip("-j", "route", "get", str(net.network_address))
+        try:
+            route = json.loads(out)[0]
+        except (ValueError, IndexError) as e:
+            raise RouteError(f"cannot parse the route to {net}") from e
+        if route.get("type") == "local" or route.get("dev") == "lo":
+            return None  # local addresses never use the TUN
+        if route.get("dev") == self.dev:
+            raise RouteError(f"bypass {net} already routes into {self.dev}")
+        path = []
+        if route.get("gateway"):
+            path += ["via", route["gateway"]]
+        path += ["dev", route["dev"]]
+        return path
+
+    def remove(self) -> None:
+        for spec in reversed(self._added):
+            try:
+                _ip("route", "del", *spec)
+            except RouteError as e:
+                log.debug("route cleanup: %s", e)  # gone with the device already
+        self._added.clear()

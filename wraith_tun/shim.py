@@ -1,0 +1,324 @@
+"""The asyncio driver: TUN packets <-> sans-I/O TCP flows <-> SOCKS5 sockets.
+
+The driver only moves bytes: parsing is :mod:`ip`, TCP is :mod:`tcp`, names
+are :mod:`dns`. Backpressure in both directions:
+
+* app -> SOCKS: bytes stay in the flow's receive buffer (shrinking the app's
+  window) while the SOCKS socket's transport says ``pause_writing``.
+* SOCKS -> app: the SOCKS socket is not read while the flow's send buffer
+  (bytes the app has not acknowledged) is full.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import os
+from dataclasses import dataclass, field
+
+from . import ip, tcp
+from .dns import VirtualDns
+from .socks import SocksRefused, socks5_connect
+
+log = logging.getLogger("wraith_tun")
+
+READ_BATCH = 128
+
+
+@dataclass
+class Stats:
+    packets_in: int = 0
+    packets_out: int = 0
+    bad_packets: int = 0
+    flows_opened: int = 0
+    flows_refused: int = 0
+    dns_queries: int = 0
+    udp_rejected: int = 0
+    other_dropped: int = 0
+
+
+@dataclass
+class ShimConfig:
+    socks_host: str = "127.0.0.1"
+    socks_port: int = 1080
+    tcp: tcp.TcpConfig = field(default_factory=tcp.TcpConfig)
+    max_flows: int = 4096
+    connect_timeout: float = 30.0
+    dns: VirtualDns | None = None
+
+
+class Flow(asyncio.Protocol):
+    """One TCP flow bridged to one SOCKS5 connection."""
+
+    def __init__(self, shim: Shim, conn: tcp.TcpConnection):
+        self.shim = shim
+        self.conn = conn
+        self.transport: asyncio.Transport | None = None
+        self.connect_task: asyncio.Task[None] | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.timer_at: float | None = None
+        self.can_write = True  # SOCKS socket accepts more
+        self.reading_paused = False
+        self.eof_to_socks = False
+        self.eof_from_socks = False
+
+    # -- SOCKS side ------------------------------------------------------------------
+
+    async def open(self, host: str, port: int) -> None:
+        shim = self.shim
+        try:
+            sock = await socks5_connect(shim.cfg.socks_host, shim.cfg.socks_port, host, port, shim.cfg.connect_timeout)
+        except SocksRefused as e:
+            log.debug("flow refused: %s", e)
+            shim.stats.flows_refused += 1
+            self.conn.refuse()
+            shim.service(self)
+            return
+        if self.conn.state is tcp.State.CLOSED:  # the app gave up meanwhile
+            sock.close()
+            return
+        try:
+            await shim.loop.create_connection(lambda: self, sock=sock)
+        except OSError:
+            sock.close()
+            self.conn.refuse()
+            shim.service(self)
+            return
+        self.conn.accept(shim.loop.time())
+        shim.service(self)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        conn = self.conn
+        conn.send(data, self.shim.loop.time())
+        if conn.send_space <= 0 and self.transport is not None and not self.reading_paused:
+            self.reading_paused = True
+            self.transport.pause_reading()
+        self.shim.service(self)
+
+    def eof_received(self) -> bool:
+        self.eof_from_socks = True
+        self.conn.shutdown(self.shim.loop.time())
+        self.shim.service(self)
+        return True  # keep our writing side open: half-close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        if self.conn.state is tcp.State.CLOSED:
+            return
+        if exc is not None or not (self.eof_from_socks and self.eof_to_socks):
+            # the SOCKS side broke: the app must see it (RST), not a silent truncation
+            self.conn.abort()
+        self.shim.service(self)
+
+    def pause_writing(self) -> None:
+        self.can_write = False
+
+    def resume_writing(self) -> None:
+        self.can_write = True
+        self.shim.service(self)
+
+    # -- app -> SOCKS --------------------------------------------------------------------
+
+    def pump_to_socks(self) -> None:
+        conn, tr = self.conn, self.transport
+        if tr is None or tr.is_closing():
+            return
+        while self.can_write and conn.readable:
+            tr.write(conn.read())
+        if conn.at_eof and not self.eof_to_socks and not conn.readable:
+            self.eof_to_socks = True
+            if tr.can_write_eof():
+                tr.write_eof()
+        if self.eof_to_socks and self.eof_from_socks:
+            tr.close()  # flushes what is buffered
+
+    def release(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.connect_task is not None and not self.connect_task.done():
+            self.connect_task.cancel()
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.abort()
+
+
+class Shim:
+    def __init__(self, fd: int, cfg: ShimConfig, loop: asyncio.AbstractEventLoop | None = None):
+        self.fd = fd
+        self.cfg = cfg
+        self.loop = loop or asyncio.get_running_loop()
+        self.stack = tcp.TcpStack(cfg.tcp, cfg.max_flows)
+        self.flows: dict[tcp.TcpConnection, Flow] = {}
+        self.stats = Stats()
+        self._dirty: set[Flow] = set()
+        self._running = False
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        os.set_blocking(self.fd, False)
+        self.loop.add_reader(self.fd, self._on_readable)
+        self._running = True
+
+    def stop(self) -> None:
+        if not self._running:
+            return
+        self._running = False
+        try:
+            self.loop.remove_reader(self.fd)
+        except (ValueError, OSError):
+            pass
+        for flow in list(self.flows.values()):
+            flow.conn.abort()
+            self._write(flow.conn.packets_to_send())
+            flow.release()
+        self.flows.clear()
+
+    # -- TUN input -------------------------------------------------------------------------------
+
+    def _on_readable(self) -> None:
+        now = self.loop.time()
+        for _ in range(READ_BATCH):
+            try:
+                pkt = os.read(self.fd, 65536)
+            except BlockingIOError:
+                break
+            except OSError as e:
+                log.error("TUN read failed: %s", e)
+                self.stop()
+                return
+            if not pkt:
+                break
+            self.handle_packet(pkt, now)
+        dirty, self._dirty = self._dirty, set()
+        for flow in dirty:
+            self.service(flow)
+        if self.stack.out:
+            self._write(self.stack.out)
+            self.stack.out = []
+
+    def handle_packet(self, pkt: bytes, now: float) -> None:
+        self.stats.packets_in += 1
+        try:
+            p = ip.parse_packet(pkt)
+        except ip.BadPacket:
+            self.stats.bad_packets += 1
+            return
+        if isinstance(p, ip.TcpSegment):
+            conn, new = self.stack.receive(p, now)
+            if conn is None:
+                return
+            if new:
+                self._open_flow(conn, now)
+                return
+            flow = self.flows.get(conn)
+            if flow is not None:
+                self._dirty.add(flow)
+        elif isinstance(p, ip.UdpDatagram):
+            self._handle_udp(p, now)
+        else:
+            self.stats.other_dropped += 1
+
+    def _handle_udp(self, d: ip.UdpDatagram, now: float) -> None:
+        dns = self.cfg.dns
+        if dns is not None and d.dport == 53:
+            self.stats.dns_queries += 1
+            answer = dns.handle(d.payload, now)
+            if answer is not None:
+                self._write([ip.build_udp(d.dst, d.src, 53, d.sport, answer)])
+            return
+        self.stats.udp_rejected += 1
+        self._write([ip.build_icmp_port_unreachable(d)])
+
+    def _open_flow(self, conn: tcp.TcpConnection, now: float) -> None:
+        flow = Flow(self, conn)
+        self.flows[conn] = flow
+        self.stats.flows_opened += 1
+        dst = conn.local_ip
+        dns = self.cfg.dns
+        host: str | None
+        if dns is not None and dns.is_fake(dst):
+            host = dns.name_for(dst, now)
+        else:
+            host = str(ipaddress.IPv4Address(dst))
+        if host is None:  # a fake address we never handed out (or forgot)
+            self.stats.flows_refused += 1
+            conn.refuse()
+            self.service(flow)
+            return
+        flow.connect_task = self.loop.create_task(flow.open(host, conn.local_port))
+
+    # -- per-flow servicing ----------------------------------------------------------------------------
+
+    def service(self, flow: Flow) -> None:
+        """Move bytes, react to the flow's events, write its packets, re-arm its timer."""
+        conn = flow.conn
+        if self.flows.get(conn) is not flow:
+            return
+        closed = False
+        for ev in conn.events():
+            if isinstance(ev, tcp.SendSpace):
+                if flow.reading_paused and conn.send_space > 0 and flow.transport is not None:
+                    flow.reading_paused = False
+                    flow.transport.resume_reading()
+            elif isinstance(ev, tcp.Reset):
+                if flow.transport is not None:
+                    flow.transport.abort()
+            elif isinstance(ev, tcp.Closed):
+                closed = True
+        if not closed:
+            flow.pump_to_socks()
+        self._write(conn.packets_to_send())
+        if closed or conn.state is tcp.State.CLOSED:
+            self._forget(flow)
+            return
+        when = conn.next_deadline()
+        if when != flow.timer_at:
+            if flow.timer is not None:
+                flow.timer.cancel()
+            flow.timer = self.loop.call_at(when, self._on_timer, flow) if when is not None else None
+            flow.timer_at = when
+
+    def _on_timer(self, flow: Flow) -> None:
+        flow.timer = None
+        flow.timer_at = None
+        flow.conn.on_timer(self.loop.time())
+        self.service(flow)
+
+    def _forget(self, flow: Flow) -> None:
+        if self.flows.pop(flow.conn, None) is None:
+            return
+        self.stack.forget(flow.conn)
+        if flow.timer is not None:
+            flow.timer.cancel()
+            flow.timer = None
+        if flow.connect_task is not None and not flow.connect_task.done():
+            flow.connect_task.cancel()
+        tr = flow.transport
+        if tr is not None and not tr.is_closing():
+            if flow.eof_to_socks and flow.eof_from_socks:
+                tr.close()
+            else:
+                tr.abort()
+
+    # -- TUN output -----------------------------------------------------------------------------------
+
+    def _write(self, packets: list[bytes]) -> None:
+        fd = self.fd
+        for pkt in packets:
+            try:
+                os.write(fd, pkt)
+                self.stats.packets_out += 1
+            except BlockingIOError:
+                pass  # TCP retransmits; DNS clients retry
+            except OSError as e:
+                log.debug("TUN write failed: %s", e)
+
+    @property
+    def memory(self) -> int:
+        return sum(f.conn.memory for f in self.flows.values())
