@@ -153,6 +153,11 @@ def child_main(argv: list[str]) -> int:
         iface = ipaddress.IPv4Interface(a.tun_addr)
         dev = create_tun(a.tun_name, iface, a.mtu)
         _ip("route", "add", "default", "dev", dev.name)
+        try:  # IPv4 only for now: keep the kernel from chattering IPv6 into the TUN
+            with open(f"/proc/sys/net/ipv6/conf/{dev.name}/disable_ipv6", "w") as f:
+                f.write("1")
+        except OSError:
+            pass
         libc = _libc()
         _check(libc.mount(a.resolv.encode(), b"/etc/resolv.conf", None, MS_BIND, None), "bind-mount /etc/resolv.conf")
     except Exception as e:

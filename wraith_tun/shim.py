@@ -89,8 +89,7 @@ class Flow(asyncio.Protocol):
         shim.service(self)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment]  # uvloop's are not asyncio.Transport subclasses
 
     def data_received(self, data: bytes) -> None:
         conn = self.conn
@@ -204,6 +203,9 @@ class Shim:
 
     def handle_packet(self, pkt: bytes, now: float) -> None:
         self.stats.packets_in += 1
+        if pkt[:1] and pkt[0] >> 4 == 6:
+            self.stats.other_dropped += 1  # IPv6: not yet
+            return
         try:
             p = ip.parse_packet(pkt)
         except ip.BadPacket:
