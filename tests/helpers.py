@@ -67,34 +67,33 @@ class Proc:
         self.p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=self._log, env=full_env,
                                   cwd=cwd, start_new_session=True)
         self.lines: list[str] = []
+        self._buf = b""
         self.match: re.Match[str] | None = None
         if ready is not None:
             self.match = self.wait_line(ready, timeout)
 
     def wait_line(self, pattern: str, timeout: float = 20.0) -> re.Match[str]:
         rx = re.compile(pattern)
-        for line in self.lines:
-            m = rx.search(line)
-            if m:
-                return m
         deadline = time.monotonic() + timeout
         assert self.p.stdout is not None
         os.set_blocking(self.p.stdout.fileno(), False)
-        buf = b""
-        while time.monotonic() < deadline:
+        seen = 0
+        while True:
+            for line in self.lines[seen:]:
+                m = rx.search(line)
+                if m:
+                    return m
+            seen = len(self.lines)
+            if time.monotonic() > deadline:
+                break
             try:
                 chunk = self.p.stdout.read()
             except BlockingIOError:
                 chunk = None
             if chunk:
-                buf += chunk
-                *complete, buf = buf.split(b"\n")
-                for raw in complete:
-                    line = raw.decode(errors="replace")
-                    self.lines.append(line)
-                    m = rx.search(line)
-                    if m:
-                        return m
+                self._buf += chunk
+                *complete, self._buf = self._buf.split(b"\n")
+                self.lines += [raw.decode(errors="replace") for raw in complete]
             elif self.p.poll() is not None:
                 break
             else:
