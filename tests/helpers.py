@@ -102,7 +102,8 @@ class Proc:
                              f"log:\n{self.log()[-3000:]}")
 
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def signal(self, sig: int) -> None:

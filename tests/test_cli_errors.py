@@ -1,0 +1,88 @@
+"""User errors: one line on stderr, non-zero exit, never a traceback."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+
+import pytest
+
+from helpers import Keys, Proc, start_client, start_server, wraith
+from openssh import run
+
+
+def one_line_error(args: list[str], *needles: str) -> None:
+    out = run(wraith(*args), timeout=20)
+    err = out.stderr.decode()
+    assert out.returncode != 0, err
+    assert "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    for n in needles:
+        assert n in err, err
+
+
+def test_missing_key_files(keys: Keys, tmp_path) -> None:
+    one_line_error(["serve", "--key", str(tmp_path / "nope"), "--authorized-keys", str(keys.authorized)],
+                   "not found", "nope")
+    one_line_error(["serve", "--key", str(keys.host), "--authorized-keys", str(tmp_path / "nokeys")], "not found")
+    one_line_error(["connect", "--server", "127.0.0.1:1", "--identity", str(tmp_path / "noid"),
+                    "--accept-any-host-key"], "not found")
+
+
+def test_pem_key_refused_with_conversion_hint(keys: Keys, tmp_path) -> None:
+    pem = tmp_path / "pem_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "rsa", "-b", "2048", "-m", "PEM", "-N", "", "-f", str(pem)], check=True)
+    assert pem.read_text().startswith("-----BEGIN RSA PRIVATE KEY-----")
+    one_line_error(["serve", "--key", str(pem), "--authorized-keys", str(keys.authorized)],
+                   "PEM", "OpenSSH", "ssh-keygen -p -f")
+    pk8 = tmp_path / "pk8"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-m", "PKCS8", "-N", "", "-f", str(pk8)], check=True)
+    one_line_error(["connect", "--server", "127.0.0.1:1", "--identity", str(pk8), "--accept-any-host-key"],
+                   "PEM/PKCS#8")
+
+
+def test_ssh_keygen_keys_work(tmp_path, procs, files) -> None:
+    for name in ("host", "client"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / name)], check=True)
+    (tmp_path / "ak").write_bytes((tmp_path / "client.pub").read_bytes())
+    keys = Keys(tmp_path, tmp_path / "host", tmp_path / "host.pub", tmp_path / "client", tmp_path / "client.pub",
+                tmp_path / "ak")
+    server, port = start_server(keys, tmp_path)
+    procs.append(server)
+    client, socks = start_client(keys, tmp_path, port)
+    procs.append(client)
+
+
+def test_bad_flags_and_combinations(keys: Keys) -> None:
+    one_line_error(["serve", "--key", "k", "--bogus"], "unrecognized")
+    one_line_error(["serve", "--key", str(keys.host), "--authorized-keys", str(keys.authorized),
+                    "--stealth"], "--stealth")
+    one_line_error(["serve", "--key", str(keys.host), "--authorized-keys", str(keys.authorized),
+                    "--listen", "127.0.0.1:99999"], "port")
+    one_line_error(["connect", "--server", "127.0.0.1:1", "--identity", str(keys.client), "--accept-any-host-key",
+                    "--forward", "nonsense"], "--forward")
+    one_line_error(["connect", "--server", "127.0.0.1:1", "--identity", str(keys.client), "--accept-any-host-key",
+                    "--proxy", "ftp://x:1"], "--proxy")
+    one_line_error(["serve", "--key", str(keys.host)], "authorized-keys")
+
+
+def test_listen_port_in_use(keys: Keys, tmp_path, procs) -> None:
+    server, port = start_server(keys, tmp_path)
+    procs.append(server)
+    one_line_error(["serve", "--key", str(keys.host), "--authorized-keys", str(keys.authorized),
+                    "--listen", f"127.0.0.1:{port}"], "cannot listen")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_graceful_shutdown_exit_zero(keys: Keys, tmp_path, procs, sig: int) -> None:
+    server, port = start_server(keys, tmp_path)
+    procs.append(server)
+    client, _ = start_client(keys, tmp_path, port)
+    procs.append(client)
+    for p in (client, server):
+        t0 = time.monotonic()
+        p.signal(sig)
+        assert p.p.wait(10) == 0
+        assert time.monotonic() - t0 < 5
+        assert "Traceback" not in p.log()

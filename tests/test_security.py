@@ -1,0 +1,177 @@
+"""Security: key-only auth, host key pinning, reserved destinations never dialed, no destinations in logs."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import struct
+
+import asyncssh
+import pytest
+
+from helpers import Keys, Proc, curl, free_port, sha, socks_connect, start_client, start_server, wait_for_log, wraith
+from openssh import run, ssh_base
+
+
+def test_password_and_kbdint_refused(keys: Keys, tmp_path, procs) -> None:
+    server, port = start_server(keys, tmp_path)
+    procs.append(server)
+    out = run(ssh_base(keys, port, tmp_path)[:-0 or None] + [
+        "-o", "PreferredAuthentications=password,keyboard-interactive", "-o", "PubkeyAuthentication=no",
+        "root@127.0.0.1", "true"], timeout=20)
+    assert out.returncode == 255
+    assert b"Permission denied (publickey)" in out.stderr  # the server offers public keys only
+
+    async def with_password() -> None:
+        with pytest.raises(asyncssh.PermissionDenied):
+            await asyncssh.connect("127.0.0.1", port, username="root", password="root", known_hosts=None,
+                                   client_keys=None, agent_path=None, config=None,
+                                   preferred_auth="password,keyboard-interactive")
+
+    asyncio.run(with_password())
+
+
+def test_unknown_key_refused_and_logged(keys: Keys, tmp_path, procs) -> None:
+    from wraith_core.keys import fingerprint, generate_ed25519, load_private_key
+
+    server, port = start_server(keys, tmp_path)
+    procs.append(server)
+    stranger, _ = generate_ed25519(tmp_path / "stranger", "stranger")
+    client = Proc(wraith("connect", "--server", f"127.0.0.1:{port}", "--identity", str(stranger),
+                         "--accept-any-host-key", "--socks5", "127.0.0.1:0"), tmp_path / "c.log",
+                  ready="socks5 listening")
+    procs.append(client)
+    wait_for_log(client, "authentication failed")
+    fp = fingerprint(load_private_key(str(stranger)))
+    wait_for_log(server, f"key_fingerprint={fp} result=reject")
+    line = [ln for ln in server.log().splitlines() if "result=reject" in ln][0]
+    assert re.search(r"INFO auth attempt remote_addr=127\.0\.0\.1 user=\S+ key_fingerprint=SHA256:\S+ result=reject$",
+                     line), line
+    assert "session up" not in client.log()
+
+
+def test_fail2ban_filter_matches_reject_line(keys: Keys, tmp_path, procs) -> None:
+    """The shipped fail2ban filter's failregex matches our reject line (fail2ban's <HOST> = an address)."""
+    from pathlib import Path
+
+    conf = (Path(__file__).parent.parent / "examples" / "fail2ban" / "filter.d" / "wraith.conf").read_text()
+    regex = re.search(r"^failregex\s*=\s*(.+)$", conf, re.M).group(1).strip()  # type: ignore[union-attr]
+    rx = re.compile(regex.replace("<HOST>", r"(?P<host>[\d.:a-fA-F]+)"))
+    line = ("2026-11-24T10:00:00 INFO auth attempt remote_addr=203.0.113.50 user=root "
+            "key_fingerprint=SHA256:abc result=reject")
+    m = rx.search(line)
+    assert m and m.group("host") == "203.0.113.50"
+    assert not rx.search(line.replace("reject", "accept"))
+
+
+def test_wrong_host_key_pin_refused(keys: Keys, tmp_path, procs) -> None:
+    from wraith_core.keys import generate_ed25519
+
+    server, port = start_server(keys, tmp_path)
+    procs.append(server)
+    _, other_pub = generate_ed25519(tmp_path / "other", "other")
+    for pin in (str(other_pub), "SHA256:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"):
+        c = Proc(wraith("connect", "--server", f"127.0.0.1:{port}", "--identity", str(keys.client),
+                        "--host-key", pin, "--socks5", "127.0.0.1:0"), tmp_path / "c.log", ready="socks5 listening")
+        procs.append(c)
+        wait_for_log(c, "host key verification failed")
+        assert "session up" not in c.log()
+        c.stop()
+    # the right fingerprint works
+    from wraith_core.keys import fingerprint, load_public_key
+
+    fp = fingerprint(load_public_key(str(keys.host_pub)))
+    c = Proc(wraith("connect", "--server", f"127.0.0.1:{port}", "--identity", str(keys.client),
+                    "--host-key", fp, "--socks5", "127.0.0.1:0"), tmp_path / "ok.log", ready="socks5 listening")
+    procs.append(c)
+    wait_for_log(c, "session up")
+
+
+def test_no_host_key_verification_is_refused(keys: Keys, tmp_path) -> None:
+    out = run(wraith("connect", "--server", "127.0.0.1:1", "--identity", str(keys.client)))
+    assert out.returncode != 0
+    err = out.stderr.decode()
+    assert "host key" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+class _RecordingSocks:
+    """A SOCKS5 proxy on loopback that records every CONNECT destination (and then connects)."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, int]] = []
+
+    async def handle(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        try:
+            head = await r.readexactly(2)
+            await r.readexactly(head[1])
+            w.write(b"\x05\x00")
+            ver, cmd, _, atyp = await r.readexactly(4)
+            if atyp == 3:
+                host = (await r.readexactly((await r.readexactly(1))[0])).decode()
+            elif atyp == 1:
+                host = ".".join(str(b) for b in await r.readexactly(4))
+            else:
+                await r.readexactly(16)
+                host = "::1"
+            port = struct.unpack(">H", await r.readexactly(2))[0]
+            self.seen.append((host, port))
+            tr, tw = await asyncio.open_connection(host, port)
+            w.write(b"\x05\x00\x00\x01" + bytes(6))
+
+            async def pump(a: asyncio.StreamReader, b: asyncio.StreamWriter) -> None:
+                while data := await a.read(65536):
+                    b.write(data)
+                    await b.drain()
+                b.close()
+
+            await asyncio.gather(pump(r, tw), pump(tr, w), return_exceptions=True)
+        except (OSError, asyncio.IncompleteReadError):
+            w.close()
+
+
+def test_reserved_destinations_never_dialed(keys: Keys, tmp_path, procs, files) -> None:
+    """Outbound dials go through a recording proxy: wraith-* names never reach it, real targets do."""
+    rec = _RecordingSocks()
+
+    async def main() -> None:
+        srv = await asyncio.start_server(rec.handle, "127.0.0.1", 0)
+        pport = srv.sockets[0].getsockname()[1]
+        server, sport = await asyncio.to_thread(start_server, keys, tmp_path, "--proxy", f"socks5://127.0.0.1:{pport}")
+        procs.append(server)
+        client, socks = await asyncio.to_thread(start_client, keys, tmp_path, sport)
+        procs.append(client)
+        from python_socks import ProxyError
+
+        for host, port in (("wraith-control", 0), ("wraith-control", 1), ("wraith-x", 80), ("WRAITH-Y", 443)):
+            with pytest.raises(ProxyError):
+                await socks_connect(socks, host, port)
+        reader, writer = await socks_connect(socks, "127.0.0.1", files.port)
+        writer.write(b"GET /small.bin HTTP/1.0\r\n\r\n")
+        body = (await asyncio.wait_for(reader.read(), 10)).split(b"\r\n\r\n", 1)[1]
+        assert sha(body) == files.hashes["small.bin"]
+        srv.close()
+
+    asyncio.run(main())
+    assert rec.seen == [("127.0.0.1", files.port)]
+
+
+def test_no_destinations_in_logs_even_at_debug(keys: Keys, tmp_path, procs, files) -> None:
+    server, sport = start_server(keys, tmp_path, "--log-level", "debug")
+    procs.append(server)
+    fport = free_port()
+    client, socks = start_client(keys, tmp_path, sport, "--log-level", "debug",
+                                 "--forward", f"{fport}:localhost:{files.port}")
+    procs.append(client)
+    marker_host = "localhost"
+    for args in (("--socks5-hostname", f"127.0.0.1:{socks}", files.url("big.bin", marker_host)),
+                 ("--socks5", f"127.0.0.1:{socks}", files.url("small.bin")),
+                 (f"http://127.0.0.1:{fport}/small.bin",),
+                 ("--socks5-hostname", f"127.0.0.1:{socks}", f"http://no-such-name.invalid:{files.port}/")):
+        curl(*args)
+    client.stop()
+    server.stop()
+    for log in (server.log(), client.log()):
+        assert log.strip()
+        assert str(files.port) not in log
+        assert marker_host not in log and "no-such-name" not in log
+        assert str(8 * 1024 * 1024) not in log  # no byte counts
