@@ -10,7 +10,8 @@ from __future__ import annotations
 from .errors import WraithError
 from .options import ConnectOptions, ServeOptions
 
-__all__ = ["ConnectOptions", "ServeOptions", "WraithError", "open_stream", "serve", "__version__"]
+__all__ = ["ConnectOptions", "ServeOptions", "WraithError", "create_event_target", "open_stream", "serve",
+           "__version__"]
 __version__ = "0.1.0"
 
 
@@ -25,4 +26,8 @@ def __getattr__(name: str) -> object:
         from .server_api import serve
 
         return serve
+    if name == "create_event_target":
+        from .events import create_event_target
+
+        return create_event_target
     raise AttributeError(name)

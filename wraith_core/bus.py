@@ -1,0 +1,331 @@
+"""The in-process event hub behind ``wraith-control:0`` (SPEC §7).
+
+Every control stream joins one :class:`Hub`. Frames are the envelope framing of
+:mod:`wraith_core.protocol.envelope`. Routing:
+
+* ``__subscribe {"type": T}`` / ``__unsubscribe {"type": T}`` change what a
+  stream receives; an event of type ``T`` goes to every stream subscribed to
+  ``T``, the publisher included if it subscribed. Other ``__*`` control types
+  are ignored (forward compatibility).
+* The hub is itself a well-behaved peer: it tells every member which types
+  anyone on the hub wants. When a type gains its first subscriber the hub
+  sends ``__subscribe T`` to all members; when it loses its last one,
+  ``__unsubscribe T``; a new member first receives ``__subscribe`` for every
+  type currently wanted. So an event-target adapter that only sends types its
+  peer subscribed to (point-to-point semantics) works unchanged against the
+  hub, and nobody publishes events that no one will receive.
+* A frame over ``max_frame``, invalid UTF-8/JSON, a bad envelope or control
+  payload, more than ``max_subscriptions`` types, or EOF in the middle of a
+  frame closes THAT stream only, with one log line naming the peer address,
+  user and reason — never payloads, types or destinations.
+
+Slow subscribers: fan-out never waits for a subscriber. Each member has an
+outbound queue bounded in bytes (``queue_limit``, default 64 MiB; fanned-out
+frames are shared, not copied, and each queued frame also counts a fixed
+overhead). A member whose queue would go over the bound is disconnected
+(``reason=slow-consumer``) rather than dropping events silently or slowing
+everyone down. Reading from a member is paced by that member's own writer
+only through the SSH window, so memory per member is bounded by
+``queue_limit`` plus the stream's receive buffer.
+
+A half-closed member (EOF on a frame boundary) keeps receiving the events it
+subscribed to until it closes the stream.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import logging
+from typing import TYPE_CHECKING, Any
+
+from .duplex import DuplexStream
+from .protocol.envelope import (
+    DEFAULT_MAX_FRAME,
+    RESERVED_PREFIX,
+    SUBSCRIBE,
+    UNSUBSCRIBE,
+    EndOfStream,
+    Envelope,
+    EnvelopeDecoder,
+    EnvelopeError,
+    ProtocolError,
+    make_frame,
+    subscription_type,
+)
+
+if TYPE_CHECKING:
+    from .ssh.server import ConnectionInfo
+
+log = logging.getLogger("wraith.bus")
+
+READ_SIZE = 256 * 1024
+DEFAULT_QUEUE_LIMIT = 64 * 1024 * 1024
+FRAME_OVERHEAD = 128  # bytes charged per queued frame, so floods of tiny frames count too
+DEFAULT_MAX_SUBSCRIPTIONS = 4096
+WRITE_BATCH = 256 * 1024
+
+
+class _Member:
+    __slots__ = ("stream", "info", "decoder", "subs", "queue", "queued", "wakeup", "dropped", "task")
+
+    def __init__(self, stream: DuplexStream, info: ConnectionInfo, max_frame: int) -> None:
+        self.stream = stream
+        self.info = info
+        self.decoder = EnvelopeDecoder(max_frame)
+        self.subs: set[str] = set()
+        self.queue: collections.deque[bytes] = collections.deque()
+        self.queued = 0
+        self.wakeup = asyncio.Event()
+        self.dropped = False
+        self.task: asyncio.Task[None] | None = None
+
+
+class Hub:
+    """One in-process pubsub hub; :meth:`add` a control stream to make it a member."""
+
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME, queue_limit: int = DEFAULT_QUEUE_LIMIT,
+                 max_subscriptions: int = DEFAULT_MAX_SUBSCRIPTIONS) -> None:
+        if queue_limit < max_frame + FRAME_OVERHEAD:
+            raise ValueError("queue_limit must hold at least one frame of max_frame bytes")
+        self.max_frame = max_frame
+        self.queue_limit = queue_limit
+        self.max_subscriptions = max_subscriptions
+        self._members: set[_Member] = set()
+        self._subs: dict[str, set[_Member]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closing = False
+
+    # -- introspection ------------------------------------------------------------
+
+    @property
+    def member_count(self) -> int:
+        return len(self._members)
+
+    def subscriber_count(self, type: str) -> int:
+        return len(self._subs.get(type, ()))
+
+    def queued_bytes(self) -> int:
+        """Bytes waiting in all members' outbound queues (shared frames counted per member)."""
+        return sum(m.queued for m in self._members)
+
+    # -- membership ---------------------------------------------------------------
+
+    def add(self, stream: DuplexStream, info: ConnectionInfo) -> None:
+        """Make ``stream`` a member; it is served until it closes or breaks the protocol."""
+        if self._closing:
+            stream.abort()
+            return
+        m = _Member(stream, info, self.max_frame)
+        self._members.add(m)
+        for t in self._subs:
+            self._send(m, make_frame(SUBSCRIBE, {"type": t}))
+        task = asyncio.get_running_loop().create_task(self._serve(m))
+        m.task = task
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        """Close every member stream and stop serving."""
+        self._closing = True
+        for m in list(self._members):
+            self._drop(m, None)
+        tasks = list(self._tasks)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # -- per member ---------------------------------------------------------------
+
+    async def _serve(self, m: _Member) -> None:
+        writer = asyncio.get_running_loop().create_task(self._write_loop(m))
+        reason: str | None = None
+        try:
+            reason = await self._read_loop(m)
+            if reason is None and not m.dropped:
+                # half-closed: keep delivering until the stream closes or writing fails
+                closed = asyncio.ensure_future(m.stream.wait_closed())
+                await asyncio.wait({writer, closed}, return_when=asyncio.FIRST_COMPLETED)
+                closed.cancel()
+        finally:
+            self._drop(m, reason)
+            writer.cancel()
+            await asyncio.gather(writer, return_exceptions=True)
+
+    async def _read_loop(self, m: _Member) -> str | None:
+        """Read and route frames; the protocol-error reason, or None at EOF / close."""
+        dec = m.decoder
+        while not m.dropped:
+            try:
+                data = await m.stream.read(READ_SIZE)
+            except (ConnectionError, OSError):
+                return "truncated" if dec.buffered else None
+            if data:
+                dec.receive_data(data)
+            else:
+                dec.receive_eof()
+            for ev in dec.events():
+                if isinstance(ev, Envelope):
+                    try:
+                        self._route(m, ev)
+                    except EnvelopeError as exc:
+                        return exc.reason
+                elif isinstance(ev, ProtocolError):
+                    return ev.reason
+                elif isinstance(ev, EndOfStream):
+                    return None
+                if m.dropped:
+                    return None
+        return None
+
+    async def _write_loop(self, m: _Member) -> None:
+        stream = m.stream
+        try:
+            while not m.dropped:
+                if not m.queue:
+                    m.wakeup.clear()
+                    await m.wakeup.wait()
+                    continue
+                size = 0
+                while m.queue and size < WRITE_BATCH:
+                    frame = m.queue.popleft()
+                    m.queued -= len(frame) + FRAME_OVERHEAD
+                    size += len(frame)
+                    stream.write(frame)
+                await stream.drain()
+        except (ConnectionError, OSError):
+            return
+
+    # -- routing ------------------------------------------------------------------
+
+    def _route(self, m: _Member, env: Envelope) -> None:
+        if env.type == SUBSCRIBE:
+            self._subscribe(m, subscription_type(env))
+        elif env.type == UNSUBSCRIBE:
+            self._unsubscribe(m, subscription_type(env))
+        elif env.type.startswith(RESERVED_PREFIX):
+            return
+        else:
+            targets = self._subs.get(env.type)
+            if targets:
+                for target in list(targets):
+                    self._send(target, env.frame)
+
+    def _subscribe(self, m: _Member, t: str) -> None:
+        if t in m.subs:
+            return
+        if len(m.subs) >= self.max_subscriptions:
+            raise EnvelopeError("too-many-subscriptions", "subscription limit reached")
+        m.subs.add(t)
+        members = self._subs.setdefault(t, set())
+        members.add(m)
+        if len(members) == 1:
+            self._broadcast(make_frame(SUBSCRIBE, {"type": t}))
+
+    def _unsubscribe(self, m: _Member, t: str) -> None:
+        if t not in m.subs:
+            return
+        m.subs.discard(t)
+        members = self._subs.get(t)
+        if members is None:
+            return
+        members.discard(m)
+        if not members:
+            del self._subs[t]
+            self._broadcast(make_frame(UNSUBSCRIBE, {"type": t}))
+
+    def _broadcast(self, frame: bytes) -> None:
+        for member in list(self._members):
+            self._send(member, frame)
+
+    def _send(self, m: _Member, frame: bytes) -> None:
+        if m.dropped:
+            return
+        cost = len(frame) + FRAME_OVERHEAD
+        if m.queued + cost > self.queue_limit:
+            self._drop(m, "slow-consumer")
+            return
+        m.queue.append(frame)
+        m.queued += cost
+        m.wakeup.set()
+
+    def _drop(self, m: _Member, reason: str | None) -> None:
+        if m.dropped:
+            return
+        m.dropped = True
+        self._members.discard(m)
+        m.queue.clear()
+        m.queued = 0
+        m.wakeup.set()
+        if reason is not None:
+            log.info("control stream closed remote_addr=%s user=%s reason=%s",
+                     m.info.remote_address, _token(m.info.user), reason)
+            m.stream.abort()
+        else:
+            m.stream.close()
+        for t in list(m.subs):
+            self._unsubscribe(m, t)
+
+
+def _token(text: str) -> str:
+    cleaned = "".join(c if c.isprintable() and not c.isspace() else "?" for c in text)
+    return cleaned[:64] or "-"
+
+
+# -- a hub on a plain TCP listener (SPEC §7: "any hub speaking this framing") -------
+
+
+class _TCPMember(DuplexStream):
+    def __init__(self, hub: Hub) -> None:
+        super().__init__()
+        self._hub = hub
+
+    def connection_made(self, transport: Any) -> None:
+        from .ssh.server import ConnectionInfo
+
+        super().connection_made(transport)
+        peer = transport.get_extra_info("peername")
+        addr = str(peer[0]) if peer else "unknown"
+        self._hub.add(self, ConnectionInfo(addr, "plain-tcp", "", ""))
+
+
+async def listen_tcp(hub: Hub, host: str = "127.0.0.1", port: int = 0) -> asyncio.Server:
+    """Serve ``hub`` to plain TCP connections (no SSH): for port-forward setups and tests."""
+    loop = asyncio.get_running_loop()
+    return await loop.create_server(lambda: _TCPMember(hub), host, port)
+
+
+async def _main(host: str, port: int) -> None:
+    import signal
+
+    hub = Hub()
+    server = await listen_tcp(hub, host, port)
+    for sock in server.sockets:
+        addr = sock.getsockname()
+        print(f"wraith hub: listening {addr[0]}:{addr[1]}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    server.close()
+    await hub.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .addr import parse_hostport
+    from .logs import setup_logging
+
+    p = argparse.ArgumentParser(prog="python -m wraith_core.bus",
+                                description="a standalone event hub on a plain TCP port (loopback by default)")
+    p.add_argument("--listen", default="127.0.0.1:0", metavar="HOST:PORT")
+    args = p.parse_args(argv)
+    host, port = parse_hostport(args.listen, "--listen", default_host="127.0.0.1", allow_zero=True)
+    setup_logging()
+    asyncio.run(_main(host, port))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
