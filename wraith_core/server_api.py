@@ -1,16 +1,20 @@
 """``serve()``: a running wraith server for programs.
 
 Incoming control-channel streams (``wraith-control:0``) arrive with a
-``ConnectionInfo`` through ``on_connection(cb)`` or ``async for stream, info
-in server``. While nothing consumes them, the built-in event hub does (that
-is what ``wraith serve`` runs).
+``ConnectionInfo`` through ``on_connection(cb)`` (a plain function, or an
+async one, which runs as a task) or ``async for stream, info in server``
+(iteration ends when the server closes). While nothing consumes them, the
+built-in event hub does (that is what ``wraith serve`` runs). Once iteration
+has started, streams queue for it; those still queued at ``close()`` are
+aborted.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from .duplex import DuplexStream
 from .options import ServeOptions
@@ -18,7 +22,8 @@ from .ssh.server import ConnectionInfo, SSHServerRunner
 
 log = logging.getLogger("wraith.serve")
 
-ConnectionCallback = Callable[[DuplexStream, ConnectionInfo], None]
+ConnectionCallback = Callable[[DuplexStream, ConnectionInfo], Awaitable[None] | None]
+_Item = tuple[DuplexStream, ConnectionInfo] | None  # None: the server closed
 
 
 class WraithServer:
@@ -26,7 +31,9 @@ class WraithServer:
         self.options = options
         self.runner = SSHServerRunner(options, on_control=self._incoming)
         self._callback: ConnectionCallback | None = None
-        self._queue: asyncio.Queue[tuple[DuplexStream, ConnectionInfo]] | None = None
+        self._queue: asyncio.Queue[_Item] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
         self._hub = None
         if use_hub:
             self._hub = _make_hub()
@@ -46,8 +53,14 @@ class WraithServer:
         self._callback = callback
 
     def _incoming(self, stream: DuplexStream, info: ConnectionInfo) -> None:
-        if self._callback is not None:
-            self._callback(stream, info)
+        if self._closed:
+            stream.abort()
+        elif self._callback is not None:
+            result = self._callback(stream, info)
+            if inspect.isawaitable(result):
+                task = asyncio.ensure_future(result)
+                self._tasks.add(task)
+                task.add_done_callback(self._callback_done)
         elif self._queue is not None:
             self._queue.put_nowait((stream, info))
         elif self._hub is not None:
@@ -55,21 +68,41 @@ class WraithServer:
         else:
             stream.abort()
 
+    def _callback_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("connection callback failed: %s", task.exception().__class__.__name__)
+
     def __aiter__(self) -> AsyncIterator[tuple[DuplexStream, ConnectionInfo]]:
         if self._queue is None:
             self._queue = asyncio.Queue()
+            if self._closed:
+                self._queue.put_nowait(None)
         return self._iterate()
 
     async def _iterate(self) -> AsyncIterator[tuple[DuplexStream, ConnectionInfo]]:
         assert self._queue is not None
         while True:
             item = await self._queue.get()
+            if item is None:
+                self._queue.put_nowait(None)  # every other iterator ends too
+                return
             yield item
 
     async def close(self) -> None:
+        self._closed = True
         await self.runner.close()
+        if self._queue is not None:
+            while not self._queue.empty():
+                item = self._queue.get_nowait()
+                if item is not None:
+                    item[0].abort()
+            self._queue.put_nowait(None)
         if self._hub is not None:
             await self._hub.close()  # type: ignore[attr-defined]
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def __aenter__(self) -> WraithServer:
         return self
