@@ -42,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tun-addr", default="10.0.0.1/24", metavar="ADDR/LEN",
                    help="address of the TUN device (default 10.0.0.1/24)")
     p.add_argument("--tun-name", default=None, help="device name (default wtunN)")
-    p.add_argument("--mtu", type=int, default=16384, help="TUN MTU (default 16384; larger = fewer packets)")
+    p.add_argument("--mtu", type=int, default=65000, help="TUN MTU (default 65000: fewer, larger packets for the Python engine)")
     p.add_argument("--dns", choices=["virtual", "off"], default="virtual",
                    help="virtual: answer UDP/53 with fake 198.18.0.0/15 addresses resolved by the server (default)")
     p.add_argument("--dns-addr", default=None, metavar="ADDR",

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import socket
 import sys
+import threading
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
@@ -44,9 +46,26 @@ class Server(ThreadingHTTPServer):
     request_queue_size = 256
 
 
+def _digest_after_eof(conn: socket.socket) -> None:
+    """Read until the client half-closes, then answer with the SHA-256 and close."""
+    with conn:
+        h = hashlib.sha256()
+        while chunk := conn.recv(1 << 16):
+            h.update(chunk)
+        conn.sendall(h.hexdigest().encode() + b"\n")
+
+
+def _digest_server(host: str, port: int) -> None:
+    ls = socket.create_server((host, port), backlog=128)
+    while True:
+        c, _ = ls.accept()
+        threading.Thread(target=_digest_after_eof, args=(c,), daemon=True).start()
+
+
 def main() -> None:
     host, port, root = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     srv = Server((host, port), partial(Handler, directory=root))
+    threading.Thread(target=_digest_server, args=(host, port + 1), daemon=True).start()
     print("ready", flush=True)
     srv.serve_forever()
 

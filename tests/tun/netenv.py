@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import sys
 import subprocess
 import tempfile
 import time
@@ -145,6 +146,23 @@ class TestNet:
         wait_port(self, self.client, SERVICE_ADDR, port)
         return SERVICE_ADDR, port
 
+    def start_wraith(self, ssh_port: int = 2222, socks_port: int = 1080) -> tuple[str, int]:
+        """Real wraith: `wraith serve` on the server side (private /etc/hosts), `wraith connect`
+        on the client side; returns the client-side SOCKS5 address."""
+        hostkey, clientkey = self.tmp / "hostkey", self.tmp / "clientkey"
+        for k in (hostkey, clientkey):
+            sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(k))
+        self.start(self.server, sys.executable, "-m", "wraith_core", "serve", "--key", str(hostkey),
+                   "--authorized-keys", f"{clientkey}.pub", "--listen", f"{SERVICE_ADDR}:{ssh_port}",
+                   "--log-level", "warning", private_hosts=True,
+                   stdout=subprocess.DEVNULL, stderr=open(self.tmp / "serve.log", "wb"))
+        wait_port(self, self.client, SERVICE_ADDR, ssh_port)
+        self.start(self.client, sys.executable, "-m", "wraith_core", "connect", "--server", f"{SERVICE_ADDR}:{ssh_port}",
+                   "--identity", str(clientkey), "--accept-any-host-key", "--socks5", f"127.0.0.1:{socks_port}",
+                   "--log-level", "warning", stdout=subprocess.DEVNULL, stderr=open(self.tmp / "connect.log", "wb"))
+        wait_port(self, self.client, "127.0.0.1", socks_port)
+        return "127.0.0.1", socks_port
+
 
 def wait_port(net: TestNet, ns: str, host: str, port: int, timeout: float = 15) -> None:
     deadline = time.monotonic() + timeout
@@ -157,8 +175,6 @@ def wait_port(net: TestNet, ns: str, host: str, port: int, timeout: float = 15) 
 
 
 def wraith_tun_cmd(*args: str) -> list[str]:
-    import sys
-
     return [sys.executable, "-m", "wraith_tun", *args]
 
 

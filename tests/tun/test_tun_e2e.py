@@ -1,0 +1,182 @@
+"""wraith-tun end to end: real TUN devices, network namespaces, curl, and real wraith serve/connect."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import signal
+import subprocess
+import sys
+import time
+
+from conftest import WraithNet
+from netenv import (CLIENT_ADDR, HERE, HTTP_ADDR, HTTP_NAME, HTTP_PORT, SERVICE_ADDR, sh, wraith_tun_cmd)
+
+URL_IP = f"http://{HTTP_ADDR}:{HTTP_PORT}"
+URL_NAME = f"http://{HTTP_NAME}:{HTTP_PORT}"
+
+
+def unshare(w: WraithNet, script: str, *flags: str, timeout: float = 60) -> subprocess.CompletedProcess[bytes]:
+    return w.net.run(w.net.client, *wraith_tun_cmd("--socks5", w.socks, *flags, "--unshare", "--", "sh", "-c", script),
+                     timeout=timeout)
+
+
+def stats(stderr: bytes) -> dict[str, int]:
+    m = re.search(rb"stopped: (.*)", stderr)
+    assert m, stderr
+    return {k.decode(): int(v) for k, v in (kv.split(b"=") for kv in m.group(1).split())}
+
+
+def test_fetch_by_ip_and_by_server_side_name_many_parallel_flows(wnet: WraithNet) -> None:
+    net = wnet.net
+    # the name exists only in the server side's private /etc/hosts
+    assert HTTP_NAME not in net.run(net.client, "cat", "/etc/hosts").stdout.decode()
+    parallel = " ".join(f"-o {net.tmp}/p{i} {URL_NAME if i % 2 else URL_IP}/mid.bin" for i in range(24))
+    script = f"""
+        set -e
+        cat /etc/resolv.conf
+        getent hosts {HTTP_NAME}
+        curl -sS -o {net.tmp}/by_ip {URL_IP}/big.bin
+        curl -sS -o {net.tmp}/by_name {URL_NAME}/big.bin
+        curl -sS -Z --parallel-max 24 {parallel}
+        curl -sS --data-binary @{net.www}/big.bin {URL_NAME}/upload
+        exit 42
+    """
+    r = unshare(wnet, script)
+    out = r.stdout.decode()
+    assert r.returncode == 42, (out, r.stderr)  # exit status is CMD's
+    assert "nameserver 10.0.0.2" in out
+    fake = re.search(rf"^(\S+)\s+{re.escape(HTTP_NAME)}", out, re.M)
+    assert fake and fake.group(1).startswith("198.1"), out  # a virtual address, not the real one
+    assert hashlib.sha256((net.tmp / "by_ip").read_bytes()).hexdigest() == wnet.files["big.bin"]
+    assert hashlib.sha256((net.tmp / "by_name").read_bytes()).hexdigest() == wnet.files["big.bin"]
+    for i in range(24):
+        assert hashlib.sha256((net.tmp / f"p{i}").read_bytes()).hexdigest() == wnet.files["mid.bin"], i
+    assert wnet.files["big.bin"] in out  # the upload arrived intact
+    st = stats(r.stderr)
+    assert st["flows_opened"] >= 20 and st["dns_queries"] >= 1 and st["bad_packets"] == 0
+
+
+def test_half_close_through_the_tun(wnet: WraithNet) -> None:
+    # the digest service answers only after our EOF: FIN app -> SOCKS -> SSH -> target, reply comes back
+    code = f"""
+import hashlib, socket
+data = bytes(range(256)) * 20000
+s = socket.create_connection(("{HTTP_NAME}", {HTTP_PORT + 1}))
+s.sendall(data)
+s.shutdown(socket.SHUT_WR)
+reply = b""
+while chunk := s.recv(100):
+    reply += chunk
+print("ok" if reply.strip().decode() == hashlib.sha256(data).hexdigest() else "bad", flush=True)
+"""
+    (wnet.net.tmp / "halfclose.py").write_text(code)
+    r = unshare(wnet, f"python3 {wnet.net.tmp}/halfclose.py")
+    assert r.stdout.decode().strip() == "ok", r.stderr
+
+
+def test_refusals_reach_the_app_as_connection_refused(wnet: WraithNet) -> None:
+    script = f"""
+        curl -sS -m 10 {URL_IP[:-5]}:1/ ; echo "closed_port=$?"
+        curl -sS -m 10 http://no-such-host.invalid/ ; echo "unresolvable=$?"
+        python3 -c '
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(3)
+s.connect(("{HTTP_ADDR}", 9999))
+s.send(b"x")
+try:
+    s.recv(10)
+    print("udp=answered")
+except ConnectionRefusedError:
+    print("udp=refused")
+except socket.timeout:
+    print("udp=timeout")
+'
+    """
+    t = time.monotonic()
+    r = unshare(wnet, script)
+    out = r.stdout.decode()
+    assert "closed_port=7" in out, (out, r.stderr)  # curl 7 = couldn't connect (RST to our SYN)
+    assert "unresolvable=7" in out, (out, r.stderr)  # server-side DNS failure -> refused
+    assert "udp=refused" in out  # other UDP: ICMP port unreachable
+    assert time.monotonic() - t < 30
+
+
+def test_dns_never_leaves_the_tun(wnet: WraithNet) -> None:
+    net = wnet.net
+    sniffer = net.start(net.client, sys.executable, str(HERE / "sniff.py"), stdin=subprocess.PIPE,
+                        stdout=subprocess.PIPE)
+    assert sniffer.stdout is not None and sniffer.stdin is not None
+    assert sniffer.stdout.readline().strip() == b"ready"
+    r = unshare(wnet, f"cat /etc/resolv.conf; getent hosts a.example b.example {HTTP_NAME}; "
+                      f"curl -sS -o /dev/null {URL_NAME}/small.bin; echo done=$?")
+    out = r.stdout.decode()
+    assert "nameserver 10.0.0.2" in out and "done=0" in out
+    assert stats(r.stderr)["dns_queries"] >= 3
+    # positive control: a DNS packet that does go over the veth is counted
+    ctl = net.run(net.client, sys.executable, "-c",
+                  "import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.sendto(b'x', ('10.77.0.2', 53))")
+    assert ctl.returncode == 0
+    time.sleep(0.3)
+    sniffer.stdin.close()
+    summary = sniffer.stdout.readline().decode()
+    sniffer.wait(timeout=10)
+    m = re.search(r"dns=(\d+) frames=(\d+)", summary)
+    assert m, summary
+    assert int(m.group(1)) == 1, summary  # only the control packet: nothing from inside leaked
+    assert int(m.group(2)) > 10  # the sniffer did see the tunnelled traffic (SSH on the veth)
+
+
+def _routes(w: WraithNet) -> str:
+    return w.net.run(w.net.client, "ip", "route").stdout.decode()
+
+
+def _whoami(w: WraithNet) -> str:
+    r = w.net.run(w.net.client, "curl", "-sS", "-m", "10", f"{URL_IP}/whoami")
+    return r.stdout.decode().strip()
+
+
+def test_route_all_with_bypass_and_cleanup_on_sigterm(wnet: WraithNet) -> None:
+    net = wnet.net
+    before = _routes(wnet)
+    assert _whoami(wnet) == CLIENT_ADDR  # plain route: the server sees the client's veth address
+    p = net.start(net.client, *wraith_tun_cmd("--socks5", wnet.socks, "--tun-name", "wtrouteall", "--setup",
+                                              "--bypass", f"{SERVICE_ADDR}/32"), stderr=subprocess.PIPE)
+    assert p.stderr is not None
+    line = p.stderr.readline().decode()
+    assert "ready" in line, line
+    try:
+        routes = _routes(wnet)
+        assert "0.0.0.0/1 dev wtrouteall" in routes and "128.0.0.0/1 dev wtrouteall" in routes
+        assert f"{SERVICE_ADDR} via 10.77.0.2" in routes  # the SSH transport stays off the TUN
+        # plain curl now goes TUN -> SOCKS5 -> SSH -> server: the target sees the server side's address
+        who = _whoami(wnet)
+        assert who and who != CLIENT_ADDR, who
+        got = net.run(net.client, "curl", "-sS", "-m", "20", f"{URL_IP}/big.bin")
+        assert hashlib.sha256(got.stdout).hexdigest() == wnet.files["big.bin"]
+        # DNS to any server is answered by the virtual DNS inside the TUN
+        q = net.run(net.client, sys.executable, "-c", """
+import socket
+from dnslib import DNSRecord
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(5)
+s.sendto(DNSRecord.question("some.name.test").pack(), ("10.80.0.1", 53))
+print(DNSRecord.parse(s.recv(4096)).a.rdata)""")
+        assert q.stdout.decode().startswith("198.1"), q
+    finally:
+        p.send_signal(signal.SIGTERM)
+        rc = p.wait(timeout=15)
+    err = p.stderr.read().decode()
+    assert rc == 0, err
+    assert "Traceback" not in err
+    assert _routes(wnet) == before  # every route removed again
+    assert "wtrouteall" not in net.run(net.client, "ip", "link").stdout.decode()
+    assert _whoami(wnet) == CLIENT_ADDR
+
+
+def test_shim_restart_does_not_disturb_the_session(wnet: WraithNet) -> None:
+    for _ in range(2):
+        r = unshare(wnet, f"curl -sS -o /dev/null -w '%{{http_code}}' {URL_NAME}/small.bin")
+        assert r.stdout == b"200", r.stderr
+    direct = wnet.net.run(wnet.net.client, "curl", "-sS", "--socks5-hostname", wnet.socks, f"{URL_NAME}/small.bin")
+    assert hashlib.sha256(direct.stdout).hexdigest() == wnet.files["small.bin"]
