@@ -14,6 +14,7 @@ from typing import Any, NoReturn
 from .errors import WraithError
 from .logs import setup_logging
 from .options import ConnectOptions, ServeOptions
+from .transport.base import drain_transports
 
 log = logging.getLogger("wraith")
 
@@ -46,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tls-cert", metavar="PEM")
     s.add_argument("--tls-key", metavar="PEM")
     s.add_argument("--stealth", action="store_true")
+    s.add_argument("--stealth-timeout", type=float, metavar="SECONDS",
+                   help="close a stealth connection that sends nothing after this long (default 60)")
     s.add_argument("--max-connections-per-ip", type=int, metavar="N")
     s.add_argument("--max-auth-attempts", type=int, metavar="N")
     s.add_argument("--login-grace-time", type=float, metavar="SECONDS")
@@ -95,7 +98,7 @@ _COMMON = ["transport", "proxy", "iroh_relay", "max_pktsize", "window", "keepali
 def serve_options(args: argparse.Namespace) -> ServeOptions:
     opts = ServeOptions()
     _set(opts, args, _COMMON + ["key", "authorized_keys", "cert_authority", "listen", "tls_cert", "tls_key",
-                                "stealth", "max_connections_per_ip", "max_auth_attempts", "login_grace_time"])
+                                "stealth", "stealth_timeout", "max_connections_per_ip", "max_auth_attempts", "login_grace_time"])
     return opts
 
 
@@ -130,7 +133,13 @@ async def run_serve(opts: ServeOptions) -> None:
         for addr in server.addresses():
             print(f"wraith serve: listening {opts.transport} {addr}", flush=True)
 
-    await _until_signal(start, server.close)
+    async def stop() -> None:
+        await server.close()
+        # let the transport finish closing (iroh: its endpoint) before the loop ends
+        await server.runner.acceptor.wait_closed()
+        await drain_transports()
+
+    await _until_signal(start, stop)
 
 
 async def run_connect(opts: ConnectOptions) -> None:
@@ -145,7 +154,11 @@ async def run_connect(opts: ConnectOptions) -> None:
         for fwd in client.forwarders:
             print(f"wraith connect: forward listening {fwd.spec.bind_host}:{fwd.port}", flush=True)
 
-    await _until_signal(start, client.close)
+    async def stop() -> None:
+        await client.close()
+        await drain_transports()  # iroh streams finish closing before the loop ends
+
+    await _until_signal(start, stop)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -70,6 +70,15 @@ def transport_info(transport: asyncio.BaseTransport, kind: str) -> TransportInfo
     return TransportInfo(kind, str(peer) if peer else "unknown")
 
 
+async def drain_transports(timeout: float = 5.0) -> None:
+    """Wait for transports that close in the background (iroh) to finish; call before the loop ends."""
+    import sys
+
+    iroh = sys.modules.get(__package__ + ".iroh")
+    if iroh is not None:
+        await iroh.wait_idle(timeout)
+
+
 def make_connector(options: "ConnectOptions") -> Connector:  # noqa: F821
     kind = options.transport
     if kind == "tcp":
