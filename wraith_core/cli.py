@@ -81,6 +81,17 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="loopback demo: server + client + SOCKS5, fetches a page through it")
     d.add_argument("--socks5", default="127.0.0.1:1080", metavar="ADDR:PORT")
     d.add_argument("--once", action="store_true", help="exit after the demo request instead of staying up")
+
+    dm = sub.add_parser("daemon", help="local daemon: SSH streams for other processes over WebSocket (docs/ipc.md)")
+    dm.add_argument("--ws", metavar="unix:PATH|tcp:127.0.0.1:PORT",
+                    help="stream endpoint (default unix:$XDG_RUNTIME_DIR/wraith/daemon.sock)")
+    dm.add_argument("--events", metavar="ipc://PATH|tcp://127.0.0.1:PORT|none",
+                    help="ZeroMQ PUB endpoint for state events (default ipc://DIR/events.sock)")
+    dm.add_argument("--dir", metavar="DIR", help="daemon directory (default $XDG_RUNTIME_DIR/wraith or /tmp/wraith-$UID)")
+    dm.add_argument("--linger", type=float, default=5.0, metavar="SECONDS",
+                    help="keep an unused pooled SSH session this long (default 5)")
+    dm.add_argument("--exit-with-stdin", action="store_true", help="exit when stdin reaches EOF (child daemons)")
+    dm.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser
 
 
@@ -180,6 +191,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise WraithError(f"{path} exists (use --force to overwrite)", "EEXIST")
             priv, pub = generate_ed25519(path, args.comment)
             print(f"wrote {priv} and {pub}")
+        elif args.command == "daemon":
+            from .daemon import DaemonConfig, run_daemon
+
+            tuning.run(run_daemon(DaemonConfig(ws=args.ws, events=args.events, dir=args.dir, linger=args.linger,
+                                               exit_with_stdin=args.exit_with_stdin)))
         elif args.command == "demo":
             from .demo import run_demo
 

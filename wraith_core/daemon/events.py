@@ -1,0 +1,115 @@
+"""Daemon state events: a ZeroMQ PUB socket (topic = event type) and WebSocket feeds.
+
+Events are notifications, not data: a subscriber that does not keep up loses
+events (ZeroMQ PUB's high-water mark; a bounded queue per WebSocket feed)
+instead of making the daemon buffer without bound. Never put targets, DNS
+names or byte counts in an event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import msgpack
+
+log = logging.getLogger("wraith.daemon")
+
+FEED_QUEUE = 1000
+ZMQ_HWM = 1000
+
+
+class Feed:
+    """One WebSocket ``events`` subscriber: a bounded queue, dropping beyond it."""
+
+    def __init__(self, topics: tuple[str, ...] | None) -> None:
+        self.topics = topics
+        self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(FEED_QUEUE)
+        self.dropped = 0
+
+    def wants(self, event: str) -> bool:
+        return self.topics is None or any(event.startswith(t) for t in self.topics)
+
+    def offer(self, msg: dict[str, Any]) -> None:
+        try:
+            self.queue.put_nowait(msg)
+        except asyncio.QueueFull:
+            self.dropped += 1
+
+
+class EventBus:
+    def __init__(self, zmq_endpoint: str | None) -> None:
+        self.zmq_endpoint = zmq_endpoint
+        self.bound_endpoint: str | None = None
+        self._ctx: Any = None
+        self._pub: Any = None
+        self.feeds: set[Feed] = set()
+        self.listeners: list[Callable[[dict[str, Any]], None]] = []
+
+    def start(self) -> None:
+        if self.zmq_endpoint is None:
+            return
+        try:
+            import zmq
+        except ImportError:
+            from ..errors import WraithError
+
+            raise WraithError("ZeroMQ events need pyzmq: pip install 'wraith[daemon]' "
+                              "(or start with --events none)", "EDAEMON") from None
+        from .paths import private_umask
+
+        self._ctx = zmq.Context.instance()
+        pub = self._ctx.socket(zmq.PUB)
+        pub.setsockopt(zmq.SNDHWM, ZMQ_HWM)
+        pub.setsockopt(zmq.LINGER, 0)
+        endpoint = self.zmq_endpoint
+        if endpoint.startswith("ipc://"):
+            path = endpoint[6:]
+            if os.path.exists(path):
+                os.unlink(path)
+        try:
+            with private_umask():
+                pub.bind(endpoint)
+        except zmq.ZMQError as exc:
+            pub.close(0)
+            from ..errors import WraithError
+
+            raise WraithError(f"cannot bind events endpoint {endpoint}: {exc}", "EDAEMON") from None
+        if endpoint.startswith("ipc://"):
+            os.chmod(endpoint[6:], 0o600)
+        self.bound_endpoint = pub.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._pub = pub
+
+    def publish(self, event: str, **data: Any) -> None:
+        msg = {"event": event, "time": time.time(), "data": data}
+        log.debug("event %s", event)
+        if self._pub is not None:
+            import zmq
+
+            try:
+                self._pub.send_multipart([event.encode(), msgpack.packb(msg, use_bin_type=True)],
+                                         flags=zmq.NOBLOCK)
+            except zmq.ZMQError:  # HWM reached: PUB drops, by design
+                pass
+        for feed in list(self.feeds):
+            if feed.wants(event):
+                feed.offer(msg)
+        for cb in self.listeners:
+            try:
+                cb(msg)
+            except Exception:
+                log.exception("event listener failed")
+
+    def close(self) -> None:
+        if self._pub is not None:
+            self._pub.close(0)
+            self._pub = None
+            if self.bound_endpoint and self.bound_endpoint.startswith("ipc://"):
+                try:
+                    os.unlink(self.bound_endpoint[6:])
+                except OSError:
+                    pass

@@ -1,0 +1,154 @@
+"""The daemon's directory, endpoints, token file and daemon.json (docs/ipc.md §1)."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import secrets
+import stat
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from ..errors import UsageError, WraithError
+
+VERSION = 1
+
+
+def default_dir() -> Path:
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg:
+        return Path(xdg) / "wraith"
+    return Path(f"/tmp/wraith-{os.getuid()}")
+
+
+def secure_dir(path: Path) -> Path:
+    """Create ``path`` 0700 (or check an existing one is ours and not a symlink), force 0700."""
+    path = Path(path)
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise WraithError(f"cannot create daemon directory {path}: {exc.strerror}", "EDAEMON") from None
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        raise WraithError(f"daemon directory {path} is not a directory (symlink?); refusing it", "EDAEMON")
+    if st.st_uid != os.getuid():
+        raise WraithError(f"daemon directory {path} belongs to uid {st.st_uid}, not us; refusing it", "EDAEMON")
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        os.chmod(path, 0o700)
+    return path
+
+
+@contextmanager
+def private_umask() -> Iterator[None]:
+    """Files and sockets created inside are 0600 from birth (no chmod race)."""
+    old = os.umask(0o077)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class WsEndpoint:
+    kind: str            # "unix" | "tcp"
+    path: str = ""       # unix
+    host: str = ""       # tcp
+    port: int = 0        # tcp
+
+    def __str__(self) -> str:
+        if self.kind == "unix":
+            return f"unix:{self.path}"
+        h = f"[{self.host}]" if ":" in self.host else self.host
+        return f"tcp:{h}:{self.port}"
+
+
+def parse_ws(spec: str) -> WsEndpoint:
+    """``unix:PATH`` | ``tcp:HOST:PORT`` (loopback only) | an absolute path."""
+    if spec.startswith("unix:"):
+        path = spec[5:]
+        if not path:
+            raise UsageError("--ws unix:PATH needs a path")
+        return WsEndpoint("unix", path=os.path.abspath(os.path.expanduser(path)))
+    if spec.startswith("/"):
+        return WsEndpoint("unix", path=spec)
+    if spec.startswith("tcp:"):
+        rest = spec[4:]
+        host, sep, port = rest.rpartition(":")
+        if not sep or not port.isdigit() or int(port) > 65535:
+            raise UsageError(f"--ws {spec}: expected tcp:HOST:PORT")
+        host = host.strip("[]") or "127.0.0.1"
+        if not _loopback(host):
+            raise UsageError(f"--ws {spec}: the TCP endpoint must be on loopback (127.0.0.1, ::1)")
+        return WsEndpoint("tcp", host=host, port=int(port))
+    raise UsageError(f"--ws {spec}: expected unix:PATH or tcp:127.0.0.1:PORT")
+
+
+def check_events(spec: str) -> str | None:
+    """``ipc://PATH`` | ``tcp://127.0.0.1:PORT`` | ``none``."""
+    if spec in ("none", "off", ""):
+        return None
+    if spec.startswith("ipc://"):
+        if len(spec) <= 6:
+            raise UsageError("--events ipc://PATH needs a path")
+        return "ipc://" + os.path.abspath(spec[6:])
+    if spec.startswith("tcp://"):
+        host, sep, port = spec[6:].rpartition(":")
+        if not sep or not (port.isdigit() or port == "*"):
+            raise UsageError(f"--events {spec}: expected tcp://127.0.0.1:PORT")
+        if not _loopback(host.strip("[]")):
+            raise UsageError(f"--events {spec}: the TCP endpoint must be on loopback")
+        return spec
+    raise UsageError(f"--events {spec}: expected ipc://PATH or tcp://127.0.0.1:PORT")
+
+
+def write_token(directory: Path) -> Path:
+    path = directory / "token"
+    with private_umask():
+        tmp = directory / f".token.{os.getpid()}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(32) + "\n")
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+    return path
+
+
+def read_token(path: Path | str) -> str:
+    return Path(path).read_text().strip()
+
+
+def write_daemon_json(directory: Path, info: dict[str, Any]) -> Path:
+    path = directory / "daemon.json"
+    with private_umask():
+        fd, tmp = tempfile.mkstemp(prefix=".daemon.json.", dir=directory)
+        with os.fdopen(fd, "w") as f:
+            json.dump(info, f)
+            f.write("\n")
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+    return path
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

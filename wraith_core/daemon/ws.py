@@ -1,0 +1,449 @@
+"""One WebSocket per stream: the daemon's IPC server (docs/ipc.md).
+
+Each WebSocket starts with an ``open`` message and then is one thing: a
+stream (``connect`` / ``accept``), the control of a server (``serve``) or the
+events feed (``events``). Bad input on one WebSocket closes only that one.
+
+Backpressure, end to end:
+* client -> SSH: the next WebSocket message is read only after the previous
+  data was accepted by the channel (``await drain()``); websockets' receive
+  queue is bounded (``max_queue``) and then stops reading the socket;
+* SSH -> client: ``await ws.send()`` blocks while the WebSocket's write buffer
+  is above ``write_limit``; meanwhile the channel is not read, its bounded
+  receive buffer fills and pauses the SSH window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import os
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from websockets.asyncio.server import Server, ServerConnection, serve, unix_serve
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from ..addr import parse_hostport
+from ..duplex import DuplexStream
+from ..errors import WraithError
+from ..options import ConnectOptions, ServeOptions
+from ..protocol import ipc
+from .errors import map_error
+from .events import EventBus, Feed
+from .paths import WsEndpoint, private_umask
+from .pool import SessionPool
+
+log = logging.getLogger("wraith.daemon")
+
+OPEN_TIMEOUT = 10.0
+ACCEPT_TIMEOUT = 30.0
+CLOSE_GRACE = 5.0
+WS_SETTINGS: dict[str, Any] = {
+    "compression": None,             # no permessage-deflate: bytes are opaque, CPU matters
+    "max_size": ipc.MAX_MESSAGE,
+    "max_queue": 4,                  # received messages held before we stop reading the socket
+    "write_limit": 1024 * 1024,      # send() waits above this much unsent data
+    "ping_interval": None,           # local socket; a stream under backpressure may sit for long
+    "ping_timeout": None,
+    "close_timeout": 5,
+}
+
+
+def _peer_uid(connection: ServerConnection) -> int | None:
+    sock = connection.transport.get_extra_info("socket")
+    if sock is None or sock.family != socket.AF_UNIX:
+        return None
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return None
+    return int(struct.unpack("3i", raw)[1])
+
+
+class IPCServer:
+    def __init__(self, endpoint: WsEndpoint, bus: EventBus, pool: SessionPool,
+                 token: str | None = None) -> None:
+        self.endpoint = endpoint
+        self.bus = bus
+        self.pool = pool
+        self.token = token
+        self.server: Server | None = None
+        self.bound: WsEndpoint = endpoint
+        self._n = 0
+        self.incoming: dict[str, _Pending] = {}
+        self.servers: set[Any] = set()
+        self.streams = 0
+        self.closing = False
+
+    def _id(self, prefix: str) -> str:
+        self._n += 1
+        return f"{prefix}{self._n}"
+
+    # -- listening ---------------------------------------------------------------
+
+    async def start(self) -> None:
+        ep = self.endpoint
+        kw = dict(WS_SETTINGS, process_request=self._check_request, server_header=None)
+        if ep.kind == "unix":
+            _clear_stale_socket(ep.path)
+            with private_umask():
+                self.server = await unix_serve(self._handle, ep.path, **kw)
+            os.chmod(ep.path, 0o600)
+        else:
+            self.server = await serve(self._handle, ep.host, ep.port, **kw)
+            sock = next(iter(self.server.sockets))
+            self.bound = WsEndpoint("tcp", host=ep.host, port=sock.getsockname()[1])
+
+    def _check_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        if "Origin" in request.headers:
+            log.warning("ipc: refused a request with an Origin header")
+            return connection.respond(403, "Origin header not allowed: the wraith daemon is not for browsers\n")
+        if self.endpoint.kind == "tcp":
+            auth = request.headers.get("Authorization", "")
+            want = f"Bearer {self.token}"
+            if not self.token or not hmac.compare_digest(auth.encode(), want.encode()):
+                log.warning("ipc: refused a request without the right bearer token")
+                return connection.respond(401, "missing or wrong bearer token\n")
+        else:
+            uid = _peer_uid(connection)
+            if uid is not None and uid not in (os.getuid(), 0):
+                log.warning("ipc: refused a connection from uid %d", uid)
+                return connection.respond(403, "wrong user\n")
+        return None
+
+    async def close(self) -> None:
+        self.closing = True
+        for p in list(self.incoming.values()):
+            p.abort()
+        self.incoming.clear()
+        for srv in list(self.servers):
+            try:
+                await srv.close()
+            except Exception:
+                pass
+        if self.server is not None:
+            self.server.close(close_connections=True)
+            try:
+                await asyncio.wait_for(self.server.wait_closed(), 8)
+            except asyncio.TimeoutError:
+                pass
+        if self.endpoint.kind == "unix":
+            try:
+                os.unlink(self.endpoint.path)
+            except OSError:
+                pass
+
+    # -- one WebSocket -------------------------------------------------------------
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        try:
+            raw = await asyncio.wait_for(ws.recv(), OPEN_TIMEOUT)
+        except asyncio.TimeoutError:
+            await _fail(ws, "EPROTO", f"no open message within {OPEN_TIMEOUT:.0f} s", 1002)
+            return
+        except ConnectionClosed:
+            return
+        try:
+            msg = ipc.decode_client(raw)
+            if not isinstance(msg, ipc.Open):
+                raise ipc.IPCError(f"the first message must be 'open', not {msg.type!r}")
+        except ipc.IPCError as exc:
+            log.info("ipc: protocol error: %s", exc)
+            await _fail(ws, exc.code, str(exc), 1002 if exc.code == "EPROTO" else 1000)
+            return
+        handler: Callable[[ServerConnection, ipc.Open], Awaitable[None]] = {
+            "connect": self._connect, "serve": self._serve,
+            "accept": self._accept, "events": self._events,
+        }[msg.kind]
+        try:
+            await handler(ws, msg)
+        except ConnectionClosed:
+            pass
+        except ipc.IPCError as exc:
+            await _fail(ws, exc.code, str(exc), 1002 if exc.code == "EPROTO" else 1000)
+        except WraithError as exc:
+            await _fail(ws, exc.code, str(exc), 1000)
+        except Exception as exc:  # a bug must cost one WebSocket, not the daemon
+            log.exception("ipc: internal error")
+            await _fail(ws, "EDAEMON", f"internal error: {type(exc).__name__}", 1011)
+
+    # -- connect -----------------------------------------------------------------
+
+    async def _connect(self, ws: ServerConnection, msg: ipc.Open) -> None:
+        fields, target = ipc.connect_fields(msg.options)
+        try:
+            host, port = parse_hostport(target, "target", allow_zero=True)
+            opts = ConnectOptions(socks5=None, **fields)
+        except WraithError as exc:
+            raise map_error(exc) from None
+        except TypeError as exc:  # pragma: no cover - the option table matches the dataclass
+            raise ipc.IPCError(str(exc), "EUSAGE") from None
+        try:
+            entry, pooled = await self.pool.acquire(opts)
+        except WraithError as exc:
+            raise map_error(exc) from None
+        try:
+            assert entry.manager is not None
+            try:
+                stream = await entry.manager.open_stream(host, port)
+            except WraithError as exc:
+                raise map_error(exc, "ECHANNEL") from None
+            sid = self._id("s")
+            await ws.send(ipc.encode(ipc.Opened("connect", sid, {
+                "target": target, "session": entry.id, "pooled": pooled})))
+            await self._run_stream(ws, stream, sid, "connect", entry.id)
+        finally:
+            entry.release()
+
+    async def _run_stream(self, ws: ServerConnection, stream: DuplexStream, sid: str, kind: str,
+                          session: str | None) -> None:
+        extra = {"session": session} if session else {}
+        self.bus.publish("stream.opened", stream=sid, kind=kind, **extra)
+        self.streams += 1
+        pump = _Pump(ws, stream)
+        try:
+            clean = await pump.run()
+        finally:
+            self.streams -= 1
+        self.bus.publish("stream.closed", stream=sid, clean=clean)
+
+    # -- serve / accept ------------------------------------------------------------
+
+    async def _serve(self, ws: ServerConnection, msg: ipc.Open) -> None:
+        from ..server_api import WraithServer
+
+        fields = ipc.serve_fields(msg.options)
+        try:
+            opts = ServeOptions(**fields)
+            opts.drain_time = min(opts.drain_time, 0.5)
+            server = WraithServer(opts, use_hub=False)
+        except WraithError as exc:
+            raise map_error(exc, "ESERVE") from None
+        srv_id = self._id("srv")
+        queue: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue()
+        mine: set[str] = set()
+
+        def on_connection(stream: DuplexStream, info: Any) -> None:
+            if self.closing:
+                stream.abort()
+                return
+            in_id = self._id("in")
+            d = {"remoteAddress": info.remote_address, "transport": info.transport,
+                 "user": info.user, "keyFingerprint": info.key_fingerprint}
+            loop = asyncio.get_running_loop()
+            timer = loop.call_later(ACCEPT_TIMEOUT, self._expire, in_id)
+            self.incoming[in_id] = _Pending(stream, d, timer)
+            mine.add(in_id)
+            self.bus.publish("server.incoming", server=srv_id, stream=in_id, info=d)
+            queue.put_nowait((in_id, d))
+
+        server.on_connection(on_connection)
+        try:
+            await server.start()
+        except WraithError as exc:
+            await server.close()
+            raise map_error(exc, "ESERVE") from None
+        self.servers.add(server)
+        addresses = server.addresses()
+        log.info("ipc: server %s listening", srv_id)
+        try:
+            await ws.send(ipc.encode(ipc.Opened("serve", srv_id, {"addresses": addresses})))
+            self.bus.publish("server.listening", server=srv_id, addresses=addresses)
+
+            async def announce() -> None:
+                while True:
+                    in_id, d = await queue.get()
+                    await ws.send(ipc.encode(ipc.Incoming(in_id, d)))
+
+            sender = asyncio.get_running_loop().create_task(announce())
+            try:
+                async for raw in ws:
+                    try:
+                        m = ipc.decode_client(raw)
+                    except ipc.IPCError as exc:
+                        await _fail(ws, exc.code, str(exc), 1002)
+                        break
+                    await _fail(ws, "EPROTO", f"a serve control takes no {m.type!r} messages", 1002)
+                    break
+            finally:
+                sender.cancel()
+        finally:
+            self.servers.discard(server)
+            for in_id in mine:
+                p = self.incoming.pop(in_id, None)
+                if p is not None:
+                    p.abort()
+            await server.close()
+            self.bus.publish("server.closed", server=srv_id)
+            log.info("ipc: server %s closed", srv_id)
+
+    def _expire(self, in_id: str) -> None:
+        p = self.incoming.pop(in_id, None)
+        if p is not None:
+            log.info("ipc: incoming stream %s not accepted in time", in_id)
+            p.abort()
+
+    async def _accept(self, ws: ServerConnection, msg: ipc.Open) -> None:
+        assert msg.id is not None
+        p = self.incoming.pop(msg.id, None)
+        if p is None:
+            raise ipc.IPCError(f"no incoming stream {msg.id!r} waits to be accepted", "EUSAGE")
+        p.timer.cancel()
+        await ws.send(ipc.encode(ipc.Opened("accept", msg.id, {"info": p.info})))
+        await self._run_stream(ws, p.stream, msg.id, "accept", None)
+
+    # -- events ----------------------------------------------------------------------
+
+    async def _events(self, ws: ServerConnection, msg: ipc.Open) -> None:
+        feed = Feed(msg.topics)
+        self.bus.feeds.add(feed)
+        try:
+            await ws.send(ipc.encode(ipc.Opened("events", self._id("e"))))
+
+            async def forward() -> None:
+                while True:
+                    ev = await feed.queue.get()
+                    await ws.send(ipc.encode({"type": "event", **ev}))
+
+            sender = asyncio.get_running_loop().create_task(forward())
+            try:
+                async for raw in ws:
+                    await _fail(ws, "EPROTO", "the events feed takes no messages", 1002)
+                    break
+            finally:
+                sender.cancel()
+        finally:
+            self.bus.feeds.discard(feed)
+
+
+class _Pending:
+    __slots__ = ("stream", "info", "timer")
+
+    def __init__(self, stream: DuplexStream, info: dict[str, Any], timer: asyncio.TimerHandle) -> None:
+        self.stream = stream
+        self.info = info
+        self.timer = timer
+
+    def abort(self) -> None:
+        self.timer.cancel()
+        self.stream.abort()
+
+
+class _Pump:
+    """Bytes between one WebSocket and one channel stream, both ways, with half-close."""
+
+    def __init__(self, ws: ServerConnection, stream: DuplexStream) -> None:
+        self.ws = ws
+        self.stream = stream
+        self.client_eof = False
+        self.daemon_eof = False
+        self.clean = False
+
+    async def run(self) -> bool:
+        loop = asyncio.get_running_loop()
+        down = loop.create_task(self._down())
+        up = loop.create_task(self._up())
+        try:
+            await self.ws.wait_closed()
+        finally:
+            both = self.client_eof and self.daemon_eof
+            if both or self.clean:
+                self.stream.close()
+            else:
+                self.stream.abort()
+            for t in (up, down):
+                t.cancel()
+            await asyncio.gather(up, down, return_exceptions=True)
+        return self.clean or (both and self.stream_ok())
+
+    def stream_ok(self) -> bool:
+        return getattr(self.stream, "_exc", None) is None
+
+    async def _down(self) -> None:
+        """channel -> WebSocket"""
+        ws, stream = self.ws, self.stream
+        try:
+            while True:
+                data = await stream.read(ipc.DATA_CHUNK)
+                if not data:
+                    break
+                await ws.send(ipc.encode_data(data))
+        except ConnectionClosed:
+            return
+        except Exception as exc:  # ConnectionResetError, asyncssh's ConnectionLost, …
+            await _fail(ws, "ECONNRESET", f"the stream was reset by the far end ({type(exc).__name__})", 1011)
+            return
+        await ws.send(ipc.EOF_BYTES)
+        self.daemon_eof = True
+        if self.client_eof:
+            stream.close()  # EOF both ways: the channel is done
+        await stream.wait_closed()
+        if not self.stream_ok():
+            await _fail(ws, "ECONNRESET", "the stream was reset by the far end", 1011)
+            return
+        self.clean = True
+        await ws.close(1000)
+
+    async def _up(self) -> None:
+        """WebSocket -> channel"""
+        ws, stream = self.ws, self.stream
+        dead = False
+        async for raw in ws:
+            try:
+                msg = ipc.decode_client(raw)
+                if isinstance(msg, ipc.Data):
+                    if self.client_eof:
+                        raise ipc.IPCError("data after eof")
+                    if dead:
+                        continue
+                    try:
+                        stream.write(msg.data)
+                        await stream.drain()
+                    except Exception:
+                        dead = True  # the channel is gone; _down reports how it ended
+                elif isinstance(msg, ipc.Eof):
+                    if self.client_eof:
+                        raise ipc.IPCError("eof twice")
+                    self.client_eof = True
+                    if not dead:
+                        stream.write_eof()
+                    if self.daemon_eof:
+                        stream.close()
+                else:
+                    raise ipc.IPCError(f"unexpected {msg.type!r} on an open stream")
+            except ipc.IPCError as exc:
+                log.info("ipc: protocol error on a stream: %s", exc)
+                stream.abort()
+                await _fail(ws, exc.code, str(exc), 1002)
+                return
+
+
+async def _fail(ws: ServerConnection, code: str, message: str, close_code: int) -> None:
+    try:
+        await ws.send(ipc.error_bytes(code, message))
+    except Exception:
+        pass
+    try:
+        await ws.close(close_code, code)
+    except Exception:
+        pass
+
+
+def _clear_stale_socket(path: str) -> None:
+    if not os.path.exists(path):
+        return
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.settimeout(1)
+        s.connect(path)
+    except OSError:
+        os.unlink(path)  # nobody home: a leftover of a daemon that died
+        return
+    finally:
+        s.close()
+    raise WraithError(f"another daemon is already listening on {path}", "EDAEMON")
