@@ -83,8 +83,8 @@ async def dial(protocol: asyncio.BaseProtocol, host: str, port: int, timeout: fl
         transport, _ = await loop.create_connection(lambda: protocol, sock=sock)
         return transport
     try:
-        transport, _ = await asyncio.wait_for(
-            loop.create_connection(lambda: protocol, host, port), timeout)
+        async with asyncio.timeout(timeout):  # no extra task, unlike wait_for() on 3.11
+            transport, _ = await loop.create_connection(lambda: protocol, host, port)
     except (OSError, asyncio.TimeoutError) as exc:
         raise DialError(reason_for_oserror(exc)) from None
     return transport

@@ -22,6 +22,8 @@ DEFAULT_PORT = 2222
 # asyncssh to OpenSSH's throughput; 32 KiB packets run at about half.
 DEFAULT_PKTSIZE = 256 * 1024
 DEFAULT_WINDOW = 4 * 1024 * 1024
+DEFAULT_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20-poly1305@openssh.com",
+                   "aes128-ctr", "aes256-ctr")
 
 
 def _env(name: str) -> str | None:
@@ -44,6 +46,9 @@ class _Common:
     window: int = DEFAULT_WINDOW
     keepalive_interval: float = 5.0
     keepalive_count_max: int = 3
+    # SSH cipher preference (first match wins). AES-GCM first: asyncssh's chacha20-poly1305
+    # builds several cipher contexts per packet, which dominates per-connection cost.
+    ciphers: list[str] = field(default_factory=lambda: list(DEFAULT_CIPHERS))
 
     def _check_common(self) -> None:
         if self.transport not in TRANSPORTS:

@@ -21,6 +21,7 @@ from .. import keys
 from ..errors import AuthError, ChannelError, ConnectError, HostKeyError, UsageError, WraithError
 from ..options import ConnectOptions
 from ..transport.base import Connector, make_connector
+from .packets import skip_aead_ignores
 from .tunnel import ConnectorTunnel
 
 log = logging.getLogger("wraith.client")
@@ -51,6 +52,9 @@ class _HostKeyPin:
 class _Owner(asyncssh.SSHClient):
     def __init__(self, session: Session) -> None:
         self._session = session
+
+    def connection_made(self, conn: asyncssh.SSHClientConnection) -> None:
+        skip_aead_ignores(conn)
 
     def validate_host_public_key(self, host: str, addr: str, port: int, key: asyncssh.SSHKey) -> bool:
         pin = self._session.pin
@@ -140,6 +144,7 @@ class Session:
                 password_auth=False,
                 gss_host=None,
                 preferred_auth="publickey",
+                encryption_algs=opts.ciphers,
                 keepalive_interval=opts.keepalive_interval,
                 keepalive_count_max=opts.keepalive_count_max,
                 config=None,

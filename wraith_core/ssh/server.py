@@ -30,6 +30,7 @@ from ..duplex import DuplexStream
 from ..options import ServeOptions
 from ..relay import AcceptedEnd, RelayEnd
 from ..transport.base import Acceptor, TransportInfo, make_acceptor, transport_info
+from .packets import skip_aead_ignores
 from .tunnel import AcceptorTunnel
 
 log = logging.getLogger("wraith.server")
@@ -110,6 +111,7 @@ class _ServerConn(asyncssh.SSHServer):
             self._info = info
             self._counted = True
         self._runner.conns.add(self)
+        skip_aead_ignores(conn)
         log.info("connection opened remote_addr=%s transport=%s", self._info.remote_addr, self._info.kind)
         original = conn.validate_public_key
 
@@ -313,6 +315,7 @@ class SSHServerRunner:
             server_factory=lambda: _ServerConn(self),
             server_host_keys=[self.host_key],
             login_timeout=opts.login_grace_time,
+            encryption_algs=opts.ciphers,
             keepalive_interval=opts.keepalive_interval,
             keepalive_count_max=opts.keepalive_count_max,
             allow_scp=False,

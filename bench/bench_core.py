@@ -1,0 +1,74 @@
+"""wraith connect -> wraith serve vs ssh -D -> sshd, side by side on loopback, default settings on both.
+
+Prints bulk throughput both directions (median of N runs of SIZE), SOCKS5 connect + first-byte latency
+(median, p99 of M) and the ratios wraith/OpenSSH. Usage:
+
+    python3 bench/bench_core.py [--size-mib 512] [--runs 3] [--probes 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import connect_latency, download, med, pct, start_target, upload
+
+from helpers import Keys, Proc, free_port, start_client, start_server, wait_port  # noqa: E402
+from openssh import ssh_base, start_sshd  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size-mib", type=int, default=512)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--probes", type=int, default=200)
+    args = ap.parse_args()
+    size = args.size_mib << 20
+    tmp = Path(tempfile.mkdtemp(prefix="wraith-bench-"))
+    keys = Keys.make(tmp / "keys")
+    procs: list[Proc] = []
+    target, tport = start_target()
+    try:
+        server, sport = start_server(keys, tmp)
+        procs.append(server)
+        client, wsocks = start_client(keys, tmp, sport)
+        procs.append(client)
+        sshd, dport = start_sshd(keys, tmp)
+        procs.append(sshd)
+        osocks = free_port()
+        ssh = Proc(ssh_base(keys, dport, tmp) + ["-N", "-D", f"127.0.0.1:{osocks}", "root@127.0.0.1"], tmp / "ssh.log")
+        procs.append(ssh)
+        wait_port("127.0.0.1", osocks)
+        peers = {"wraith": wsocks, "openssh": osocks}
+        # warm-up
+        for port in peers.values():
+            download(port, tport, 16 << 20)
+        res: dict[str, dict[str, list[float]]] = {k: {"down": [], "up": [], "lat": []} for k in peers}
+        for _ in range(args.runs):  # interleaved, so drift hits both alike
+            for name, port in peers.items():
+                res[name]["down"].append(download(port, tport, size))
+                res[name]["up"].append(upload(port, tport, size))
+        for _ in range(args.probes):
+            for name, port in peers.items():
+                res[name]["lat"].append(connect_latency(port, tport))
+        print(f"# {args.runs} runs x {args.size_mib} MiB each way, {args.probes} connect probes, loopback")
+        print(f"{'':10}{'down MB/s':>12}{'up MB/s':>12}{'conn med ms':>14}{'conn p99 ms':>14}")
+        for name in peers:
+            r = res[name]
+            print(f"{name:10}{med(r['down'])/1e6:12.0f}{med(r['up'])/1e6:12.0f}"
+                  f"{med(r['lat'])*1e3:14.2f}{pct(r['lat'], 0.99)*1e3:14.2f}")
+        w, o = res["wraith"], res["openssh"]
+        print(f"{'ratio':10}{med(w['down'])/med(o['down']):12.2f}{med(w['up'])/med(o['up']):12.2f}"
+              f"{med(w['lat'])/med(o['lat']):14.2f}{pct(w['lat'], .99)/pct(o['lat'], .99):14.2f}")
+        print("(throughput ratio = wraith/OpenSSH, higher is better; latency ratio: lower is better)")
+    finally:
+        for p in procs:
+            p.stop()
+        target.terminate()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""Shared pieces of the benchmarks: a loopback target process and a raw SOCKS5 client.
+
+The target (``python bench/common.py target PORT``) understands one command byte:
+``D`` + 8-byte length: send that many bytes, then close;
+``U``: read until EOF, answer the 8-byte count;
+``P``: answer one byte (the latency probe: SOCKS handshake + request + first byte back).
+"""
+
+from __future__ import annotations
+
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+CHUNK = 1 << 20
+
+
+def run_target(port: int) -> None:
+    import asyncio
+
+    block = bytes(CHUNK)
+
+    async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        try:
+            cmd = await r.readexactly(1)
+            if cmd == b"P":
+                w.write(b"!")
+                await w.drain()
+                await r.read(1)
+            elif cmd == b"D":
+                n = struct.unpack(">Q", await r.readexactly(8))[0]
+                view = memoryview(block)
+                while n > 0:
+                    w.write(view[: min(n, CHUNK)])
+                    n -= min(n, CHUNK)
+                    await w.drain()
+            elif cmd == b"U":
+                total = 0
+                while data := await r.read(CHUNK):
+                    total += len(data)
+                w.write(struct.pack(">Q", total))
+                await w.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            w.close()
+
+    async def main() -> None:
+        srv = await asyncio.start_server(handle, "127.0.0.1", port, limit=CHUNK)
+        print("ready", flush=True)
+        await srv.serve_forever()
+
+    try:
+        import uvloop
+
+        uvloop.run(main())
+    except ImportError:
+        asyncio.run(main())
+
+
+def start_target() -> tuple[subprocess.Popen[bytes], int]:
+    from helpers import free_port
+
+    port = free_port()
+    p = subprocess.Popen([sys.executable, __file__, "target", str(port)], stdout=subprocess.PIPE)
+    assert p.stdout is not None and p.stdout.readline().strip() == b"ready"
+    return p, port
+
+
+def socks_open(socks_port: int, host: str, port: int) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", socks_port))
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    # like curl: greeting, wait for the method, request, wait for the reply
+    s.sendall(b"\x05\x01\x00")
+    if _recv_n(s, 2) != b"\x05\x00":
+        raise ConnectionError("socks method refused")
+    name = host.encode()
+    s.sendall(b"\x05\x01\x00\x03" + bytes([len(name)]) + name + struct.pack(">H", port))
+    got = _recv_n(s, 10)
+    if got[1] != 0:
+        raise ConnectionError(f"socks failure {got!r}")
+    return s
+
+
+def _recv_n(s: socket.socket, n: int) -> bytes:
+    got = b""
+    while len(got) < n:
+        part = s.recv(n - len(got))
+        if not part:
+            raise ConnectionError("socks closed")
+        got += part
+    return got
+
+
+def recv_exact(s: socket.socket, n: int) -> None:
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    while n > 0:
+        k = s.recv_into(view, min(n, CHUNK))
+        if not k:
+            raise ConnectionError("early EOF")
+        n -= k
+
+
+def download(socks_port: int, target_port: int, size: int) -> float:
+    s = socks_open(socks_port, "127.0.0.1", target_port)
+    t0 = time.perf_counter()
+    s.sendall(b"D" + struct.pack(">Q", size))
+    recv_exact(s, size)
+    dt = time.perf_counter() - t0
+    s.close()
+    return size / dt
+
+
+def upload(socks_port: int, target_port: int, size: int) -> float:
+    s = socks_open(socks_port, "127.0.0.1", target_port)
+    block = bytes(CHUNK)
+    t0 = time.perf_counter()
+    s.sendall(b"U")
+    left = size
+    while left > 0:
+        s.sendall(block[: min(left, CHUNK)])
+        left -= CHUNK
+    s.shutdown(socket.SHUT_WR)
+    reply = b""
+    while len(reply) < 8:
+        part = s.recv(8 - len(reply))
+        if not part:
+            break
+        reply += part
+    dt = time.perf_counter() - t0
+    s.close()
+    assert struct.unpack(">Q", reply)[0] == size, "upload count mismatch"
+    return size / dt
+
+
+def connect_latency(socks_port: int, target_port: int) -> float:
+    t0 = time.perf_counter()
+    s = socks_open(socks_port, "127.0.0.1", target_port)
+    s.sendall(b"P")
+    recv_exact(s, 1)
+    dt = time.perf_counter() - t0
+    s.close()
+    return dt
+
+
+def pct(values: list[float], q: float) -> float:
+    v = sorted(values)
+    return v[min(len(v) - 1, int(q * len(v)))]
+
+
+def med(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "target":
+    run_target(int(sys.argv[2]))
