@@ -33,6 +33,22 @@ def tune_malloc() -> bool:
     return ok
 
 
+def raise_fd_limit() -> int:
+    """A tunnel holds two sockets per stream: lift the soft fd limit to the hard one."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            return hard
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
 def new_event_loop() -> asyncio.AbstractEventLoop:
     """uvloop when installed (the ``fast`` extra) and not disabled, else asyncio's."""
     if not os.environ.get("WRAITH_NO_UVLOOP"):
@@ -47,6 +63,7 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
 
 def run(main: object) -> object:
     tune_malloc()
+    raise_fd_limit()
     loop = new_event_loop()
     try:
         asyncio.set_event_loop(loop)
