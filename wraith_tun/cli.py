@@ -183,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"wraith-tun: error: {e}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO,
+    quiet = logging.WARNING if a.unshare else logging.INFO  # --unshare: the terminal belongs to CMD
+    logging.basicConfig(level=logging.DEBUG if a.verbose else quiet,
                         format="wraith-tun: %(message)s", stream=sys.stderr)
     try:
         import uvloop  # type: ignore[import-not-found]

@@ -12,7 +12,6 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from dnslib import PTR, QTYPE, RCODE, RR, A, DNSRecord
-from dnslib.dns import DNSError
 
 FAKE_NET = ipaddress.IPv4Network("198.18.0.0/15")
 
@@ -95,11 +94,9 @@ class VirtualDns:
             ip = self._next
             self._next += 1
             return ip
-        # pool used up: recycle the least recently used mapping if it expired
-        oldest, entry = next(iter(self._by_ip.items()))
-        if entry.expires >= now:
-            # everything is live: still recycle the oldest (an app may see a stale answer)
-            pass
+        # pool used up: recycle the least recently used mapping (131070 addresses make
+        # recycling a live one unlikely; an app holding a stale answer then reaches the new name)
+        oldest = next(iter(self._by_ip))
         self._drop(oldest)
         return oldest
 
@@ -109,7 +106,7 @@ class VirtualDns:
         """Answer one DNS query datagram; None means drop it (not a parsable query)."""
         try:
             req = DNSRecord.parse(query)
-        except (DNSError, Exception):  # dnslib raises assorted errors on garbage
+        except Exception:  # dnslib raises assorted errors (DNSError, struct.error, ...) on garbage
             return None
         if req.header.qr or req.header.opcode != 0 or not req.questions:
             return None

@@ -17,7 +17,7 @@ URL_NAME = f"http://{HTTP_NAME}:{HTTP_PORT}"
 
 
 def unshare(w: WraithNet, script: str, *flags: str, timeout: float = 60) -> subprocess.CompletedProcess[bytes]:
-    return w.net.run(w.net.client, *wraith_tun_cmd("--socks5", w.socks, *flags, "--unshare", "--", "sh", "-c", script),
+    return w.net.run(w.net.client, *wraith_tun_cmd("-v", "--socks5", w.socks, *flags, "--unshare", "--", "sh", "-c", script),
                      timeout=timeout)
 
 

@@ -1,0 +1,71 @@
+"""wraith-tun's command line: errors are one line on stderr, never a traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from netenv import _env
+
+
+def run(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    # a private network namespace: nothing we try here can touch the host's interfaces
+    return subprocess.run(["unshare", "-n", sys.executable, "-m", "wraith_tun", *args], capture_output=True, text=True,
+                          timeout=timeout, env=_env())
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--socks5", "nope"], "HOST:PORT"),
+    (["--socks5", "127.0.0.1:99999"], "HOST:PORT"),
+    (["--unshare"], "needs a command"),
+    (["--", "true"], "needs --unshare"),
+    (["--mtu", "10"], "--mtu"),
+    (["--bypass", "10.9.0.0/16"], "--setup"),
+    (["--bypass", "not-a-net", "--setup"], "--bypass"),
+    (["--tun-addr", "10.0.0.0/24"], "host address"),
+    (["--tun-addr", "banana"], "--tun-addr"),
+    (["--dns-addr", "10.0.0.1"], "differ"),
+    (["--dns", "bogus"], "--dns"),
+    (["--frobnicate"], "unrecognized"),
+    (["--setup", "--unshare", "--", "true"], "cannot be combined"),
+])
+def test_usage_errors_are_one_line(args: list[str], words: str) -> None:
+    r = run(*args)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("wraith-tun: error:"), r.stderr
+    assert words in lines[0]
+    assert "Traceback" not in r.stderr
+
+
+def test_device_failure_is_one_line() -> None:
+    r = run("--tun-name", "x" * 40)
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "TUN device" in lines[0], r.stderr
+
+
+def test_unshare_missing_command_reports_and_exits_127() -> None:
+    r = run("--unshare", "--", "/nonexistent/command")
+    assert r.returncode == 127
+    assert "cannot run /nonexistent/command" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_unshare_passes_exit_status_and_signals() -> None:
+    assert run("--unshare", "--", "sh", "-c", "exit 3").returncode == 3
+    assert run("--unshare", "--", "sh", "-c", "kill -TERM $$").returncode == 128 + 15
+
+
+def test_help() -> None:
+    r = run("--help")
+    assert r.returncode == 0 and "--unshare" in r.stdout and "--bypass" in r.stdout
+
+
+def test_imports_nothing_of_wraith_core_or_ssh() -> None:
+    code = ("import sys, wraith_tun.cli, wraith_tun.shim, wraith_tun.netns, wraith_tun.routes; "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('wraith_core', 'asyncssh')]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=30)
+    assert r.returncode == 0, r.stdout + r.stderr

@@ -1,0 +1,164 @@
+"""Packet codec, virtual DNS and bad-input handling (no devices)."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from dnslib import QTYPE, RCODE, DNSRecord
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from wraith_tun import ip
+from wraith_tun.dns import VirtualDns
+
+A = bytes([10, 0, 0, 1])
+B = bytes([10, 80, 0, 1])
+
+
+def good_tcp(payload: bytes = b"hi") -> bytes:
+    return ip.build_tcp(A, B, 1234, 80, 1, 2, ip.ACK, 1000, payload)
+
+
+def test_checksum_matches_rfc1071_reference() -> None:
+    def ref(data: bytes) -> int:
+        if len(data) % 2:
+            data += b"\0"
+        s = sum(struct.unpack(f"!{len(data) // 2}H", data))
+        while s >> 16:
+            s = (s & 0xFFFF) + (s >> 16)
+        return ~s & 0xFFFF
+
+    for data in [b"", b"\x00\x01", b"\xff\xff", bytes(range(255)), b"\x12\x34\x56"]:
+        got = ip.checksum(data)
+        assert got == ref(data) or {got, ref(data)} == {0, 0xFFFF}
+
+
+def test_roundtrip_tcp_with_options() -> None:
+    pkt = ip.build_tcp(A, B, 1, 2, 0xFFFFFFFF, 7, ip.SYN, 512, b"", ip.tcp_syn_options(1460, 7))
+    seg = ip.parse_packet(pkt)
+    assert isinstance(seg, ip.TcpSegment)
+    assert (seg.seq, seg.ack, seg.flags, seg.window) == (0xFFFFFFFF, 7, ip.SYN, 512)
+    assert seg.options.mss == 1460 and seg.options.wscale == 7
+
+
+def test_roundtrip_udp_and_icmp_unreachable() -> None:
+    dg = ip.parse_packet(ip.build_udp(A, B, 5000, 9999, b"payload"))
+    assert isinstance(dg, ip.UdpDatagram) and dg.payload == b"payload"
+    icmp = ip.build_icmp_port_unreachable(dg)
+    assert icmp[9] == ip.PROTO_ICMP and icmp[12:16] == B and icmp[16:20] == A
+    assert icmp[20:22] == b"\x03\x03"
+    assert ip.checksum(icmp[20:]) in (0, 0xFFFF) or ip._verify(icmp[20:])
+    assert icmp[28:] == dg.ip_header  # quotes the offending header + 8 bytes
+
+
+@pytest.mark.parametrize("mangle", [
+    lambda p: p[:10],  # truncated IP header
+    lambda p: p[:30],  # truncated TCP header
+    lambda p: p[:-1] + bytes([p[-1] ^ 1]),  # payload bit flip: bad TCP checksum
+    lambda p: p[:10] + bytes([p[10] ^ 0xFF]) + p[11:],  # bad IP header checksum
+    lambda p: bytes([0x65]) + p[1:],  # not IPv4
+    lambda p: p[:2] + struct.pack("!H", 4000) + p[4:],  # total length beyond the buffer
+    lambda p: ip._ip_header(A, B, 6, len(p) - 20, False)[:6] + b"\x20\x00" + p[8:],  # MF fragment
+    lambda p: b"",
+    lambda p: b"\x45" + b"\x00" * 30,
+])
+def test_bad_packets_raise_badpacket(mangle) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ip.BadPacket):
+        ip.parse_packet(mangle(good_tcp()))
+
+
+def test_fragment_offset_dropped() -> None:
+    p = bytearray(ip.build_udp(A, B, 1, 53, b"x" * 20))
+    p[6:8] = struct.pack("!H", 0x0010)  # offset 16*8
+    p[10:12] = b"\0\0"
+    p[10:12] = struct.pack("!H", ip.checksum(bytes(p[:20])))
+    with pytest.raises(ip.BadPacket, match="fragment"):
+        ip.parse_packet(bytes(p))
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.binary(max_size=200))
+def test_garbage_never_escapes_as_other_exceptions(data: bytes) -> None:
+    try:
+        ip.parse_packet(data)
+    except ip.BadPacket:
+        pass
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 59), st.binary(min_size=1, max_size=8))
+def test_corrupted_valid_packets_are_rejected_or_parse(pos: int, junk: bytes) -> None:
+    p = bytearray(good_tcp(b"0123456789abcdef"))
+    p[pos : pos + len(junk)] = junk
+    try:
+        ip.parse_packet(bytes(p))
+    except ip.BadPacket:
+        pass
+
+
+# ---- virtual DNS -----------------------------------------------------------------------
+
+
+def ask(dns: VirtualDns, name: str, qtype: str = "A", now: float = 0.0) -> DNSRecord:
+    q = DNSRecord.question(name, qtype)
+    raw = dns.handle(q.pack(), now)
+    assert raw is not None
+    r = DNSRecord.parse(raw)
+    assert r.header.id == q.header.id and r.header.qr == 1
+    return r
+
+
+def test_a_queries_get_stable_fake_addresses_and_reverse_lookup() -> None:
+    dns = VirtualDns()
+    r1 = ask(dns, "Example.COM")
+    r2 = ask(dns, "example.com.")
+    r3 = ask(dns, "other.test")
+    a1, a2, a3 = (str(r.a.rdata) for r in (r1, r2, r3))
+    assert a1 == a2 and a1 != a3
+    assert a1.startswith("198.18.") or a1.startswith("198.19.")
+    assert dns.name_for(bytes(map(int, a1.split("."))), 1.0) == "example.com"
+    ptr = ask(dns, ".".join(reversed(a1.split("."))) + ".in-addr.arpa", "PTR")
+    assert str(ptr.rr[0].rdata) == "example.com."
+
+
+def test_aaaa_and_others_answer_empty_noerror() -> None:
+    dns = VirtualDns()
+    for qtype in ("AAAA", "MX", "TXT"):
+        r = ask(dns, "example.com", qtype)
+        assert r.header.rcode == RCODE.NOERROR and not r.rr
+
+
+def test_mappings_expire_after_last_use() -> None:
+    dns = VirtualDns(keep=60)
+    addr = dns.address_for("a.test", 0.0)
+    assert dns.name_for(addr, 50.0) == "a.test"  # use refreshes
+    assert dns.name_for(addr, 100.0) == "a.test"
+    assert dns.name_for(addr, 200.0) is None  # expired
+    assert dns.name_for(bytes([198, 18, 200, 200]), 0.0) is None  # never handed out
+
+
+def test_small_pool_recycles_least_recently_used() -> None:
+    dns = VirtualDns(network="198.18.0.0/29", keep=100)  # 6 usable addresses
+    addrs = [dns.address_for(f"h{i}.test", float(i)) for i in range(6)]
+    assert len(set(addrs)) == 6
+    dns.name_for(addrs[0], 7.0)  # h0 used recently; h1 is now the oldest
+    new = dns.address_for("late.test", 30.0)
+    assert new == addrs[1]
+    assert dns.name_for(addrs[1], 30.0) == "late.test"
+    assert dns.name_for(addrs[0], 30.0) == "h0.test"
+
+
+@pytest.mark.parametrize("junk", [b"", b"\x00" * 5, b"\xff" * 40, DNSRecord.question("x.test").pack()[:-3]])
+def test_garbage_queries_are_dropped(junk: bytes) -> None:
+    assert VirtualDns().handle(junk, 0.0) is None
+
+
+def test_responses_are_not_answered() -> None:
+    q = DNSRecord.question("x.test")
+    assert VirtualDns().handle(q.reply().pack(), 0.0) is None
+
+
+def test_qtype_any_gets_an_address() -> None:
+    r = ask(VirtualDns(), "any.test", "ANY")
+    assert r.rr and r.rr[0].rtype == QTYPE.A
