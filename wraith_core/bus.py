@@ -159,7 +159,7 @@ class Hub:
         while not m.dropped:
             try:
                 data = await m.stream.read(READ_SIZE)
-            except (ConnectionError, OSError):
+            except Exception:  # ConnectionError, OSError, asyncssh's ConnectionLost/DisconnectError
                 return "truncated" if dec.buffered else None
             if data:
                 dec.receive_data(data)
@@ -194,7 +194,7 @@ class Hub:
                     size += len(frame)
                     stream.write(frame)
                 await stream.drain()
-        except (ConnectionError, OSError):
+        except Exception:  # the stream broke; _serve drops the member
             return
 
     # -- routing ------------------------------------------------------------------

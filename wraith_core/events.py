@@ -329,7 +329,7 @@ class EventTarget:
             while not dec.done:
                 try:
                     data = await self.stream.read(READ_SIZE)
-                except (ConnectionError, OSError) as exc:
+                except Exception as exc:  # ConnectionError, OSError, asyncssh.ConnectionLost, ...
                     error = EventStreamError(f"event stream broken: {exc.__class__.__name__}", "ECONNRESET")
                     break
                 if data:
