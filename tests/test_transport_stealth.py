@@ -1,0 +1,167 @@
+"""Stealth mode: a TLS server that looks like nginx to anyone who does not speak SSH first."""
+
+from __future__ import annotations
+
+import email.utils
+import socket
+import ssl
+import subprocess
+import time
+
+import pytest
+
+from helpers import Keys, curl, sha, start_client, start_server, wraith
+from openssh import ssh_base
+from transport_helpers import Certs, tls_server_args
+
+pytestmark = pytest.mark.timeout(60)
+
+STEALTH_TIMEOUT = 4.0
+NGINX_BODY = (b"<html>\r\n<head><title>404 Not Found</title></head>\r\n<body>\r\n"
+              b"<center><h1>404 Not Found</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n")
+
+
+@pytest.fixture
+def certs(tmp_path) -> Certs:
+    return Certs.make(tmp_path / "certs")
+
+
+@pytest.fixture
+def stealth(keys: Keys, certs: Certs, tmp_path, procs):
+    server, port = start_server(keys, tmp_path, *tls_server_args(certs), "--stealth",
+                                "--stealth-timeout", str(STEALTH_TIMEOUT))
+    procs.append(server)
+    return server, port
+
+
+def _tls_socket(port: int) -> ssl.SSLSocket:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    return ctx.wrap_socket(raw, server_hostname="localhost")
+
+
+def _read_all(s: ssl.SSLSocket, timeout: float) -> bytes:
+    s.settimeout(timeout)
+    out = b""
+    while True:
+        try:
+            chunk = s.recv(65536)
+        except (ssl.SSLEOFError, ConnectionResetError):
+            break
+        if not chunk:
+            break
+        out += chunk
+    return out
+
+
+def _check_nginx_404(raw: bytes, head_only: bool = False) -> None:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    assert lines[0] == b"HTTP/1.1 404 Not Found"
+    names = [ln.split(b":", 1)[0] for ln in lines[1:]]
+    assert names == [b"Server", b"Date", b"Content-Type", b"Content-Length", b"Connection"], lines
+    hdr = {ln.split(b": ", 1)[0]: ln.split(b": ", 1)[1] for ln in lines[1:]}
+    assert hdr[b"Server"] == b"nginx"
+    assert hdr[b"Content-Type"] == b"text/html"
+    assert hdr[b"Connection"] == b"close"
+    assert hdr[b"Content-Length"] == str(len(NGINX_BODY)).encode() == b"146"
+    when = email.utils.parsedate_to_datetime(hdr[b"Date"].decode())
+    assert abs(time.time() - when.timestamp()) < 60 and hdr[b"Date"].endswith(b" GMT")
+    assert body == (b"" if head_only else NGINX_BODY)
+    assert b"SSH-" not in raw
+
+
+def test_curl_gets_nginx_404(stealth) -> None:
+    server, port = stealth
+    r = curl("-k", "-i", f"https://localhost:{port}/")
+    assert r.returncode == 0, r.stderr
+    _check_nginx_404(r.stdout)
+    r = curl("-k", "-i", f"https://localhost:{port}/admin/login.php?x=1")
+    _check_nginx_404(r.stdout)
+    r = curl("-k", "-I", f"https://localhost:{port}/")
+    _check_nginx_404(r.stdout, head_only=True)
+    assert "connection opened" not in server.log()
+
+
+def test_non_http_junk_gets_404_too(stealth) -> None:
+    _, port = stealth
+    with _tls_socket(port) as s:
+        s.sendall(b"\x00\x01hello")
+        _check_nginx_404(_read_all(s, 5))
+
+
+def test_idle_client_sees_nothing_then_is_closed(stealth) -> None:
+    _, port = stealth
+    with _tls_socket(port) as s:
+        started = time.monotonic()
+        s.settimeout(STEALTH_TIMEOUT - 1)
+        with pytest.raises(socket.timeout):
+            s.recv(1)  # nothing at all for several seconds: no SSH banner, no greeting
+        got = _read_all(s, STEALTH_TIMEOUT + 5)
+        elapsed = time.monotonic() - started
+    assert got == b""
+    assert STEALTH_TIMEOUT - 1 <= elapsed < STEALTH_TIMEOUT + 4
+
+
+def test_ssh_banner_only_after_client_speaks(stealth) -> None:
+    _, port = stealth
+    with _tls_socket(port) as s:
+        s.settimeout(1.5)
+        with pytest.raises(socket.timeout):
+            s.recv(1)
+        s.sendall(b"SSH-2.0-probe\r\n")
+        s.settimeout(5)
+        assert s.recv(256).startswith(b"SSH-2.0-")
+
+
+def test_wraith_connect_through_stealth(keys, certs, stealth, files, tmp_path, procs) -> None:
+    server, port = stealth
+    client, socks = start_client(keys, tmp_path, port, "--transport", "tls", "--tls-ca", str(certs.ca))
+    procs.append(client)
+    for name in ("small.bin", "big.bin"):
+        r = curl("--socks5-hostname", f"127.0.0.1:{socks}", files.url(name))
+        assert sha(r.stdout) == files.hashes[name]
+    # a decoy request at the same time does not disturb the session
+    assert curl("-k", "-i", f"https://localhost:{port}/").stdout.startswith(b"HTTP/1.1 404")
+    r = curl("--socks5-hostname", f"127.0.0.1:{socks}", files.url("small.bin"))
+    assert sha(r.stdout) == files.hashes["small.bin"]
+    assert "transport=tls" in server.log()
+
+
+def test_openssh_through_openssl_s_client(keys, certs, stealth, files, tmp_path) -> None:
+    """Real-client interop: OpenSSH's ssh with `openssl s_client -quiet` as its ProxyCommand."""
+    _, port = stealth
+    proxy = (f"openssl s_client -quiet -connect 127.0.0.1:{port} -servername localhost "
+             f"-verify_return_error -CAfile {certs.ca}")
+    args = ssh_base(keys, port, tmp_path, known_hosts=False) + [
+        "-o", f"ProxyCommand={proxy}", "-W", f"127.0.0.1:{files.port}", "root@127.0.0.1"]
+    out = subprocess.run(args, input=b"GET /big.bin HTTP/1.0\r\nHost: x\r\n\r\n",
+                         capture_output=True, timeout=40)
+    head, _, body = out.stdout.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200"), (out.returncode, out.stderr[-2000:])
+    assert sha(body) == files.hashes["big.bin"]
+
+
+@pytest.mark.parametrize("transport", ["tcp", "iroh"])
+def test_stealth_needs_tls(keys, tmp_path, transport: str) -> None:
+    out = subprocess.run(wraith("serve", "--key", str(keys.host), "--authorized-keys", str(keys.authorized),
+                                "--listen", "127.0.0.1:0", "--transport", transport, "--stealth"),
+                         capture_output=True, timeout=30)
+    assert out.returncode != 0
+    err = out.stderr.decode()
+    assert err.count("\n") == 1 and "--stealth" in err and "tls" in err, err
+    assert "Traceback" not in err and out.stdout == b""
+
+
+def test_stealth_library_options(keys, certs) -> None:
+    """ServeOptions refuses stealth without TLS (library parity of the CLI error)."""
+    from wraith_core.errors import UsageError
+    from wraith_core.options import ServeOptions
+
+    opts = ServeOptions(key=str(keys.host), authorized_keys=str(keys.authorized), stealth=True)
+    with pytest.raises(UsageError):
+        opts.check()
+    opts = opts.replace(transport="tls", tls_cert=str(certs.cert), tls_key=str(certs.key))
+    opts.check()
