@@ -176,6 +176,19 @@ async def _run_device(a: argparse.Namespace) -> int:
         _report(shim)
 
 
+def _raise_fd_limit(flows: int) -> None:
+    """Each flow holds one SOCKS5 socket: make room for --max-flows of them."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = flows + 64
+        if soft != resource.RLIM_INFINITY and soft < want:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want if hard == resource.RLIM_INFINITY else min(want, hard), hard))
+    except (ImportError, ValueError, OSError):
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -186,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet = logging.WARNING if a.unshare else logging.INFO  # --unshare: the terminal belongs to CMD
     logging.basicConfig(level=logging.DEBUG if a.verbose else quiet,
                         format="wraith-tun: %(message)s", stream=sys.stderr)
+    _raise_fd_limit(a.max_flows)
     try:
         import uvloop  # type: ignore[import-not-found]
 
