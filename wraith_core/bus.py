@@ -263,6 +263,10 @@ class Hub:
                      m.info.remote_address, _token(m.info.user), reason)
             m.stream.abort()
         else:
+            try:
+                m.stream.write_eof()  # a clean end at a frame boundary, not a reset
+            except Exception:
+                pass
             m.stream.close()
         for t in list(m.subs):
             self._unsubscribe(m, t)

@@ -408,11 +408,11 @@ class EventTarget:
     # -- closing ------------------------------------------------------------------
 
     def close(self) -> None:
-        """Close the stream (buffered frames are flushed first); iterators end."""
+        """End the stream: flush what was dispatched, send EOF, close; iterators end."""
         if self._closing:
             return
         self._closing = True
-        self.stream.close()
+        _close_gracefully(self.stream)
         self._finish(None)
 
     async def wait_closed(self) -> None:
@@ -432,6 +432,15 @@ class EventTarget:
     async def __aexit__(self, *exc: object) -> None:
         self.close()
         await self.wait_closed()
+
+
+def _close_gracefully(stream: Stream) -> None:
+    """EOF first (the peer sees a clean end, not a reset), then close; buffered frames are flushed."""
+    try:
+        stream.write_eof()
+    except Exception:  # already closed or cannot half-close: closing is what matters
+        pass
+    stream.close()
 
 
 def create_event_target(stream: Stream | tuple[asyncio.StreamReader, asyncio.StreamWriter],
