@@ -1,0 +1,300 @@
+"""Finding (or starting) a wraith daemon, and opening WebSockets to it (docs/ipc.md §1-2).
+
+Order: the ``daemon=`` option, ``WRAITH_DAEMON``, ``daemon.json`` in the daemon
+directory whose pid is alive, else a child daemon of our own
+(``$WRAITH_PYTHON -m wraith_core daemon --dir TMP --exit-with-stdin``) that is
+stopped when this process exits (or at :func:`shutdown`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from websockets.asyncio.client import ClientConnection, connect, unix_connect
+from websockets.exceptions import InvalidStatus, WebSocketException
+
+from . import _ipc
+from .errors import DaemonError
+
+READY_TIMEOUT = 20.0
+WS_SETTINGS: dict[str, Any] = {
+    "compression": None,
+    "max_size": _ipc.MAX_MESSAGE,
+    "max_queue": 8,
+    "write_limit": 1024 * 1024,
+    "ping_interval": None,
+    "ping_timeout": None,
+    "close_timeout": 5,
+    "open_timeout": 10,
+}
+
+
+def default_dir() -> Path:
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg:
+        return Path(xdg) / "wraith"
+    return Path(f"/tmp/wraith-{os.getuid()}")
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    ws: str                     # unix:PATH | tcp:HOST:PORT
+    token: str | None = None
+    events: str | None = None   # ZeroMQ endpoint, if known
+    source: str = ""
+
+    async def open(self) -> ClientConnection:
+        """A new WebSocket to the daemon (one per stream)."""
+        try:
+            if self.ws.startswith("unix:"):
+                return await unix_connect(self.ws[5:], "ws://localhost/", **WS_SETTINGS)
+            hostport = self.ws[4:]
+            headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+            return await connect(f"ws://{hostport}/", additional_headers=headers, **WS_SETTINGS)
+        except InvalidStatus as exc:
+            status = exc.response.status_code
+            hint = " (wrong or missing token)" if status == 401 else ""
+            raise DaemonError(f"the daemon at {self.ws} refused us: HTTP {status}{hint}") from None
+        except (OSError, WebSocketException, asyncio.TimeoutError) as exc:
+            raise DaemonError(f"cannot reach the wraith daemon at {self.ws} ({self.source}): "
+                              f"{getattr(exc, 'strerror', None) or exc}") from None
+
+
+def parse_endpoint(spec: str) -> str:
+    if spec.startswith(("unix:", "tcp:")):
+        return spec
+    if spec.startswith("/"):
+        return "unix:" + spec
+    if spec.startswith("ws://"):
+        return "tcp:" + spec[5:].rstrip("/")
+    raise DaemonError(f"daemon endpoint {spec!r}: expected unix:PATH or tcp:HOST:PORT", "EUSAGE")
+
+
+def _pid_alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(info, dict) or info.get("version") != 1 or not isinstance(info.get("ws"), str):
+        return None
+    if not _pid_alive(info.get("pid")):
+        return None
+    return info
+
+
+def _token_for(ws: str, explicit: str | None, token_file: str | None) -> str | None:
+    if not ws.startswith("tcp:"):
+        return None
+    if explicit:
+        return explicit
+    env = os.environ.get("WRAITH_DAEMON_TOKEN")
+    if env:
+        return env
+    path = Path(token_file) if token_file else default_dir() / "token"
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
+# -- the child daemon ---------------------------------------------------------------
+
+
+class ChildDaemon:
+    """A daemon we started ourselves; it dies with us (its stdin is our pipe)."""
+
+    def __init__(self, python: str) -> None:
+        self.python = python
+        self.dir = tempfile.mkdtemp(prefix="wraith-client-")  # 0700
+        self.log_path = Path(self.dir) / "daemon.log"
+        self.info: dict[str, Any] = {}
+        log = open(self.log_path, "wb")
+        env = dict(os.environ)
+        env.pop("WRAITH_DAEMON", None)
+        try:
+            self.proc = subprocess.Popen(
+                [python, "-m", "wraith_core", "daemon", "--dir", str(Path(self.dir) / "d"),
+                 "--exit-with-stdin"],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, env=env, close_fds=True)
+        except OSError as exc:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            raise DaemonError(
+                f"cannot start a wraith daemon with Python {python!r}: {exc.strerror or exc}. "
+                f"Install Python 3.11+ and wraith (pip install 'wraith[daemon]'), set WRAITH_PYTHON to "
+                f"that interpreter, or point WRAITH_DAEMON at a running daemon") from None
+        finally:
+            log.close()
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        result: dict[str, Any] = {}
+
+        def reader() -> None:
+            assert self.proc.stdout is not None
+            for raw in self.proc.stdout:
+                line = raw.decode(errors="replace").strip()
+                if line.startswith("wraith daemon: ready "):
+                    try:
+                        result.update(json.loads(line[len("wraith daemon: ready "):]))
+                    except ValueError:
+                        pass
+                    return
+
+        t = threading.Thread(target=reader, daemon=True)
+        t.start()
+        t.join(max(0.0, deadline - time.monotonic()))
+        if not result:
+            code = self.proc.poll()
+            log = self.log_text()
+            self.stop()
+            if "No module named" in log and "wraith_core" in log:
+                raise DaemonError(
+                    f"wraith_core is not installed for {self.python}: install it with "
+                    f"`{self.python} -m pip install 'wraith[daemon]'` (or set WRAITH_PYTHON to an "
+                    f"interpreter that has it, or WRAITH_DAEMON to a running daemon)")
+            if "No module named" in log:
+                missing = log.split("No module named", 1)[1].split("\n", 1)[0].strip(" '\"")
+                raise DaemonError(f"the wraith daemon needs the Python module {missing!r}: install it with "
+                                  f"`{self.python} -m pip install 'wraith[daemon]'`")
+            state = f"exited with status {code}" if code is not None else "did not become ready"
+            raise DaemonError(f"the wraith daemon ({self.python}) {state}:\n{log[-2000:]}")
+        self.info = result
+        return result
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 5.0) -> None:
+        p = self.proc
+        if p.poll() is None:
+            try:
+                if p.stdin is not None:
+                    p.stdin.close()  # the lifeline: the daemon exits on EOF
+            except OSError:
+                pass
+            try:
+                p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                p.terminate()
+                try:
+                    p.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait(5)
+        for f in (p.stdin, p.stdout):
+            try:
+                if f is not None:
+                    f.close()
+            except OSError:
+                pass
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+_lock = threading.Lock()
+_child: ChildDaemon | None = None
+_child_endpoint: Endpoint | None = None
+
+
+def _python() -> str:
+    chosen = os.environ.get("WRAITH_PYTHON")
+    if not chosen:
+        return sys.executable or "python3"
+    found = shutil.which(chosen)
+    if found is None:
+        raise DaemonError(f"WRAITH_PYTHON={chosen!r} was not found. Install Python 3.11+ with "
+                          f"`pip install 'wraith[daemon]'`, or set WRAITH_PYTHON to its path")
+    return found
+
+
+def _start_child() -> Endpoint:
+    global _child, _child_endpoint
+    with _lock:
+        if _child is not None and _child.proc.poll() is None and _child_endpoint is not None:
+            return _child_endpoint
+        child = ChildDaemon(_python())
+        info = child.wait_ready()
+        _child = child
+        _child_endpoint = Endpoint(info["ws"], _token_for(info["ws"], None, info.get("tokenFile")),
+                                   info.get("events"), "child daemon")
+        return _child_endpoint
+
+
+def _stop_child() -> None:
+    global _child, _child_endpoint
+    with _lock:
+        child, _child, _child_endpoint = _child, None, None
+    if child is not None:
+        child.stop()
+
+
+atexit.register(_stop_child)
+
+
+def child_daemon() -> ChildDaemon | None:
+    """The daemon this process started, if any."""
+    return _child
+
+
+def discover(daemon: str | None = None, token: str | None = None) -> Endpoint | None:
+    """The endpoint of a running daemon, or None if there is none to find."""
+    if daemon:
+        ws = parse_endpoint(daemon)
+        return Endpoint(ws, _token_for(ws, token, None), None, "daemon option")
+    env = os.environ.get("WRAITH_DAEMON")
+    if env:
+        ws = parse_endpoint(env)
+        return Endpoint(ws, _token_for(ws, token, None), None, "WRAITH_DAEMON")
+    info = _read_json(default_dir() / "daemon.json")
+    if info is not None:
+        ws = info["ws"]
+        return Endpoint(ws, _token_for(ws, token, info.get("tokenFile")), info.get("events"), "daemon.json")
+    return None
+
+
+async def resolve(daemon: str | None = None, token: str | None = None, autostart: bool = True) -> Endpoint:
+    ep = discover(daemon, token)
+    if ep is not None:
+        return ep
+    if _child_endpoint is not None and _child is not None and _child.proc.poll() is None:
+        return _child_endpoint
+    if not autostart:
+        raise DaemonError("no wraith daemon is running (start one with `wraith daemon`)")
+    return await asyncio.get_running_loop().run_in_executor(None, _start_child)
+
+
+async def open_ws(daemon: str | None = None, token: str | None = None) -> ClientConnection:
+    ep = await resolve(daemon, token)
+    return await ep.open()
+
+
+async def shutdown() -> None:
+    """Stop the child daemon this process started (if any)."""
+    await asyncio.get_running_loop().run_in_executor(None, _stop_child)

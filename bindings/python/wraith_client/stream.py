@@ -1,0 +1,248 @@
+"""A stream through the daemon: one WebSocket, the same API as wraith_core's DuplexStream.
+
+::
+
+    data = await s.read(65536)      # b"" at EOF; read(-1) reads until EOF
+    await s.readexactly(4)
+    s.write(b"..."); await s.drain()
+    s.write_eof()                   # half-close
+    s.close(); await s.wait_closed()   # or: await s.aclose()
+
+Backpressure: the WebSocket is read only when you read (so a slow reader
+slows the SSH channel on the daemon's side), and ``drain()`` waits until what
+was written has gone into the socket below its high-water mark.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import Any
+
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed
+
+from . import _ipc
+from .errors import StreamError, WraithError
+
+_EOF = object()
+
+
+class Stream:
+    def __init__(self, ws: ClientConnection, opened: dict[str, Any]) -> None:
+        self._ws = ws
+        self.id: str = opened.get("id", "")
+        self.opened = opened
+        self.info: dict[str, Any] = {k: v for k, v in opened.items() if k not in ("type",)}
+        self._chunks: deque[bytes] = deque()
+        self._eof = False
+        self._exc: BaseException | None = None
+        self._pending: deque[Any] = deque()
+        self._flusher: asyncio.Task[None] | None = None
+        self._werr: BaseException | None = None
+        self._eof_sent = False
+        self._closing = False
+        self._closed_task: asyncio.Task[None] | None = None
+
+    # -- reading -------------------------------------------------------------------
+
+    async def _fill(self) -> None:
+        try:
+            raw = await self._ws.recv()
+        except ConnectionClosed as exc:
+            if not self._eof:
+                self._exc = self._close_error(exc)
+            self._eof = True
+            return
+        try:
+            msg = _ipc.decode(raw)
+        except _ipc.ProtocolViolation as exc:
+            self._exc = StreamError(str(exc), "EPROTO")
+            self._eof = True
+            await self._ws.close(1002)
+            return
+        t = msg["type"]
+        if t == "data":
+            data = msg.get("data")
+            if isinstance(data, (bytes, bytearray)) and data:
+                self._chunks.append(bytes(data))
+        elif t == "eof":
+            self._eof = True
+        elif t == "error":
+            self._exc = StreamError(str(msg.get("message", "")), str(msg.get("code", "ECONNRESET")))
+            self._eof = True
+
+    def _close_error(self, exc: ConnectionClosed) -> BaseException:
+        if self._exc is not None:
+            return self._exc
+        if self._closing:
+            return StreamError("stream closed", "ECLOSED")
+        rcvd = exc.rcvd
+        code = rcvd.code if rcvd is not None else None
+        return StreamError(f"the daemon closed the stream before its end (close code {code})", "ECONNRESET")
+
+    async def read(self, n: int = -1) -> bytes:
+        """Up to ``n`` bytes (``-1``: until EOF); ``b""`` at EOF; raises if the stream broke."""
+        if n == 0:
+            return b""
+        if n < 0:
+            parts = []
+            while True:
+                part = await self.read(1 << 20)
+                if not part:
+                    return b"".join(parts)
+                parts.append(part)
+        while not self._chunks and not self._eof:
+            await self._fill()
+        if not self._chunks:
+            if self._exc is not None:
+                raise self._exc
+            return b""
+        chunk = self._chunks[0]
+        if len(chunk) <= n:
+            self._chunks.popleft()
+            return chunk
+        self._chunks[0] = chunk[n:]
+        return chunk[:n]
+
+    async def readexactly(self, n: int) -> bytes:
+        out = bytearray()
+        while len(out) < n:
+            part = await self.read(n - len(out))
+            if not part:
+                raise asyncio.IncompleteReadError(bytes(out), n)
+            out += part
+        return bytes(out)
+
+    def at_eof(self) -> bool:
+        return self._eof and not self._chunks
+
+    def __aiter__(self) -> Stream:
+        return self
+
+    async def __anext__(self) -> bytes:
+        data = await self.read(1 << 20)
+        if not data:
+            raise StopAsyncIteration
+        return data
+
+    # -- writing -------------------------------------------------------------------
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._werr is not None:
+            raise self._werr
+        if self._eof_sent or self._closing:
+            raise StreamError("write after write_eof() or close()", "EPIPE")
+        if not data:
+            return
+        data = bytes(data)
+        for i in range(0, len(data), _ipc.SEND_CHUNK):
+            self._pending.append(data[i:i + _ipc.SEND_CHUNK] if len(data) > _ipc.SEND_CHUNK else data)
+        self._kick()
+
+    def _kick(self) -> None:
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.get_running_loop().create_task(self._flush())
+
+    async def _flush(self) -> None:
+        ws = self._ws
+        try:
+            while self._pending:
+                item = self._pending.popleft()
+                await ws.send(_ipc.EOF_BYTES if item is _EOF else _ipc.encode_data(item))
+        except ConnectionClosed as exc:
+            self._pending.clear()
+            self._werr = self._exc or (StreamError("stream closed", "ECLOSED") if self._closing else
+                                       StreamError("the stream was closed by the far end", "EPIPE"))
+            if not self._eof and self._exc is None and not self._closing:
+                self._exc = self._close_error(exc)
+
+    async def drain(self) -> None:
+        f = self._flusher
+        if f is not None:
+            await asyncio.shield(f)
+        if self._werr is not None:
+            raise self._werr
+
+    def write_eof(self) -> None:
+        if self._eof_sent or self._closing:
+            return
+        self._eof_sent = True
+        self._pending.append(_EOF)
+        self._kick()
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    # -- closing -------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Flush what was written, then close. Before EOF went both ways this aborts the channel."""
+        if self._closed_task is None:
+            self._closed_task = asyncio.get_running_loop().create_task(self._close())
+
+    async def _close(self) -> None:
+        f = self._flusher
+        if f is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(f), 10)
+            except (asyncio.TimeoutError, Exception):
+                pass
+        self._closing = True
+        try:
+            await self._ws.close(1000, "close")
+        except Exception:
+            pass
+
+    def abort(self) -> None:
+        """Drop everything and reset the channel (the far end sees a reset)."""
+        self._closing = True
+        self._pending.clear()
+        if self._flusher is not None:
+            self._flusher.cancel()
+        if self._closed_task is None:
+            self._closed_task = asyncio.get_running_loop().create_task(self._ws.close(4000, "abort"))
+
+    def is_closing(self) -> bool:
+        return self._closing or self._closed_task is not None
+
+    async def wait_closed(self) -> None:
+        if self._closed_task is not None:
+            await asyncio.shield(self._closed_task)
+        await self._ws.wait_closed()
+
+    async def aclose(self) -> None:
+        self.close()
+        await self.wait_closed()
+
+    async def __aenter__(self) -> Stream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self.info.get(name, default)
+
+
+async def open_stream(ws: ClientConnection, open_msg: dict[str, Any]) -> Stream:
+    """Send ``open`` on a fresh WebSocket and wait for ``opened`` (or raise the ``error``)."""
+    try:
+        await ws.send(_ipc.encode(open_msg))
+        raw = await ws.recv()
+        msg = _ipc.decode(raw)
+    except ConnectionClosed:
+        raise WraithError("the daemon closed the connection before answering", "EDAEMON") from None
+    except _ipc.ProtocolViolation as exc:
+        await ws.close(1002)
+        raise WraithError(str(exc), "EPROTO") from None
+    except BaseException:
+        await ws.close()
+        raise
+    if msg["type"] == "error":
+        await ws.close()
+        raise WraithError(str(msg.get("message", "")), str(msg.get("code", "EDAEMON")))
+    if msg["type"] != "opened":
+        await ws.close(1002)
+        raise WraithError(f"the daemon answered open with {msg['type']!r}", "EPROTO")
+    return Stream(ws, msg)
