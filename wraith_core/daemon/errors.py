@@ -13,6 +13,9 @@ _TEXT_CODES = (
     ("host is unreachable", "EHOSTUNREACH"),
     ("network is unreachable", "ENETUNREACH"),
     ("timed out", "ETIMEDOUT"),
+    # asyncio replaces strerror with "Connect call failed (addr)" and the transport keeps only
+    # the text: on loopback and LANs that is nearly always a refusal
+    ("connect call failed", "ECONNREFUSED"),
     ("cannot resolve", "ENOTFOUND"),
     ("name or service not known", "ENOTFOUND"),
     ("address already in use", "EADDRINUSE"),
