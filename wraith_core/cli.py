@@ -32,6 +32,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window", type=int, metavar="BYTES", help="SSH channel window (default 4 MiB)")
     p.add_argument("--keepalive-interval", type=float, metavar="SECONDS")
     p.add_argument("--keepalive-count-max", type=int, metavar="N")
+    p.add_argument("--half-open-timeout", type=float, metavar="SECONDS",
+                   help="close relays idle with EOF in one direction only (default 300, 0: never)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
@@ -103,7 +105,7 @@ def _set(obj: Any, args: argparse.Namespace, names: Sequence[str]) -> None:
 
 
 _COMMON = ["transport", "proxy", "iroh_relay", "max_pktsize", "window", "keepalive_interval",
-           "keepalive_count_max"]
+           "keepalive_count_max", "half_open_timeout"]
 
 
 def serve_options(args: argparse.Namespace) -> ServeOptions:

@@ -6,6 +6,7 @@ import logging
 
 from .forward import LocalForwarder
 from .options import ConnectOptions
+from .relay import RelayEnd
 from .socks import Socks5Listener
 from .ssh.channels import ChannelManager
 from .ssh.client import Session, StateCallback
@@ -18,6 +19,7 @@ class WraithClient:
 
     def __init__(self, options: ConnectOptions, on_state: StateCallback | None = None) -> None:
         self.options = options
+        RelayEnd.half_open_timeout = options.half_open_timeout
         self.session = Session(options, reconnect=True, on_state=on_state)
         self.channels = ChannelManager(self.session)
         self.socks: Socks5Listener | None = None

@@ -49,6 +49,8 @@ class _Common:
     # SSH cipher preference (first match wins). AES-GCM first: asyncssh's chacha20-poly1305
     # builds several cipher contexts per packet, which dominates per-connection cost.
     ciphers: list[str] = field(default_factory=lambda: list(DEFAULT_CIPHERS))
+    # A relay with EOF in one direction only and no traffic for this long is closed (0: never).
+    half_open_timeout: float = 300.0
 
     def _check_common(self) -> None:
         if self.transport not in TRANSPORTS:

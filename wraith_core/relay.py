@@ -20,6 +20,9 @@ once an asyncio ``Protocol`` (for sockets) and an asyncssh ``SSHTCPSession``
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -28,9 +31,15 @@ HIGH_WATER = 512 * 1024
 
 
 class RelayEnd:
+    """One side of a relay. ``half_open_timeout``: a relay with EOF in one direction
+    only and no bytes moving for that long is torn down (set per process from the
+    ``half_open_timeout`` option; ``0`` disables it)."""
+
+    half_open_timeout: float = 300.0
+
     __slots__ = (
         "transport", "peer", "_early", "_eof_in", "_eof_out", "_lost", "_clean",
-        "_paused_by", "_on_done",
+        "_paused_by", "_on_done", "_last", "_timer",
     )
 
     def __init__(self, on_done: Callable[[], None] | None = None) -> None:
@@ -40,9 +49,11 @@ class RelayEnd:
         self._eof_in = False      # EOF read from our transport
         self._eof_out = False     # EOF written to our transport
         self._lost = False
-        self._clean = False       # lost after EOF and without error
+        self._clean = False       # lost after EOF both ways and without error
         self._paused_by = 0       # bit 1: waiting for peer, bit 2: peer's buffer full
         self._on_done = on_done
+        self._last = 0.0          # last activity once half-open (0: not half-open)
+        self._timer: asyncio.TimerHandle | None = None
 
     @staticmethod
     def pair(on_done: Callable[[], None] | None = None) -> tuple[RelayEnd, RelayEnd]:
@@ -92,6 +103,8 @@ class RelayEnd:
 
     def data_received(self, data: bytes, datatype: Any = None) -> None:
         peer = self.peer
+        if self._last:
+            self._last = time.monotonic()
         if peer is not None and peer.transport is not None and not peer._lost:
             peer.transport.write(data)
         elif peer is not None and peer.transport is None:
@@ -107,7 +120,27 @@ class RelayEnd:
         if peer is not None and peer.transport is not None and not peer._lost:
             peer._send_eof()
             self._maybe_done()
+            if not peer._eof_in and self.half_open_timeout > 0 and not self._lost:
+                self._start_half_open_timer()
         return True  # keep our write side open: half-close
+
+    def _start_half_open_timer(self) -> None:
+        peer = self.peer
+        assert peer is not None
+        self._last = peer._last = time.monotonic()
+        self._timer = asyncio.get_running_loop().call_later(self.half_open_timeout, self._half_open_check)
+
+    def _half_open_check(self) -> None:
+        self._timer = None
+        peer = self.peer
+        if self._lost or peer is None or peer._lost:
+            return
+        idle = time.monotonic() - max(self._last, peer._last)
+        if idle >= self.half_open_timeout:
+            self.abort()
+        else:
+            self._timer = asyncio.get_running_loop().call_later(self.half_open_timeout - idle,
+                                                                self._half_open_check)
 
     def pause_writing(self) -> None:
         if self.peer is not None:
@@ -121,7 +154,12 @@ class RelayEnd:
         if self._lost:
             return
         self._lost = True
-        self._clean = exc is None and self._eof_in
+        # Clean only if both directions had finished: a side that goes away while we
+        # could still have sent it data cut the stream, and the other side must see that.
+        self._clean = exc is None and self._eof_in and self._eof_out
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         peer = self.peer
         if peer is not None and peer.transport is not None and not peer._lost:
             if self._clean:
@@ -160,8 +198,10 @@ class RelayEnd:
             self.transport.close()
 
     def _abort(self) -> None:
-        if self.transport is not None and not self._lost:
-            self.transport.abort()
+        t = self.transport
+        if t is not None and not self._lost:
+            _linger_zero(t)
+            t.abort()
 
     def abort(self) -> None:
         """Tear down both sides (used on shutdown and idle timeout)."""
@@ -175,6 +215,19 @@ def attach_socket(end: RelayEnd, transport: asyncio.BaseTransport) -> None:
     """Hand an already-connected socket transport (e.g. after a SOCKS handshake) to ``end``."""
     transport.set_protocol(end)  # type: ignore[arg-type]
     end.connection_made(transport)
+
+
+_LINGER_ZERO = struct.pack("ii", 1, 0)
+
+
+def _linger_zero(transport: Any) -> None:
+    """Make a socket's close send RST, so the application sees a reset, not a clean end."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
+        except (OSError, AttributeError):
+            pass
 
 
 _tasks: set[asyncio.Task[None]] = set()

@@ -291,6 +291,7 @@ class SSHServerRunner:
         self.options = options
         self.on_control = on_control
         self.kind = options.transport
+        RelayEnd.half_open_timeout = options.half_open_timeout
         self.proxy = options.proxy_url()
         self.host_key = keys.load_private_key(options.key, "host key")  # type: ignore[arg-type]
         text = ""

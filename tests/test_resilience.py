@@ -1,0 +1,195 @@
+"""Reconnection, keepalive detection, limits, half-open timeout, shutdown under load."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import time
+
+import asyncssh
+import pytest
+
+from helpers import (Keys, Proc, curl, free_port, sha, socks_connect, start_client, start_server, wait_for_log,
+                     wait_port)
+
+
+def _fetch_ok(socks: int, files, name: str = "small.bin") -> bool:
+    r = curl("--socks5-hostname", f"127.0.0.1:{socks}", files.url(name, "localhost"), timeout=10)
+    return r.returncode == 0 and sha(r.stdout) == files.hashes[name]
+
+
+def test_server_crash_and_restart_recovers(keys: Keys, tmp_path, procs, files) -> None:
+    port = free_port()
+    server, _ = start_server(keys, tmp_path, listen=f"127.0.0.1:{port}")
+    procs.append(server)
+    rport = free_port()
+    client, socks = start_client(keys, tmp_path, port, "--remote-forward", f"{rport}:127.0.0.1:{files.port}")
+    procs.append(client)
+    wait_for_log(client, "remote forward up")
+    assert _fetch_ok(socks, files)
+    server.signal(signal.SIGKILL)
+    server.p.wait(5)
+    wait_for_log(client, "session lost")
+    # during the outage a SOCKS request waits a few seconds, then gets a proper failure reply
+    t0 = time.monotonic()
+    r = curl("--socks5-hostname", f"127.0.0.1:{socks}", files.url("small.bin", "localhost"), timeout=20)
+    assert r.returncode == 97 and 2 < time.monotonic() - t0 < 15, (r.returncode, r.stderr)
+    # the listeners stayed open throughout
+    with socket.create_connection(("127.0.0.1", socks), timeout=2):
+        pass
+    restarted = time.monotonic()
+    server2, _ = start_server(keys, tmp_path, listen=f"127.0.0.1:{port}", name="serve2")
+    procs.append(server2)
+    deadline = time.monotonic() + 40
+    while not _fetch_ok(socks, files):
+        assert time.monotonic() < deadline, client.log()[-2000:]
+        time.sleep(0.2)
+    print(f"time to recover after restart: {time.monotonic() - restarted:.1f}s")
+    wait_for_log(client, "remote forward up", count=2)
+    r = curl(f"http://127.0.0.1:{rport}/big.bin")
+    assert r.returncode == 0 and sha(r.stdout) == files.hashes["big.bin"]
+    assert "retry in" in client.log() and "Traceback" not in client.log()
+
+
+def test_stopped_server_detected_by_keepalive(keys: Keys, tmp_path, procs, files) -> None:
+    """SIGSTOP = connected but dead: default keepalives (5 s x 3) notice within ~15 s; SIGCONT recovers."""
+    server, port = start_server(keys, tmp_path)
+    procs.append(server)
+    client, socks = start_client(keys, tmp_path, port)
+    procs.append(client)
+    assert _fetch_ok(socks, files)
+    server.signal(signal.SIGSTOP)
+    t0 = time.monotonic()
+    try:
+        wait_for_log(client, "session lost", timeout=25)
+        detected = time.monotonic() - t0
+    finally:
+        server.signal(signal.SIGCONT)
+    print(f"dead server detected after {detected:.1f}s")
+    assert detected < 22
+    wait_for_log(client, "session up", count=2, timeout=40)
+    assert _fetch_ok(socks, files)
+
+
+def test_half_open_idle_relay_times_out(keys: Keys, tmp_path, procs) -> None:
+    server, port = start_server(keys, tmp_path, "--half-open-timeout", "1.5")
+    procs.append(server)
+    client, socks = start_client(keys, tmp_path, port)
+    procs.append(client)
+    import threading
+
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen()
+    tport = lsock.getsockname()[1]
+    held: list[socket.socket] = []
+
+    def target() -> None:
+        conn, _ = lsock.accept()
+        conn.sendall(b"bye")
+        conn.shutdown(socket.SHUT_WR)  # half-close, then idle (never closes)
+        held.append(conn)
+
+    threading.Thread(target=target, daemon=True).start()
+    from bench_socks import raw_socks_connect
+
+    s = raw_socks_connect(socks, "127.0.0.1", tport)
+    t0 = time.monotonic()
+    got = b""
+    while (part := s.recv(10)):
+        got += part
+    assert got == b"bye"  # the target's EOF arrived; our direction is still open, and idle
+    s.settimeout(0.2)
+    closed_after = None
+    while time.monotonic() - t0 < 10:
+        err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            closed_after = time.monotonic() - t0
+            break
+        time.sleep(0.1)
+    assert closed_after is not None and 1.0 < closed_after < 8, closed_after
+    s.close()
+    for c in held:
+        c.close()
+    lsock.close()
+
+
+def test_max_auth_attempts(keys: Keys, tmp_path, procs) -> None:
+    server, port = start_server(keys, tmp_path, "--max-auth-attempts", "2")
+    procs.append(server)
+    wrong = [asyncssh.generate_private_key("ssh-ed25519") for _ in range(3)]
+    right = asyncssh.read_private_key(str(keys.client))
+
+    async def attempt(client_keys: list) -> None:
+        conn = await asyncssh.connect("127.0.0.1", port, username="root", client_keys=client_keys,
+                                      known_hosts=None, agent_path=None, config=None)
+        conn.close()
+
+    with pytest.raises((asyncssh.PermissionDenied, asyncssh.DisconnectError, ConnectionError)):
+        asyncio.run(attempt(wrong + [right]))
+    wait_for_log(server, "auth limit reached remote_addr=127.0.0.1")
+    assert server.log().count("result=reject") == 2
+    asyncio.run(attempt([wrong[0], right]))  # within the limit: the right key still gets in
+
+
+def test_max_connections_per_ip(keys: Keys, tmp_path, procs) -> None:
+    server, port = start_server(keys, tmp_path, "--max-connections-per-ip", "2")
+    procs.append(server)
+    a, _ = start_client(keys, tmp_path, port, name="a")
+    b, _ = start_client(keys, tmp_path, port, name="b")
+    procs += [a, b]
+    c, _ = start_client(keys, tmp_path, port, name="c", wait_up=False)
+    procs.append(c)
+    wait_for_log(server, "connection refused remote_addr=127.0.0.1 reason=max-connections-per-ip")
+    time.sleep(1)
+    assert "session up" not in c.log()
+    a.stop()
+    wait_for_log(c, "session up", timeout=40)  # a slot freed up; the third client's retry gets in
+
+
+def test_login_grace_time(keys: Keys, tmp_path, procs) -> None:
+    server, port = start_server(keys, tmp_path, "--login-grace-time", "1")
+    procs.append(server)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        assert s.recv(100).startswith(b"SSH-2.0-")
+        t0 = time.monotonic()
+        while s.recv(4096):
+            pass
+        assert 0.5 < time.monotonic() - t0 < 6
+
+
+def test_sigterm_with_100_active_streams(keys: Keys, tmp_path, procs) -> None:
+    server, port = start_server(keys, tmp_path)
+    procs.append(server)
+    client, socks = start_client(keys, tmp_path, port)
+    procs.append(client)
+
+    async def main() -> None:
+        async def target(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            try:
+                while data := await r.read(65536):
+                    w.write(data)
+                    await w.drain()
+            except ConnectionError:
+                pass
+
+        srv = await asyncio.start_server(target, "127.0.0.1", 0)
+        tport = srv.sockets[0].getsockname()[1]
+        streams = await asyncio.gather(*[socks_connect(socks, "127.0.0.1", tport) for _ in range(100)])
+        for r, w in streams:
+            w.write(os.urandom(1000))
+        for r, w in streams:
+            await r.readexactly(1000)
+        # keep them busy while the server is told to stop
+        for sig_target in (server, client):
+            t0 = time.monotonic()
+            sig_target.signal(signal.SIGTERM)
+            code = await asyncio.to_thread(sig_target.p.wait, 10)
+            assert code == 0
+            assert time.monotonic() - t0 < 4
+            assert "Traceback" not in sig_target.log()
+        srv.close()
+
+    asyncio.run(main())
