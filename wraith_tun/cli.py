@@ -130,7 +130,7 @@ async def _run_unshare(a: argparse.Namespace, cmd: list[str]) -> int:
 
     un = await netns.spawn(cmd, a.iface, a.mtu, a.dns_addr if a.dns == "virtual" else None, a.tun_name)
     loop = asyncio.get_running_loop()
-    shim = Shim(un.fd, _config(a), loop)
+    shim = Shim(un.fd, _config(a), loop, vnet_hdr=True)
     shim.start()
 
     def forward(sig: int) -> None:
@@ -154,7 +154,7 @@ async def _run_device(a: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     dev = create_tun(a.tun_name, a.iface, a.mtu)
     routes: RouteSetup | None = None
-    shim = Shim(dev.fd, _config(a), loop)
+    shim = Shim(dev.fd, _config(a), loop, vnet_hdr=dev.vnet_hdr)
     try:
         if a.setup:
             routes = RouteSetup(dev.name, a.bypass_nets)

@@ -126,8 +126,11 @@ def _parse_tcp_options(raw: bytes) -> TcpOptions:
     return opts
 
 
-def parse_packet(pkt: bytes) -> Packet:
-    """Parse one IPv4 packet as read from the TUN; raise BadPacket to drop it."""
+def parse_packet(pkt: bytes, verify_l4: bool = True) -> Packet:
+    """Parse one IPv4 packet as read from the TUN; raise BadPacket to drop it.
+
+    ``verify_l4=False`` skips TCP/UDP checksums the kernel vouched for (offload).
+    """
     if len(pkt) < 20:
         raise BadPacket("short packet")
     vihl, _tos, total, _ident, frag, _ttl, proto, _csum, src, dst = _IP_HDR.unpack_from(pkt)
@@ -144,7 +147,7 @@ def parse_packet(pkt: bytes) -> Packet:
     if proto == PROTO_TCP:
         if len(body) < 20:
             raise BadPacket("short TCP header")
-        if not _verify(_pseudo(src, dst, PROTO_TCP, len(body)) + body):
+        if verify_l4 and not _verify(_pseudo(src, dst, PROTO_TCP, len(body)) + body):
             raise BadPacket("bad TCP checksum")
         sport, dport, seq, ack, off, flags, window, _c, _urg = _TCP_HDR.unpack_from(body)
         doff = (off >> 4) * 4
@@ -159,7 +162,7 @@ def parse_packet(pkt: bytes) -> Packet:
         if ulen < 8 or ulen > len(body):
             raise BadPacket("bad UDP length")
         body = body[:ulen]
-        if csum and not _verify(_pseudo(src, dst, PROTO_UDP, ulen) + body):
+        if verify_l4 and csum and not _verify(_pseudo(src, dst, PROTO_UDP, ulen) + body):
             raise BadPacket("bad UDP checksum")
         return UdpDatagram(src, dst, sport, dport, body[8:], pkt[: ihl + 8])
     return OtherPacket(src, dst, proto)
@@ -183,12 +186,22 @@ def build_tcp(
     window: int,
     payload: bytes = b"",
     options: bytes = b"",
+    csum_needed: bool = True,
 ) -> bytes:
-    """Build a complete IPv4+TCP packet (``options`` must be a multiple of 4 bytes)."""
+    """Build a complete IPv4+TCP packet (``options`` must be a multiple of 4 bytes).
+
+    ``csum_needed=False`` writes only the pseudo-header sum into the checksum
+    field (a "partial" checksum, as for CHECKSUM_PARTIAL / virtio_net_hdr
+    NEEDS_CSUM): the kernel completes or trusts it, and no payload is summed.
+    """
     doff = 20 + len(options)
     hdr = _TCP_HDR.pack(sport, dport, seq & 0xFFFFFFFF, ack & 0xFFFFFFFF, (doff // 4) << 4, flags, window, 0, 0)
     seg_len = doff + len(payload)
-    csum = checksum(_pseudo(src, dst, PROTO_TCP, seg_len) + hdr + options + payload)
+    pseudo = _pseudo(src, dst, PROTO_TCP, seg_len)
+    if csum_needed:
+        csum = checksum(pseudo + hdr + options + payload)
+    else:
+        csum = int.from_bytes(pseudo, "big") % 0xFFFF
     tcp = hdr[:16] + struct.pack("!H", csum) + hdr[18:] + options
     return _ip_header(src, dst, PROTO_TCP, seg_len, True) + tcp + payload
 

@@ -12,9 +12,11 @@ are :mod:`dns`. Backpressure in both directions:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import logging
 import os
+import struct
 from dataclasses import dataclass, field
 
 from . import ip, tcp
@@ -24,6 +26,12 @@ from .socks import SocksRefused, socks5_connect
 log = logging.getLogger("wraith_tun")
 
 READ_BATCH = 128
+VNET_HDR_LEN = 10
+# virtio_net_hdr for our TCP packets: NEEDS_CSUM, checksum starts at byte 20 (the TCP
+# header), field at +16; the field holds the pseudo-header sum and the kernel, delivering
+# locally, trusts it (CHECKSUM_PARTIAL) instead of summing the payload again.
+VNET_HDR_TCP = struct.pack("=BBHHHH", 1, 0, 0, 0, 20, 16)
+VNET_HDR_NONE = bytes(VNET_HDR_LEN)  # fully checksummed packets (UDP, ICMP)
 
 
 @dataclass
@@ -147,11 +155,14 @@ class Flow(asyncio.Protocol):
 
 
 class Shim:
-    def __init__(self, fd: int, cfg: ShimConfig, loop: asyncio.AbstractEventLoop | None = None):
+    def __init__(self, fd: int, cfg: ShimConfig, loop: asyncio.AbstractEventLoop | None = None,
+                 vnet_hdr: bool = False):
         self.fd = fd
         self.cfg = cfg
+        self.vnet_hdr = vnet_hdr  # the device speaks virtio_net_hdr: checksum offload both ways
         self.loop = loop or asyncio.get_running_loop()
-        self.stack = tcp.TcpStack(cfg.tcp, cfg.max_flows)
+        tcp_cfg = dataclasses.replace(cfg.tcp, checksums=not vnet_hdr)
+        self.stack = tcp.TcpStack(tcp_cfg, cfg.max_flows)
         self.flows: dict[tcp.TcpConnection, Flow] = {}
         self.stats = Stats()
         self._dirty: set[Flow] = set()
@@ -193,7 +204,12 @@ class Shim:
                 return
             if not pkt:
                 break
-            self.handle_packet(pkt, now)
+            if self.vnet_hdr:
+                # flags: NEEDS_CSUM (1, partial checksum by design) or DATA_VALID (2): the kernel vouches
+                verify = not pkt[0] & 3 if pkt else True
+                self.handle_packet(pkt[VNET_HDR_LEN:], now, verify)
+            else:
+                self.handle_packet(pkt, now)
         dirty, self._dirty = self._dirty, set()
         for flow in dirty:
             self.service(flow)
@@ -201,13 +217,13 @@ class Shim:
             self._write(self.stack.out)
             self.stack.out = []
 
-    def handle_packet(self, pkt: bytes, now: float) -> None:
+    def handle_packet(self, pkt: bytes, now: float, verify: bool = True) -> None:
         self.stats.packets_in += 1
         if pkt[:1] and pkt[0] >> 4 == 6:
             self.stats.other_dropped += 1  # IPv6: not yet
             return
         try:
-            p = ip.parse_packet(pkt)
+            p = ip.parse_packet(pkt, verify)
         except ip.BadPacket:
             self.stats.bad_packets += 1
             return
@@ -312,9 +328,13 @@ class Shim:
 
     def _write(self, packets: list[bytes]) -> None:
         fd = self.fd
+        vnet = self.vnet_hdr
         for pkt in packets:
             try:
-                os.write(fd, pkt)
+                if vnet:
+                    os.writev(fd, (VNET_HDR_TCP if pkt[9] == ip.PROTO_TCP else VNET_HDR_NONE, pkt))
+                else:
+                    os.write(fd, pkt)
                 self.stats.packets_out += 1
             except BlockingIOError:
                 pass  # TCP retransmits; DNS clients retry

@@ -101,6 +101,7 @@ class TcpConfig:
     max_retries: int = 8
     time_wait: float = 2.0  # 2*MSL, short: the peer is a local application
     initial_cwnd_segments: int = 10
+    checksums: bool = True  # False when the device takes our word for it (checksum offload)
 
     @property
     def mss(self) -> int:
@@ -571,7 +572,7 @@ class TcpConnection:
         self._out.append(
             ip.build_tcp(
                 self.local_ip, self.remote_ip, self.local_port, self.remote_port,
-                seq, ack, flags, window, payload, options,
+                seq, ack, flags, window, payload, options, self.config.checksums,
             )
         )
 
@@ -647,13 +648,14 @@ class TcpConnection:
         self._events.append(Closed())
 
 
-def rst_for(seg: TcpSegment) -> bytes | None:
+def rst_for(seg: TcpSegment, checksums: bool = True) -> bytes | None:
     """The RST answering a segment that matches no flow (None for a RST)."""
     if seg.flags & RST:
         return None
     if seg.flags & ACK:
-        return ip.build_tcp(seg.dst, seg.src, seg.dport, seg.sport, seg.ack, 0, RST, 0)
-    return ip.build_tcp(seg.dst, seg.src, seg.dport, seg.sport, 0, seg.seq + seg.seg_len, RST | ACK, 0)
+        return ip.build_tcp(seg.dst, seg.src, seg.dport, seg.sport, seg.ack, 0, RST, 0, b"", b"", checksums)
+    return ip.build_tcp(seg.dst, seg.src, seg.dport, seg.sport, 0, seg.seq + seg.seg_len, RST | ACK, 0, b"", b"",
+                        checksums)
 
 
 class TcpStack:
@@ -681,14 +683,14 @@ class TcpStack:
         if conn is None:
             if is_syn:
                 if len(self.flows) >= self.max_flows:
-                    rst = rst_for(seg)
+                    rst = rst_for(seg, self.config.checksums)
                     if rst:
                         self.out.append(rst)
                     return None, False
                 conn = TcpConnection(seg, now, self.config)
                 self.flows[key] = conn
                 return conn, True
-            rst = rst_for(seg)
+            rst = rst_for(seg, self.config.checksums)
             if rst:
                 self.out.append(rst)
             return None, False
