@@ -1,0 +1,185 @@
+"""Daemon security rules: 0700 dir, 0600 sockets/files, bearer token on TCP, no Origin, no other uid."""
+
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+import stat
+import subprocess
+import tempfile
+import uuid
+from pathlib import Path
+
+import pytest
+from websockets.exceptions import InvalidStatus
+
+from helpers import PY, wraith
+from test_daemon_support import raw_ws, start_daemon
+
+UPGRADE = ["-H", "Connection: Upgrade", "-H", "Upgrade: websocket", "-H", "Sec-WebSocket-Version: 13",
+           "-H", "Sec-WebSocket-Key: " + base64.b64encode(os.urandom(16)).decode()]
+
+
+def mode(p: Path | str) -> int:
+    return stat.S_IMODE(os.stat(p).st_mode)
+
+
+async def _status(info, headers=None) -> int:
+    try:
+        ws = await raw_ws(info, headers)
+    except InvalidStatus as exc:
+        return exc.response.status_code
+    await ws.close()
+    return 101
+
+
+def test_permissions_and_discovery_file(tmp_path, procs) -> None:
+    xdg = tmp_path / "xdg"
+    xdg.mkdir()
+    p, info = start_daemon(tmp_path, name="perm", env={"XDG_RUNTIME_DIR": str(xdg)})
+    procs.append(p)
+    # with --dir (what start_daemon passes) …
+    d = tmp_path / "perm-dir"
+    assert mode(d) == 0o700
+    assert info["ws"] == f"unix:{d}/daemon.sock" and info["events"] == f"ipc://{d}/events.sock"
+    for f in ("daemon.sock", "events.sock", "daemon.json"):
+        assert mode(d / f) == 0o600, f
+    assert info["pid"] == p.p.pid and info["tokenFile"] is None
+    # … and the default directory $XDG_RUNTIME_DIR/wraith, made 0700 even if it existed wider
+    (xdg / "wraith").mkdir(mode=0o755)
+    os.chmod(xdg / "wraith", 0o755)
+    q = subprocess.Popen(wraith("daemon"), env=dict(os.environ, XDG_RUNTIME_DIR=str(xdg)),
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        assert q.stdout is not None
+        line = q.stdout.readline().decode()
+        assert line.startswith(f"wraith daemon: ws unix:{xdg}/wraith/daemon.sock"), line
+        assert mode(xdg / "wraith") == 0o700 and mode(xdg / "wraith" / "daemon.sock") == 0o600
+    finally:
+        q.terminate()
+        assert q.wait(10) == 0
+    # clean exit removes the discovery file and the sockets
+    assert not (xdg / "wraith" / "daemon.json").exists()
+    assert not (xdg / "wraith" / "daemon.sock").exists()
+
+
+def test_refuses_a_directory_of_another_user(tmp_path) -> None:
+    d = tmp_path / "theirs"
+    d.mkdir(mode=0o700)
+    os.chown(d, 65534, 65534)
+    r = subprocess.run(wraith("daemon", "--dir", str(d)), capture_output=True, timeout=20)
+    assert r.returncode != 0 and b"belongs to uid 65534" in r.stderr and b"Traceback" not in r.stderr
+    r = subprocess.run(wraith("daemon", "--dir", str(tmp_path / "x"), "--ws", "tcp:0.0.0.0:0"),
+                       capture_output=True, timeout=20)
+    assert r.returncode != 0 and b"loopback" in r.stderr and b"Traceback" not in r.stderr
+
+
+async def test_origin_refused_on_unix(tmp_path, procs) -> None:
+    p, info = start_daemon(tmp_path)
+    procs.append(p)
+    assert await _status(info) == 101
+    assert await _status(info, {"Origin": "http://localhost"}) == 403
+    assert await _status(info, {"Origin": "null"}) == 403
+
+
+async def test_tcp_endpoint_token(tmp_path, procs) -> None:
+    p, info = start_daemon(tmp_path, "--ws", "tcp:127.0.0.1:0")
+    procs.append(p)
+    assert info["ws"].startswith("tcp:127.0.0.1:") and not info["ws"].endswith(":0")
+    token_file = Path(info["tokenFile"])
+    assert mode(token_file) == 0o600
+    token = token_file.read_text().strip()
+    assert len(token) >= 40
+    assert await _status(info) == 401
+    assert await _status(info, {"Authorization": "Bearer wrong"}) == 401
+    assert await _status(info, {"Authorization": "Bearer " + token[:-1]}) == 401
+    assert await _status(info, {"Authorization": token}) == 401
+    assert await _status(info, {"Authorization": "Bearer " + token}) == 101
+    assert await _status(info, {"Authorization": "Bearer " + token, "Origin": "https://evil.example"}) == 403
+    # the Python client finds the token through daemon.json's tokenFile
+    import wraith_client
+    from wraith_client.daemon import Endpoint
+
+    ep = Endpoint(info["ws"], token, None, "test")
+    ws = await ep.open()
+    await ws.close()
+    ep = Endpoint(info["ws"], None, None, "test")
+    with pytest.raises(wraith_client.DaemonError, match="401"):
+        await ep.open()
+
+
+@pytest.fixture
+def other_user():
+    name = "wrt" + uuid.uuid4().hex[:8]
+    subprocess.run(["useradd", "-M", "-r", "-s", "/usr/sbin/nologin", name], check=True, capture_output=True)
+    try:
+        uid = int(subprocess.run(["id", "-u", name], check=True, capture_output=True).stdout)
+        gid = int(subprocess.run(["id", "-g", name], check=True, capture_output=True).stdout)
+        yield name, uid, gid
+    finally:
+        subprocess.run(["userdel", name], capture_output=True)
+
+
+def _as_user(user, *cmd: str) -> subprocess.CompletedProcess[str]:
+    _, uid, gid = user
+    return subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", *cmd],
+                          capture_output=True, text=True, timeout=30)
+
+
+def _curl(*args: str) -> list[str]:
+    return ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "5", *UPGRADE, *args]
+
+
+def test_another_uid_cannot_connect(other_user, procs) -> None:
+    assert shutil.which("setpriv") and shutil.which("curl")
+    base = Path(tempfile.mkdtemp(prefix="wraith-sec-"))  # under /tmp, so reachable by the path
+    os.chmod(base, 0o755)
+    try:
+        p, info = start_daemon(base, name="a")
+        procs.append(p)
+        t, tinfo = start_daemon(base, "--ws", "tcp:127.0.0.1:0", name="b")
+        procs.append(t)
+        sock = info["ws"][5:]
+        port = tinfo["ws"].rsplit(":", 1)[1]
+        token = Path(tinfo["tokenFile"]).read_text().strip()
+        # sanity: we (root) get through
+        r = subprocess.run(_curl("--unix-socket", sock, "http://localhost/"), capture_output=True, text=True)
+        assert r.stdout == "101"
+        # the other user: the 0700 directory stops it before the socket
+        r = _as_user(other_user, *_curl("--unix-socket", sock, "http://localhost/"))
+        assert r.stdout == "000" and r.returncode == 7, (r.stdout, r.stderr)
+        # … nor can it read the token or daemon.json
+        r = _as_user(other_user, "cat", tinfo["tokenFile"])
+        assert r.returncode != 0 and "Permission denied" in r.stderr
+        r = _as_user(other_user, "cat", str(base / "b-dir" / "daemon.json"))
+        assert r.returncode != 0
+        # the TCP port is reachable, but without the token: 401
+        r = _as_user(other_user, *_curl(f"http://127.0.0.1:{port}/"))
+        assert r.stdout == "401", r.stdout
+        # even with the directory and socket opened wide, the peer-uid check refuses it
+        os.chmod(base / "a-dir", 0o755)
+        os.chmod(sock, 0o666)
+        r = _as_user(other_user, *_curl("--unix-socket", sock, "http://localhost/"))
+        assert r.stdout == "403", (r.stdout, r.stderr)
+        # and the daemon still serves its own user afterwards
+        r = subprocess.run(_curl("--unix-socket", sock, "http://localhost/"), capture_output=True, text=True)
+        assert r.stdout == "101"
+        r = subprocess.run(_curl("-H", f"Authorization: Bearer {token}", f"http://127.0.0.1:{port}/"),
+                           capture_output=True, text=True)
+        assert r.stdout == "101"
+    finally:
+        for pr in procs:
+            pr.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_python_check_of_default_dir(tmp_path) -> None:
+    code = ("from wraith_core.daemon.paths import default_dir; import os; "
+            "print(default_dir())")
+    env = {k: v for k, v in os.environ.items() if k != "XDG_RUNTIME_DIR"}
+    out = subprocess.run([PY, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.strip()
+    assert out == f"/tmp/wraith-{os.getuid()}"
+    env["XDG_RUNTIME_DIR"] = str(tmp_path)
+    out = subprocess.run([PY, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.strip()
+    assert out == f"{tmp_path}/wraith"
