@@ -180,3 +180,38 @@ def test_shim_restart_does_not_disturb_the_session(wnet: WraithNet) -> None:
         assert r.stdout == b"200", r.stderr
     direct = wnet.net.run(wnet.net.client, "curl", "-sS", "--socks5-hostname", wnet.socks, f"{URL_NAME}/small.bin")
     assert hashlib.sha256(direct.stdout).hexdigest() == wnet.files["small.bin"]
+
+
+def test_bad_packets_on_the_real_tun_are_dropped_without_harming_flows(wnet: WraithNet) -> None:
+    net = wnet.net
+    injector = net.tmp / "inject.py"
+    injector.write_text(f"""
+import socket, struct, time
+from wraith_tun import ip
+raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)  # we write the IP header
+src, dst = socket.inet_aton("10.0.0.1"), socket.inet_aton("{HTTP_ADDR}")
+good = ip.build_tcp(src, dst, 4444, {HTTP_PORT}, 1, 0, ip.SYN, 1000, b"", ip.tcp_syn_options(1400, None))
+bad_csum = good[:36] + bytes([good[36] ^ 0xFF]) + good[37:]      # TCP checksum wrong
+truncated = good[:20] + good[20:30]                               # TCP header cut short
+body = b"\\x00" * 40
+frag = ip._ip_header(src, dst, 6, len(body), False)
+frag = frag[:6] + b"\\x20\\x00" + frag[8:] + body                     # more-fragments set
+for _ in range(50):
+    for pkt in (bad_csum, truncated, frag):
+        raw.sendto(pkt, ("{HTTP_ADDR}", 0))
+    time.sleep(0.002)
+print("injected 150", flush=True)
+""")
+    script = f"""
+        curl -sS -o {net.tmp}/during {URL_IP}/big.bin & pid=$!
+        python3 {injector}
+        wait $pid; echo curl=$?
+        curl -sS -o {net.tmp}/after {URL_NAME}/mid.bin; echo after=$?
+    """
+    r = unshare(wnet, script)
+    out = r.stdout.decode()
+    assert "injected 150" in out and "curl=0" in out and "after=0" in out, (out, r.stderr)
+    assert hashlib.sha256((net.tmp / "during").read_bytes()).hexdigest() == wnet.files["big.bin"]
+    assert hashlib.sha256((net.tmp / "after").read_bytes()).hexdigest() == wnet.files["mid.bin"]
+    st = stats(r.stderr)
+    assert st["bad_packets"] == 150, st  # bad checksum, truncated header, fragment: each one dropped
