@@ -12,6 +12,7 @@ This file must stay importable without asyncssh, websockets or zmq
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass, field
 from typing import Any
@@ -337,8 +338,8 @@ def _convert(options: dict[str, Any], table: dict[str, tuple[str, tuple[type, ..
         if not ok:
             names = " or ".join("bin" if t is bytes else t.__name__ for t in types)
             raise IPCError(f"{what} option {name!r} must be {names}", "EUSAGE")
-        if isinstance(value, float) and int not in types and value != value:  # NaN
-            raise IPCError(f"{what} option {name!r} must be a number", "EUSAGE")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise IPCError(f"{what} option {name!r} must be a finite number", "EUSAGE")
         out[snake] = value
     return out
 
