@@ -91,7 +91,7 @@ class ChannelManager:
                 await conn.create_server(self._forward_factory(spec), spec.bind_host, spec.bind_port,
                                          **self._window)
                 log.info("remote forward up listen=%s:%d", spec.bind_host, spec.bind_port)
-            except (asyncssh.Error, OSError) as exc:
+            except Exception as exc:  # asyncssh raises ChannelListenError, OSError, …
                 log.warning("remote forward refused by server listen=%s:%d (%s)",
                             spec.bind_host, spec.bind_port, getattr(exc, "reason", exc))
 
