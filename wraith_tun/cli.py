@@ -9,7 +9,9 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable, Coroutine
 from dataclasses import asdict
+from typing import Any, NoReturn
 
 from .device import DeviceError, create_tun
 from .dns import VirtualDns
@@ -30,7 +32,7 @@ class UsageError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, no usage dump
+    def error(self, message: str) -> NoReturn:  # one line, no usage dump
         raise UsageError(message)
 
 
@@ -200,12 +202,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if a.verbose else quiet,
                         format="wraith-tun: %(message)s", stream=sys.stderr)
     _raise_fd_limit(a.max_flows)
+    runner: Callable[[Coroutine[Any, Any, int]], int] = asyncio.run
     try:
-        import uvloop  # type: ignore[import-not-found]
+        import uvloop
 
         runner = uvloop.run
     except ImportError:
-        runner = asyncio.run
+        pass
     try:
         return runner(_run_unshare(a, cmd) if a.unshare else _run_device(a))
     except (DeviceError, RouteError, NamespaceError) as e:

@@ -129,9 +129,10 @@ class VirtualDns:
                     reply.add_answer(RR(q.qname, QTYPE.PTR, rdata=PTR(target), ttl=self.ttl))
             # AAAA and everything else: NOERROR with no answer (IPv4 first)
         try:
-            return reply.pack()
+            packed: bytes = reply.pack()
         except Exception:
             return None
+        return packed
 
     def _reverse(self, name: str, now: float) -> str | None:
         if not name.endswith(".in-addr.arpa"):
