@@ -4,21 +4,13 @@ import hashlib
 import os
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from netenv import TestNet, ensure_tools  # noqa: E402
-
-
-@dataclass
-class WraithNet:
-    net: TestNet
-    socks: str  # HOST:PORT of `wraith connect`'s SOCKS5 listener in the client namespace
-    files: dict[str, str]  # file name -> sha256
+from netenv import TestNet, WraithNet, ensure_tools  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ import sys
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 CLIENT_ADDR = "10.77.0.1"
@@ -31,6 +32,13 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 
 _counter = 0
+
+
+@dataclass
+class WraithNet:
+    net: "TestNet"
+    socks: str  # HOST:PORT of `wraith connect`'s SOCKS5 listener in the client namespace
+    files: dict[str, str]  # file name -> sha256
 
 
 def sh(*args: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess[str]:

@@ -9,8 +9,7 @@ import subprocess
 import sys
 import time
 
-from conftest import WraithNet
-from netenv import (CLIENT_ADDR, HERE, HTTP_ADDR, HTTP_NAME, HTTP_PORT, SERVICE_ADDR, sh, wraith_tun_cmd)
+from netenv import (CLIENT_ADDR, HERE, HTTP_ADDR, HTTP_NAME, HTTP_PORT, SERVICE_ADDR, WraithNet, wraith_tun_cmd)
 
 URL_IP = f"http://{HTTP_ADDR}:{HTTP_PORT}"
 URL_NAME = f"http://{HTTP_NAME}:{HTTP_PORT}"
