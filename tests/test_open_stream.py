@@ -1,0 +1,80 @@
+"""The in-process API: open_stream() over a real server process, and its errors."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+
+import pytest
+
+from helpers import Keys, free_port, start_server
+from wraith_core import ConnectOptions, open_stream
+from wraith_core.errors import AuthError, ChannelError, HostKeyError, UsageError
+
+
+@pytest.fixture
+def server(keys: Keys, tmp_path, procs):
+    p, port = start_server(keys, tmp_path)
+    procs.append(p)
+    return port
+
+
+def opts(keys: Keys, port: int, **kw) -> ConnectOptions:
+    return ConnectOptions(server=f"127.0.0.1:{port}", identity=str(keys.client), host_key=str(keys.host_pub), **kw)
+
+
+async def test_stream_api_roundtrip(keys: Keys, server: int) -> None:
+    async def target(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(b"HELLO")  # speaks first
+        data = await r.read()  # until our EOF
+        w.write(hashlib.sha256(data).digest())
+        w.close()
+
+    srv = await asyncio.start_server(target, "127.0.0.1", 0)
+    tport = srv.sockets[0].getsockname()[1]
+    payload = os.urandom(3 * 1024 * 1024)
+    async with await open_stream(opts(keys, server), target=f"127.0.0.1:{tport}") as s:
+        assert await s.readexactly(5) == b"HELLO"
+        for i in range(0, len(payload), 100_000):
+            s.write(payload[i : i + 100_000])
+            await s.drain()
+        s.write_eof()
+        assert await s.read(-1) == hashlib.sha256(payload).digest()
+        assert s.at_eof()
+    await s.wait_closed()
+    srv.close()
+
+
+async def test_stream_errors_have_codes(keys: Keys, server: int, tmp_path) -> None:
+    with pytest.raises(ChannelError) as e:
+        await open_stream(opts(keys, server), target=f"127.0.0.1:{free_port()}")
+    assert e.value.code == "ECONNREFUSED"
+    with pytest.raises(ChannelError) as e:
+        await open_stream(opts(keys, server), target="wraith-nope:1")
+    assert e.value.code == "EPROHIBITED"
+    from wraith_core.keys import generate_ed25519
+
+    other, other_pub = generate_ed25519(tmp_path / "other", "x")
+    with pytest.raises(HostKeyError) as e:
+        await open_stream(ConnectOptions(server=f"127.0.0.1:{server}", identity=str(keys.client),
+                                         host_key=str(other_pub)), target="127.0.0.1:1")
+    assert e.value.code == "EHOSTKEY"
+    with pytest.raises(AuthError) as e:
+        await open_stream(ConnectOptions(server=f"127.0.0.1:{server}", identity=str(other),
+                                         host_key=str(keys.host_pub)), target="127.0.0.1:1")
+    assert e.value.code == "EAUTH"
+    with pytest.raises(UsageError):
+        await open_stream(ConnectOptions(server=f"127.0.0.1:{server}", identity=str(keys.client)),
+                          target="127.0.0.1:1")  # no host key verification configured
+
+
+async def test_key_bytes_and_env_defaults(keys: Keys, server: int, monkeypatch) -> None:
+    monkeypatch.setenv("WRAITH_SERVER", f"127.0.0.1:{server}")
+    monkeypatch.setenv("WRAITH_IDENTITY", str(keys.client))
+    o = ConnectOptions(host_key=keys.host_pub.read_bytes())
+    assert o.server == f"127.0.0.1:{server}"
+    o.identity = keys.client.read_bytes()  # the key itself instead of a path
+    with pytest.raises(ChannelError) as e:
+        await open_stream(o, target=f"127.0.0.1:{free_port()}")
+    assert e.value.code == "ECONNREFUSED"
