@@ -1,0 +1,433 @@
+"""Hostile input on the live SOCKS5 port and the live SSH port, while a well-behaved client keeps
+getting correct, hashed transfers; idle / unauthenticated / trickling connections are closed by the
+SOCKS5 handshake timeout and the SSH login grace time.
+
+Attackers run in this (pytest) process with bounded counts and deadlines; the echo target and
+wraith run as their own processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from helpers import PY, Keys, Proc, start_client, start_server, wait_for_log
+from loadgen import socks_open, transfer
+
+HERE = Path(__file__).resolve().parent
+GOOD_SIZE = 256 * 1024
+
+
+@pytest.fixture
+def echo_target() -> Iterator[int]:
+    t = subprocess.Popen([PY, str(HERE / "loadgen.py"), "target", "0"], stdout=subprocess.PIPE)
+    try:
+        assert t.stdout is not None
+        yield int(t.stdout.readline().split()[1])
+    finally:
+        t.kill()
+        t.wait(5)
+
+
+def fds(p: Proc) -> int:
+    return len(os.listdir(f"/proc/{p.p.pid}/fd"))
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+async def read_until_closed(r: asyncio.StreamReader, timeout: float) -> tuple[bytes, bool]:
+    """Everything the peer sends until it closes (True) or ``timeout`` passes (False)."""
+    got = bytearray()
+    try:
+        async with asyncio.timeout(timeout):
+            while chunk := await r.read(65536):
+                got += chunk
+        return bytes(got), True
+    except (ConnectionError, OSError):
+        return bytes(got), True
+    except TimeoutError:
+        return bytes(got), False
+
+
+def rst_close(w: asyncio.StreamWriter) -> None:
+    sock = w.get_extra_info("socket")
+    if sock is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    w.close()
+
+
+async def good_client(socks: int, tport: int, until: float, results: list[tuple[bool, float, str]]) -> None:
+    """A well-behaved SOCKS5 user: 256 KiB echoed and hashed, over and over (bounded by ``until``)."""
+    loop = asyncio.get_running_loop()
+    for _ in range(1000):
+        if loop.time() >= until:
+            return
+        t0 = loop.time()
+        try:
+            r, w = await socks_open(socks, tport, timeout=10)
+            try:
+                ok = await transfer(r, w, os.urandom(GOOD_SIZE), timeout=15)
+            finally:
+                w.close()
+            results.append((ok, loop.time() - t0, ""))
+        except Exception as exc:  # recorded, asserted on by the test
+            results.append((False, loop.time() - t0, repr(exc)))
+        await asyncio.sleep(0.1)
+
+
+def check_good(results: list[tuple[bool, float, str]], at_least: int) -> None:
+    bad = [r for r in results if not r[0]]
+    assert not bad, f"{len(bad)} of {len(results)} good transfers failed: {bad[:5]}"
+    assert len(results) >= at_least, f"only {len(results)} good transfers"
+    worst = max(r[1] for r in results)
+    assert worst < 5.0, f"a good transfer took {worst:.1f} s"
+
+
+# -- SOCKS5 attacks: each returns "ok" or a description of what went wrong ----------------------
+
+SocksAttack = Callable[[int, int, random.Random], Awaitable[str]]
+
+
+async def _expect_closed(r: asyncio.StreamReader, w: asyncio.StreamWriter, allowed: tuple[bytes, ...],
+                         timeout: float = 5) -> str:
+    got, closed = await read_until_closed(r, timeout)
+    w.close()
+    if not closed:
+        return f"not closed within {timeout}s (got {got[:16]!r})"
+    if got not in allowed:
+        return f"unexpected answer {got[:16]!r}"
+    return "ok"
+
+
+async def a_random_bytes(port: int, tport: int, rng: random.Random) -> str:
+    # never a leading 0x05: random bytes must not be able to form a CONNECT to a random address
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    w.write(bytes([rng.choice([b for b in range(256) if b != 5])]) + rng.randbytes(rng.randint(0, 4096)))
+    return await _expect_closed(r, w, (b"",))
+
+
+async def a_truncated(port: int, tport: int, rng: random.Random) -> str:
+    prefixes = [b"\x05", b"\x05\x02", b"\x05\x01\x00\x05", b"\x05\x01\x00\x05\x01\x00\x01\x7f\x00",
+                b"\x05\x01\x00\x05\x01\x00\x03\x20abc", b"\x05\x01\x00\x05\x01\x00\x04" + b"\x00" * 7]
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    w.write(rng.choice(prefixes))
+    if rng.random() < 0.5:
+        rst_close(w)
+        return "ok"
+    w.write_eof()
+    return await _expect_closed(r, w, (b"", b"\x05\x00"))
+
+
+async def a_oversize_domain(port: int, tport: int, rng: random.Random) -> str:
+    """A 255-byte name (legal on the wire, not a valid host): a failure reply, then close."""
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    # one 255-byte label: rejected by the server's resolver locally (label > 63), never a DNS query
+    name = bytes(rng.choice(b"abcdefghijklmnopqrstuvwxyz") for _ in range(255))
+    w.write(b"\x05\x01\x00" + b"\x05\x01\x00\x03\xff" + name + struct.pack(">H", 80))
+    got, closed = await read_until_closed(r, 15)
+    w.close()
+    if not closed:
+        return "not closed"
+    if len(got) < 4 or got[:2] != b"\x05\x00" or got[2] != 5 or got[3] == 0:
+        return f"oversize domain got {got[:12]!r}"
+    return "ok"
+
+
+async def a_lying_domain_length(port: int, tport: int, rng: random.Random) -> str:
+    """Length byte says 255, fewer bytes follow, then EOF; or a zero-length name."""
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    if rng.random() < 0.5:
+        w.write(b"\x05\x01\x00\x05\x01\x00\x03\xff" + b"x" * rng.randint(0, 200))
+        w.write_eof()
+        return await _expect_closed(r, w, (b"\x05\x00",))
+    w.write(b"\x05\x01\x00\x05\x01\x00\x03\x00\x00\x50")
+    got, closed = await read_until_closed(r, 10)
+    w.close()
+    if not closed or (len(got) >= 4 and got[3] == 0):
+        return f"zero-length name: {got!r} closed={closed}"
+    return "ok"
+
+
+async def a_bad_version_or_methods(port: int, tport: int, rng: random.Random) -> str:
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    kind = rng.randrange(3)
+    if kind == 0:  # SOCKS4 CONNECT
+        w.write(b"\x04\x01\x00\x50\x7f\x00\x00\x01user\x00")
+        return await _expect_closed(r, w, (b"",))
+    if kind == 1:  # 255 methods, none acceptable -> 05 FF
+        w.write(b"\x05\xff" + bytes(rng.randint(3, 255) for _ in range(255)))
+        return await _expect_closed(r, w, (b"\x05\xff",))
+    # a flood after the greeting (a request with a bad version byte, then 64 KiB): closed
+    w.write(b"\x05\x01\x00" + b"\x06" + rng.randbytes(65536))
+    return await _expect_closed(r, w, (b"\x05\x00", b"\x05\x00\x05\x01\x00\x01" + bytes(6)), timeout=15)
+
+
+async def a_reset_during_open(port: int, tport: int, rng: random.Random) -> str:
+    """A valid CONNECT, then RST before (or just after) the reply: nothing may leak."""
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    w.write(b"\x05\x01\x00\x05\x01\x00\x01\x7f\x00\x00\x01" + struct.pack(">H", tport) + b"early bytes")
+    await asyncio.sleep(rng.random() * 0.01)
+    rst_close(w)
+    return "ok"
+
+
+SOCKS_ATTACKS: list[SocksAttack] = [a_random_bytes, a_truncated, a_oversize_domain, a_lying_domain_length,
+                                    a_bad_version_or_methods, a_reset_during_open]
+
+
+async def storm(attacks: list[Callable[[random.Random], Awaitable[str]]], until: float, workers: int,
+                max_count: int) -> Counter[str]:
+    loop = asyncio.get_running_loop()
+    outcomes: Counter[str] = Counter()
+    count = 0
+
+    async def worker(seed: int) -> None:
+        nonlocal count
+        rng = random.Random(seed)
+        while loop.time() < until and count < max_count:
+            count += 1
+            attack = rng.choice(attacks)
+            try:
+                res = await attack(rng)
+            except (ConnectionError, OSError):
+                res = "ok"  # the server slammed the door: fine
+            except Exception as exc:
+                res = f"error {exc!r}"
+            outcomes[f"{attack.__name__ if hasattr(attack, '__name__') else 'attack'}: {res}"] += 1
+
+    await asyncio.gather(*(worker(i) for i in range(workers)))
+    return outcomes
+
+
+async def hold_open(port: int, payload: bytes, trickle: float) -> tuple[asyncio.StreamReader, asyncio.StreamWriter,
+                                                                        asyncio.Task[float]]:
+    """Open a connection that sends ``payload`` one byte per ``trickle`` seconds (0: all at once,
+    b"": nothing); the task returns the time (from open) at which the server closed it."""
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+
+    async def run() -> float:
+        async def drip() -> None:
+            if trickle == 0:
+                w.write(payload)
+                return
+            for b in payload:
+                w.write(bytes([b]))
+                await asyncio.sleep(trickle)
+
+        dripper = asyncio.ensure_future(drip())
+        try:
+            await read_until_closed(r, 120)
+            return loop.time() - t0
+        finally:
+            dripper.cancel()
+
+    return r, w, asyncio.ensure_future(run())
+
+
+# -- tests --------------------------------------------------------------------------------------
+
+@pytest.mark.timeout(90)
+async def test_socks_port_hostile_keeps_serving(keys: Keys, tmp_path: Path, procs: list, echo_target: int) -> None:
+    """Random bytes, truncated handshakes, oversize / lying domain lengths, bad versions, floods and
+    resets on the live SOCKS5 port, plus slowloris trickles and silent connections that the default
+    (30 s) handshake timeout must close — while a good client's hashed transfers keep working."""
+    server, sport = start_server(keys, tmp_path)
+    procs.append(server)
+    client, socks = start_client(keys, tmp_path, sport)
+    procs.append(client)
+    loop = asyncio.get_running_loop()
+    fds0 = fds(client)
+    t0 = loop.time()
+    # slowloris: a domain CONNECT that would take minutes to arrive, one byte every 0.5 s;
+    # and silent connections. The CLI's default handshake timeout is 30 s.
+    slow_request = b"\x05\x01\x00\x05\x01\x00\x03\xff" + b"s" * 255 + b"\x00\x50"
+    slow = [await hold_open(socks, slow_request, 0.5) for _ in range(50)]
+    silent = [await hold_open(socks, b"", 0) for _ in range(100)]
+
+    good: list[tuple[bool, float, str]] = []
+    until = t0 + 15
+    attacks = [lambda rng, a=a: a(socks, echo_target, rng) for a in SOCKS_ATTACKS]
+    for a, f in zip(attacks, SOCKS_ATTACKS):
+        a.__name__ = f.__name__  # type: ignore[attr-defined]
+    outcomes, _ = await asyncio.gather(storm(attacks, until, workers=16, max_count=5000),
+                                       good_client(socks, echo_target, until, good))
+    failures = {k: v for k, v in outcomes.items() if not k.endswith(": ok")}
+    assert not failures, failures
+    assert sum(outcomes.values()) >= 200, outcomes
+    check_good(good, at_least=10)
+
+    # the trickling and silent connections are still open (the process kept serving everyone else
+    # meanwhile) and are closed by the handshake timeout at ~30 s, not before and not much after
+    done = [t for _, _, t in slow + silent if t.done()]
+    assert not done, f"{len(done)} idle connections closed early at {[t.result() for t in done][:5]}"
+    async with asyncio.timeout(45):
+        closed_at = await asyncio.gather(*(t for _, _, t in slow + silent))
+    for _, w, _ in slow + silent:
+        w.close()
+    assert 28 <= min(closed_at) and max(closed_at) <= 36, (min(closed_at), max(closed_at))
+
+    # afterwards: still serving, nothing leaked
+    after: list[tuple[bool, float, str]] = []
+    await good_client(socks, echo_target, loop.time() + 2, after)
+    check_good(after, at_least=3)
+    deadline = loop.time() + 10
+    while fds(client) > fds0 + 10 and loop.time() < deadline:
+        await asyncio.sleep(0.2)
+    assert fds(client) <= fds0 + 10, (fds0, fds(client))
+    assert client.p.poll() is None and "Traceback" not in client.log(), client.log()[-3000:]
+    print(f"\nSOCKS5 storm: {sum(outcomes.values())} hostile connections, {len(good)} good transfers "
+          f"(worst {max(g[1] for g in good):.2f} s); idle/trickle closed at "
+          f"{min(closed_at):.1f}-{max(closed_at):.1f} s", file=sys.stderr)
+
+
+# -- SSH port ---------------------------------------------------------------------------------
+
+SshAttack = Callable[[int, random.Random], Awaitable[str]]
+
+
+async def s_random_bytes(port: int, rng: random.Random) -> str:
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    w.write(rng.randbytes(rng.randint(1, 8192)))
+    if rng.random() < 0.5:
+        rst_close(w)
+        return "ok"
+    w.write_eof()
+    _, closed = await read_until_closed(r, 8)
+    w.close()
+    return "ok" if closed else "not closed"
+
+
+async def s_banner_then_garbage(port: int, rng: random.Random) -> str:
+    """A version line, then a binary packet with an absurd length / random payload."""
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    w.write(b"SSH-2.0-hostile_0.1\r\n")
+    w.write(rng.choice([b"\xff\xff\xff\xff" + rng.randbytes(64), rng.randbytes(rng.randint(16, 70000))]))
+    got, closed = await read_until_closed(r, 8)
+    w.close()
+    if not closed:
+        return "not closed"
+    if not got.startswith(b"SSH-2.0-"):
+        return f"no version line before close: {got[:20]!r}"
+    return "ok"
+
+
+async def s_oversize_banner(port: int, rng: random.Random) -> str:
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    w.write(b"SSH-2.0-" + b"A" * 300_000)
+    _, closed = await read_until_closed(r, 8)
+    w.close()
+    return "ok" if closed else "not closed"
+
+
+async def s_truncated_kex(port: int, rng: random.Random) -> str:
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    w.write(b"SSH-2.0-hostile_0.1\r\n" + struct.pack(">IB", 1000, 4) + b"\x14" + rng.randbytes(40))
+    rst_close(w)
+    return "ok"
+
+
+SSH_ATTACKS: list[SshAttack] = [s_random_bytes, s_banner_then_garbage, s_oversize_banner, s_truncated_kex]
+
+
+@pytest.mark.timeout(90)
+async def test_ssh_port_hostile_keeps_serving(keys: Keys, tmp_path: Path, procs: list, echo_target: int) -> None:
+    """Garbage, bad packets, oversize banners and slowloris on the live SSH port: the server keeps
+    serving the connected client and accepts a new one; unauthenticated connections (silent,
+    banner only, trickling) are closed at the login grace time."""
+    grace = 3.0
+    server, sport = start_server(keys, tmp_path, "--login-grace-time", str(grace))
+    procs.append(server)
+    client, socks = start_client(keys, tmp_path, sport)
+    procs.append(client)
+    loop = asyncio.get_running_loop()
+    fds0 = fds(server)
+
+    held = [await hold_open(sport, b"", 0) for _ in range(30)]
+    held += [await hold_open(sport, b"SSH-2.0-lazy\r\n", 0) for _ in range(30)]
+    held += [await hold_open(sport, b"SSH-2.0-slowloris_client_that_never_finishes" * 10 + b"\r\n", 0.2)
+             for _ in range(30)]
+
+    good: list[tuple[bool, float, str]] = []
+    until = loop.time() + 10
+    attacks = [lambda rng, a=a: a(sport, rng) for a in SSH_ATTACKS]
+    for a, f in zip(attacks, SSH_ATTACKS):
+        a.__name__ = f.__name__  # type: ignore[attr-defined]
+
+    async def second_client() -> tuple[Proc, int]:
+        await asyncio.sleep(3)
+        return await asyncio.to_thread(start_client, keys, tmp_path, sport, name="connect2")
+
+    outcomes, _, (client2, socks2) = await asyncio.gather(storm(attacks, until, workers=8, max_count=3000),
+                                                          good_client(socks, echo_target, until, good),
+                                                          second_client())
+    procs.append(client2)
+    failures = {k: v for k, v in outcomes.items() if not k.endswith(": ok")}
+    assert not failures, failures
+    assert sum(outcomes.values()) >= 100, outcomes
+    check_good(good, at_least=10)
+    more: list[tuple[bool, float, str]] = []
+    await good_client(socks2, echo_target, loop.time() + 2, more)
+    check_good(more, at_least=3)
+
+    # every unauthenticated connection was closed at the grace time (they opened before the storm)
+    async with asyncio.timeout(10):
+        closed_at = await asyncio.gather(*(t for _, _, t in held))
+    for _, w, _ in held:
+        w.close()
+    assert grace - 0.5 <= min(closed_at) and max(closed_at) <= grace + 3, (min(closed_at), max(closed_at))
+
+    deadline = loop.time() + 10
+    while fds(server) > fds0 + 10 and loop.time() < deadline:
+        await asyncio.sleep(0.2)
+    assert fds(server) <= fds0 + 10, (fds0, fds(server))
+    assert server.p.poll() is None and "Traceback" not in server.log(), server.log()[-3000:]
+    wait_for_log(server, "connection closed", count=sum(outcomes.values()) // 2)
+    print(f"\nSSH storm: {sum(outcomes.values())} hostile connections, {len(good)} + {len(more)} good transfers; "
+          f"unauthenticated closed at {min(closed_at):.1f}-{max(closed_at):.1f} s (grace {grace} s)", file=sys.stderr)
+
+
+async def test_socks_handshake_timeout_in_process() -> None:
+    """Socks5Listener(handshake_timeout=...) closes a silent connection and a trickling one at the
+    deadline — trickled bytes do not extend it — and answers a fast client normally."""
+    from wraith_core.socks import HANDSHAKE_TIMEOUT, Socks5Listener
+
+    assert HANDSHAKE_TIMEOUT == 30.0  # the CLI default; tested through the real CLI above
+
+    class NoChannels:
+        async def open_relay(self, end: object, host: str, port: int) -> None:
+            from wraith_core.protocol.socks5 import Reply
+            from wraith_core.ssh.channels import ChannelOpenFailed
+
+            raise ChannelOpenFailed("refused", Reply.CONNECTION_REFUSED)
+
+    listener = Socks5Listener(NoChannels(), "127.0.0.1", 0, handshake_timeout=0.6)  # type: ignore[arg-type]
+    await listener.start()
+    try:
+        silent = await hold_open(listener.port, b"", 0)
+        trickle = await hold_open(listener.port, b"\x05\x01\x00\x05\x01\x00\x03\x40" + b"t" * 64, 0.1)
+        r, w = await asyncio.open_connection("127.0.0.1", listener.port)
+        w.write(b"\x05\x01\x00\x05\x01\x00\x01\x7f\x00\x00\x01\x00\x50")
+        got, closed = await read_until_closed(r, 5)
+        w.close()
+        assert closed and got == b"\x05\x00\x05\x05\x00\x01\x00\x00\x00\x00\x00\x00", got
+        async with asyncio.timeout(5):
+            t_silent, t_trickle = await asyncio.gather(silent[2], trickle[2])
+        assert 0.5 <= t_silent <= 2.0, t_silent
+        assert 0.5 <= t_trickle <= 2.0, t_trickle
+        for _, wr, _ in (silent, trickle):
+            wr.close()
+    finally:
+        listener.close()
