@@ -89,6 +89,8 @@ def test_iroh_usage_errors(keys: Keys, tmp_path) -> None:
             "--socks5", "127.0.0.1:0", "--transport", "iroh", "--iroh-relay", "none"]
     assert "--peer" in _one_line_error(wraith(*base, "--peer", "garbage-not-a-ticket"))
     assert "--proxy" in _one_line_error(wraith(*base, "--peer", "endpointaa", "--proxy", "socks5://127.0.0.1:1"))
+    bare_id = "179e061d42434283bc53bbff825a422e593bc48b7bb2538bdab7b6eb4131d531"
+    assert "ticket" in _one_line_error(wraith(*base, "--peer", bare_id))
 
 
 def test_without_iroh_package_names_the_extra(keys: Keys, tmp_path) -> None:

@@ -347,6 +347,10 @@ class IrohConnector:
             raise UsageError("--proxy works with --transport tcp or tls, not iroh (QUIC over UDP)")
         self.peer = (options.peer or "").strip()
         self._addr = parse_peer(self._ffi, self.peer)
+        relay = (options.iroh_relay or "").strip().lower()
+        if relay == "none" and not self._addr.direct_addresses():
+            raise UsageError("--iroh-relay none needs a ticket with direct addresses as --peer "
+                             "(a bare endpoint id can only be found through relays/discovery)")
 
     def describe(self) -> str:
         short = self.peer if len(self.peer) <= 24 else self.peer[:20] + "…"
