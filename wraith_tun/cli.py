@@ -22,7 +22,7 @@ from .tcp import TcpConfig
 
 log = logging.getLogger("wraith_tun")
 
-USAGE = """wraith-tun [--socks5 HOST:PORT] [--tun-addr ADDR/LEN] [--tun-name NAME] [--mtu N]
+USAGE = """wraith-tun [--socks5 HOST:PORT] [--tun-addr ADDR/LEN] [--tun-addr6 ADDR/LEN|off] [--tun-name NAME] [--mtu N]
                   [--dns virtual|off] [--dns-addr ADDR] [--max-flows N] [-v]
                   [--setup [--bypass CIDR]...] | [--unshare -- CMD ARGS...]"""
 
@@ -43,6 +43,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="SOCKS5 server for every TCP flow (default 127.0.0.1:1080)")
     p.add_argument("--tun-addr", default="10.0.0.1/24", metavar="ADDR/LEN",
                    help="address of the TUN device (default 10.0.0.1/24)")
+    p.add_argument("--tun-addr6", default="fd77:7772:6169::1/64", metavar="ADDR/LEN|off",
+                   help="IPv6 address of the TUN (default fd77:7772:6169::1/64); 'off' = IPv4 only")
     p.add_argument("--tun-name", default=None, help="device name (default wtunN)")
     p.add_argument("--mtu", type=int, default=65000, help="TUN MTU (default 65000: fewer, larger packets for the Python engine)")
     p.add_argument("--dns", choices=["virtual", "off"], default="virtual",
@@ -88,12 +90,19 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         raise UsageError(f"--tun-addr wants an IPv4 ADDR/LEN, got {a.tun_addr!r}") from None
     if a.iface.network.prefixlen > 30 or a.iface.ip in (a.iface.network.network_address, a.iface.network.broadcast_address):
         raise UsageError("--tun-addr needs a host address in a network of /30 or larger")
-    if not 576 <= a.mtu <= 65535:
-        raise UsageError("--mtu must be between 576 and 65535")
+    if a.tun_addr6 == "off":
+        a.iface6 = None
+    else:
+        try:
+            a.iface6 = ipaddress.IPv6Interface(a.tun_addr6)
+        except ValueError:
+            raise UsageError(f"--tun-addr6 wants an IPv6 ADDR/LEN or 'off', got {a.tun_addr6!r}") from None
+    if not 1280 <= a.mtu <= 65535:
+        raise UsageError("--mtu must be between 1280 and 65535")
     if a.max_flows < 1:
         raise UsageError("--max-flows must be at least 1")
     try:
-        a.bypass_nets = [ipaddress.IPv4Network(b, strict=False) for b in a.bypass]
+        a.bypass_nets = [ipaddress.ip_network(b, strict=False) for b in a.bypass]
     except ValueError as e:
         raise UsageError(f"--bypass: {e}") from None
     if a.dns_addr is None:
@@ -130,7 +139,7 @@ def _report(shim: Shim) -> None:
 async def _run_unshare(a: argparse.Namespace, cmd: list[str]) -> int:
     from . import netns
 
-    un = await netns.spawn(cmd, a.iface, a.mtu, a.dns_addr if a.dns == "virtual" else None, a.tun_name)
+    un = await netns.spawn(cmd, a.iface, a.mtu, a.dns_addr if a.dns == "virtual" else None, a.tun_name, a.iface6)
     loop = asyncio.get_running_loop()
     shim = Shim(un.fd, _config(a), loop, vnet_hdr=True)
     shim.start()
@@ -154,12 +163,12 @@ async def _run_unshare(a: argparse.Namespace, cmd: list[str]) -> int:
 
 async def _run_device(a: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
-    dev = create_tun(a.tun_name, a.iface, a.mtu)
+    dev = create_tun(a.tun_name, a.iface, a.mtu, iface6=a.iface6)
     routes: RouteSetup | None = None
     shim = Shim(dev.fd, _config(a), loop, vnet_hdr=dev.vnet_hdr)
     try:
         if a.setup:
-            routes = RouteSetup(dev.name, a.bypass_nets)
+            routes = RouteSetup(dev.name, a.bypass_nets, ipv6=a.iface6 is not None)
             routes.apply()
         shim.start()
         stop = asyncio.Event()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import ipaddress
 import os
+import subprocess
 from dataclasses import dataclass
 
 IFF_VNET_HDR = 0x4000
@@ -43,7 +44,8 @@ class TunDevice:
         self.fd = -1
 
 
-def create_tun(name: str | None, iface: ipaddress.IPv4Interface, mtu: int, offload: bool = True) -> TunDevice:
+def create_tun(name: str | None, iface: ipaddress.IPv4Interface, mtu: int, offload: bool = True,
+               iface6: ipaddress.IPv6Interface | None = None) -> TunDevice:
     """Create, address and bring up a TUN device (needs CAP_NET_ADMIN in this netns).
 
     With ``offload`` every packet carries a virtio_net_hdr: the kernel tells us
@@ -67,7 +69,24 @@ def create_tun(name: str | None, iface: ipaddress.IPv4Interface, mtu: int, offlo
         dev.addr = str(iface.ip)
         dev.netmask = str(iface.network.netmask)
         dev.up()
+        _set_ipv6(dev.name, iface6)
     except (pytun.Error, OSError) as e:
         dev.close()
         raise DeviceError(f"cannot configure TUN device: {e}") from e
     return TunDevice(dev.fileno(), dev.name, mtu, offload, dev)
+
+
+def _set_ipv6(name: str, iface6: ipaddress.IPv6Interface | None) -> None:
+    """Give the TUN its IPv6 address, or switch IPv6 off on it (no kernel chatter)."""
+    try:
+        with open(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6", "w") as f:
+            f.write("0" if iface6 else "1")
+    except OSError:
+        if iface6:
+            raise DeviceError("IPv6 is not available here (use --tun-addr6 off)") from None
+        return
+    if iface6:
+        r = subprocess.run(["ip", "-6", "addr", "add", str(iface6), "dev", name, "nodad"],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            raise DeviceError(f"cannot add {iface6} to {name}: {r.stderr.strip()}")

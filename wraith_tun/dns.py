@@ -53,7 +53,7 @@ class VirtualDns:
     # ---- memory ------------------------------------------------------------------
 
     def is_fake(self, addr: bytes) -> bool:
-        return ipaddress.IPv4Address(addr) in self.network
+        return len(addr) == 4 and ipaddress.IPv4Address(addr) in self.network
 
     def address_for(self, name: str, now: float) -> bytes:
         ip = self._by_name.get(name)
@@ -127,7 +127,8 @@ class VirtualDns:
                 target = self._reverse(name, now)
                 if target is not None:
                     reply.add_answer(RR(q.qname, QTYPE.PTR, rdata=PTR(target), ttl=self.ttl))
-            # AAAA and everything else: NOERROR with no answer (IPv4 first)
+            # AAAA and everything else: NOERROR with no answer. Names always get IPv4 fake
+            # addresses; IPv6 through the TUN is for programs that dial IPv6 literals.
         try:
             packed: bytes = reply.pack()
         except Exception:

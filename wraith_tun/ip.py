@@ -1,8 +1,9 @@
-"""IPv4 / TCP / UDP / ICMP packet parsing and building (no I/O).
+"""IPv4 / IPv6 / TCP / UDP / ICMP packet parsing and building (no I/O).
 
 Everything the TUN carries goes through :func:`parse_packet`; anything that is
-not a well-formed, checksum-correct, unfragmented IPv4 packet raises
-:class:`BadPacket` and is dropped by the caller.
+not a well-formed, checksum-correct, unfragmented IP packet raises
+:class:`BadPacket` and is dropped by the caller. Addresses are raw bytes: 4 of
+them for IPv4, 16 for IPv6, and the builders pick the IP version from that.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from itertools import count
 PROTO_ICMP = 1
 PROTO_TCP = 6
 PROTO_UDP = 17
+PROTO_ICMPV6 = 58
+IPV6_MIN_MTU = 1280
 
 FIN = 0x01
 SYN = 0x02
@@ -25,6 +28,7 @@ URG = 0x20
 _IP_HDR = struct.Struct("!BBHHHBBH4s4s")
 _TCP_HDR = struct.Struct("!HHIIBBHHH")
 _UDP_HDR = struct.Struct("!HHHH")
+_IP6_HDR = struct.Struct("!IHBB16s16s")
 
 _ip_ids = count(1)
 
@@ -53,6 +57,8 @@ def _verify(data: bytes | bytearray | memoryview) -> bool:
 
 
 def _pseudo(src: bytes, dst: bytes, proto: int, length: int) -> bytes:
+    if len(src) == 16:
+        return src + dst + struct.pack("!IxxxB", length, proto)
     return src + dst + struct.pack("!BBH", 0, proto, length)
 
 
@@ -87,12 +93,12 @@ class UdpDatagram:
     sport: int
     dport: int
     payload: bytes
-    ip_header: bytes  # original IP header + first 8 payload bytes, for ICMP errors
+    ip_header: bytes  # what an ICMP error quotes: IPv4 header + 8 bytes / IPv6 packet up to 1232 bytes
 
 
 @dataclass(slots=True)
 class OtherPacket:
-    """A valid IPv4 packet of a protocol we do not handle (ICMP, ...)."""
+    """A valid IP packet of a protocol we do not handle (ICMP, ...)."""
 
     src: bytes
     dst: bytes
@@ -127,15 +133,24 @@ def _parse_tcp_options(raw: bytes) -> TcpOptions:
 
 
 def parse_packet(pkt: bytes, verify_l4: bool = True) -> Packet:
-    """Parse one IPv4 packet as read from the TUN; raise BadPacket to drop it.
+    """Parse one IP packet as read from the TUN; raise BadPacket to drop it.
 
     ``verify_l4=False`` skips TCP/UDP checksums the kernel vouched for (offload).
     """
+    if not pkt:
+        raise BadPacket("empty packet")
+    version = pkt[0] >> 4
+    if version == 4:
+        return _parse_v4(pkt, verify_l4)
+    if version == 6:
+        return _parse_v6(pkt, verify_l4)
+    raise BadPacket("not IP")
+
+
+def _parse_v4(pkt: bytes, verify_l4: bool) -> Packet:
     if len(pkt) < 20:
         raise BadPacket("short packet")
     vihl, _tos, total, _ident, frag, _ttl, proto, _csum, src, dst = _IP_HDR.unpack_from(pkt)
-    if vihl >> 4 != 4:
-        raise BadPacket("not IPv4")
     ihl = (vihl & 0xF) * 4
     if ihl < 20 or total < ihl or total > len(pkt):
         raise BadPacket("bad IPv4 lengths")
@@ -143,7 +158,22 @@ def parse_packet(pkt: bytes, verify_l4: bool = True) -> Packet:
         raise BadPacket("fragment")
     if not _verify(memoryview(pkt)[:ihl]):
         raise BadPacket("bad IPv4 header checksum")
-    body = pkt[ihl:total]
+    return _parse_l4(proto, src, dst, pkt[ihl:total], verify_l4, pkt[: ihl + 8])
+
+
+def _parse_v6(pkt: bytes, verify_l4: bool) -> Packet:
+    if len(pkt) < 40:
+        raise BadPacket("short IPv6 packet")
+    _vtf, plen, nh, _hlim, src, dst = _IP6_HDR.unpack_from(pkt)
+    if 40 + plen > len(pkt):
+        raise BadPacket("bad IPv6 length")
+    if nh == 44:
+        raise BadPacket("fragment")
+    # extension headers other than fragments are not followed: such packets are "other"
+    return _parse_l4(nh, src, dst, pkt[40 : 40 + plen], verify_l4, pkt[: min(40 + plen, IPV6_MIN_MTU - 48)])
+
+
+def _parse_l4(proto: int, src: bytes, dst: bytes, body: bytes, verify_l4: bool, quote: bytes) -> Packet:
     if proto == PROTO_TCP:
         if len(body) < 20:
             raise BadPacket("short TCP header")
@@ -162,13 +192,17 @@ def parse_packet(pkt: bytes, verify_l4: bool = True) -> Packet:
         if ulen < 8 or ulen > len(body):
             raise BadPacket("bad UDP length")
         body = body[:ulen]
+        if len(src) == 16 and not csum:
+            raise BadPacket("UDP over IPv6 without checksum")
         if verify_l4 and csum and not _verify(_pseudo(src, dst, PROTO_UDP, ulen) + body):
             raise BadPacket("bad UDP checksum")
-        return UdpDatagram(src, dst, sport, dport, body[8:], pkt[: ihl + 8])
+        return UdpDatagram(src, dst, sport, dport, body[8:], quote)
     return OtherPacket(src, dst, proto)
 
 
 def _ip_header(src: bytes, dst: bytes, proto: int, payload_len: int, df: bool) -> bytes:
+    if len(src) == 16:
+        return _IP6_HDR.pack(0x60000000, payload_len, proto, 64, src, dst)
     hdr = _IP_HDR.pack(
         0x45, 0, 20 + payload_len, next(_ip_ids) & 0xFFFF, 0x4000 if df else 0, 64, proto, 0, src, dst
     )
@@ -221,7 +255,20 @@ def build_udp(src: bytes, dst: bytes, sport: int, dport: int, payload: bytes) ->
 
 
 def build_icmp_port_unreachable(dgram: UdpDatagram) -> bytes:
-    """ICMP type 3 code 3 from the datagram's destination back to its source."""
+    """ICMP (v4: type 3 code 3; v6: type 1 code 4) from the datagram's destination back to its source."""
+    if len(dgram.src) == 16:
+        body = struct.pack("!BBHI", 1, 4, 0, 0) + dgram.ip_header
+        csum = checksum(_pseudo(dgram.dst, dgram.src, PROTO_ICMPV6, len(body)) + body)
+        body = body[:2] + struct.pack("!H", csum) + body[4:]
+        return _ip_header(dgram.dst, dgram.src, PROTO_ICMPV6, len(body), False) + body
     body = struct.pack("!BBHI", 3, 3, 0, 0) + dgram.ip_header
     body = body[:2] + struct.pack("!H", checksum(body)) + body[4:]
     return _ip_header(dgram.dst, dgram.src, PROTO_ICMP, len(body), False) + body
+
+
+def ip_header_len(pkt: bytes) -> int:
+    return 40 if pkt[0] >> 4 == 6 else (pkt[0] & 0xF) * 4
+
+
+def ip_proto(pkt: bytes) -> int:
+    return pkt[6] if pkt[0] >> 4 == 6 else pkt[9]

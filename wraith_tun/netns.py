@@ -53,7 +53,8 @@ class Unshared:
         return 128 - rc if rc < 0 else rc
 
 
-async def spawn(cmd: list[str], iface: ipaddress.IPv4Interface, mtu: int, dns_addr: str | None, name: str | None) -> Unshared:
+async def spawn(cmd: list[str], iface: ipaddress.IPv4Interface, mtu: int, dns_addr: str | None, name: str | None,
+                iface6: ipaddress.IPv6Interface | None = None) -> Unshared:
     tmpdir = tempfile.TemporaryDirectory(prefix="wraith-tun-")
     resolv = os.path.join(tmpdir.name, "resolv.conf")
     with open(resolv, "w") as f:
@@ -68,6 +69,8 @@ async def spawn(cmd: list[str], iface: ipaddress.IPv4Interface, mtu: int, dns_ad
             "--tun-addr", str(iface), "--mtu", str(mtu), "--resolv", resolv]
     if name:
         args += ["--tun-name", name]
+    if iface6:
+        args += ["--tun-addr6", str(iface6)]
     proc = await asyncio.create_subprocess_exec(*args, "--", *cmd, pass_fds=(child.fileno(),))
     child.close()
     loop = asyncio.get_running_loop()
@@ -144,6 +147,7 @@ def child_main(argv: list[str]) -> int:
     ap.add_argument("--sock-fd", type=int, required=True)
     ap.add_argument("--tun-addr", required=True)
     ap.add_argument("--tun-name")
+    ap.add_argument("--tun-addr6")
     ap.add_argument("--mtu", type=int, required=True)
     ap.add_argument("--resolv", required=True)
     ap.add_argument("cmd", nargs=argparse.REMAINDER)
@@ -156,13 +160,11 @@ def child_main(argv: list[str]) -> int:
         _unshare()
         _ip("link", "set", "lo", "up")
         iface = ipaddress.IPv4Interface(a.tun_addr)
-        dev = create_tun(a.tun_name, iface, a.mtu)
+        iface6 = ipaddress.IPv6Interface(a.tun_addr6) if a.tun_addr6 else None
+        dev = create_tun(a.tun_name, iface, a.mtu, iface6=iface6)
         _ip("route", "add", "default", "dev", dev.name)
-        try:  # IPv4 only for now: keep the kernel from chattering IPv6 into the TUN
-            with open(f"/proc/sys/net/ipv6/conf/{dev.name}/disable_ipv6", "w") as f:
-                f.write("1")
-        except OSError:
-            pass
+        if iface6:
+            _ip("-6", "route", "add", "default", "dev", dev.name)
         libc = _libc()
         _check(libc.mount(a.resolv.encode(), b"/etc/resolv.conf", None, MS_BIND, None), "bind-mount /etc/resolv.conf")
     except Exception as e:

@@ -1,7 +1,7 @@
 """Route-all mode (``--setup``): send everything through the TUN except ``--bypass`` CIDRs.
 
 The default route is taken over with two /1 routes (0.0.0.0/1 and
-128.0.0.0/1), which win over the existing default route without deleting it,
+128.0.0.0/1, and ::/1 + 8000::/1 for IPv6), which win over the existing default route without deleting it,
 so removing ours restores the machine exactly. Each ``--bypass`` CIDR gets a
 route through the path it used before (the SSH server must stay reachable
 outside the TUN, or wraith's own transport would loop into it).
@@ -32,9 +32,10 @@ def _ip(*args: str) -> str:
 
 
 class RouteSetup:
-    def __init__(self, dev: str, bypass: list[ipaddress.IPv4Network]):
+    def __init__(self, dev: str, bypass: list[ipaddress.IPv4Network | ipaddress.IPv6Network], ipv6: bool = False):
         self.dev = dev
         self.bypass = bypass
+        self.ipv6 = ipv6  # also take over IPv6 (::/1 + 8000::/1)
         self._added: list[list[str]] = []
 
     def _add(self, spec: list[str]) -> None:
@@ -51,11 +52,14 @@ class RouteSetup:
                 self._add([str(net), *path])
             self._add(["0.0.0.0/1", "dev", self.dev])
             self._add(["128.0.0.0/1", "dev", self.dev])
+            if self.ipv6:
+                self._add(["::/1", "dev", self.dev])
+                self._add(["8000::/1", "dev", self.dev])
         except RouteError:
             self.remove()
             raise
 
-    def _current_path(self, net: ipaddress.IPv4Network) -> list[str] | None:
+    def _current_path(self, net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> list[str] | None:
         out = _ip("-j", "route", "get", str(net.network_address))
         try:
             route = json.loads(out)[0]

@@ -30,7 +30,8 @@ VNET_HDR_LEN = 10
 # virtio_net_hdr for our TCP packets: NEEDS_CSUM, checksum starts at byte 20 (the TCP
 # header), field at +16; the field holds the pseudo-header sum and the kernel, delivering
 # locally, trusts it (CHECKSUM_PARTIAL) instead of summing the payload again.
-VNET_HDR_TCP = struct.pack("=BBHHHH", 1, 0, 0, 0, 20, 16)
+VNET_HDR_TCP4 = struct.pack("=BBHHHH", 1, 0, 0, 0, 20, 16)
+VNET_HDR_TCP6 = struct.pack("=BBHHHH", 1, 0, 0, 0, 40, 16)
 VNET_HDR_NONE = bytes(VNET_HDR_LEN)  # fully checksummed packets (UDP, ICMP)
 
 
@@ -219,9 +220,6 @@ class Shim:
 
     def handle_packet(self, pkt: bytes, now: float, verify: bool = True) -> None:
         self.stats.packets_in += 1
-        if pkt[:1] and pkt[0] >> 4 == 6:
-            self.stats.other_dropped += 1  # IPv6: not yet
-            return
         try:
             p = ip.parse_packet(pkt, verify)
         except ip.BadPacket:
@@ -263,7 +261,7 @@ class Shim:
         if dns is not None and dns.is_fake(dst):
             host = dns.name_for(dst, now)
         else:
-            host = str(ipaddress.IPv4Address(dst))
+            host = str(ipaddress.ip_address(dst))
         if host is None:  # a fake address we never handed out (or forgot)
             self.stats.flows_refused += 1
             conn.refuse()
@@ -332,7 +330,11 @@ class Shim:
         for pkt in packets:
             try:
                 if vnet:
-                    os.writev(fd, (VNET_HDR_TCP if pkt[9] == ip.PROTO_TCP else VNET_HDR_NONE, pkt))
+                    if pkt[0] >> 4 == 4:
+                        hdr = VNET_HDR_TCP4 if pkt[9] == ip.PROTO_TCP else VNET_HDR_NONE
+                    else:
+                        hdr = VNET_HDR_TCP6 if pkt[6] == ip.PROTO_TCP else VNET_HDR_NONE
+                    os.writev(fd, (hdr, pkt))
                 else:
                     os.write(fd, pkt)
                 self.stats.packets_out += 1

@@ -105,6 +105,7 @@ class TcpConfig:
 
     @property
     def mss(self) -> int:
+        """Our MSS over IPv4 (IPv6 headers take 20 bytes more)."""
         return self.mtu - 40
 
 
@@ -136,7 +137,9 @@ class TcpConnection:
             self.snd_wscale, self.rcv_wscale = syn.options.wscale, cfg.wscale
         else:
             self.snd_wscale, self.rcv_wscale = 0, 0
-        self.mss = min(syn.options.mss or 536, cfg.mss)
+        v6 = len(syn.src) == 16
+        self.our_mss = cfg.mtu - (60 if v6 else 40)
+        self.mss = min(syn.options.mss or (1220 if v6 else 536), self.our_mss)
         # send side
         self.iss = (int.from_bytes(os.urandom(4), "big") if iss is None else iss) & 0xFFFFFFFF
         self.snd_una = self.iss
@@ -578,7 +581,7 @@ class TcpConnection:
 
     def _send_synack(self) -> None:
         wscale = self.rcv_wscale if self.snd_wscale or self.rcv_wscale else None
-        opts = ip.tcp_syn_options(self.config.mss, wscale)
+        opts = ip.tcp_syn_options(self.our_mss, wscale)
         self._emit(self.iss, self.rcv_nxt, SYN | ACK, window=min(self._rcv_wnd(), 0xFFFF), options=opts)
 
     def _arm_rto(self, now: float) -> None:

@@ -66,6 +66,12 @@ def main() -> None:
     host, port, root = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     srv = Server((host, port), partial(Handler, directory=root))
     threading.Thread(target=_digest_server, args=(host, port + 1), daemon=True).start()
+    if len(sys.argv) > 4:  # an IPv6 address too
+        class Server6(Server):
+            address_family = socket.AF_INET6
+
+        srv6 = Server6((sys.argv[4], port), partial(Handler, directory=root))
+        threading.Thread(target=srv6.serve_forever, daemon=True).start()
     print("ready", flush=True)
     srv.serve_forever()
 

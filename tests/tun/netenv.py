@@ -3,7 +3,7 @@
     client ns (wtc<id>)                 server ns (wts<id>)
     veth 10.77.0.1/30  <------------>   veth 10.77.0.2/30
     default via 10.77.0.2               lo: 10.79.0.1 (SOCKS5 / SSH service)
-                                        lo: 10.80.0.1 (HTTP test host)
+                                        lo: 10.80.0.1, fd80::1 (HTTP test host)
 
 Nothing here ever routes outside these two namespaces: the client's default
 route points at the server namespace, which has no other interface.
@@ -25,6 +25,7 @@ CLIENT_ADDR = "10.77.0.1"
 SERVER_VETH = "10.77.0.2"
 SERVICE_ADDR = "10.79.0.1"
 HTTP_ADDR = "10.80.0.1"
+HTTP_ADDR6 = "fd80::1"  # the HTTP test host's IPv6 address (server namespace only)
 HTTP_PORT = 8080
 HTTP_NAME = "files.wraith-test"  # resolvable ONLY by the server side's private /etc/hosts
 
@@ -87,6 +88,7 @@ class TestNet:
         sh(*s, "ip", "link", "set", self.vs, "up")
         sh(*s, "ip", "addr", "add", f"{SERVICE_ADDR}/32", "dev", "lo")
         sh(*s, "ip", "addr", "add", f"{HTTP_ADDR}/32", "dev", "lo")
+        sh(*s, "ip", "-6", "addr", "add", f"{HTTP_ADDR6}/128", "dev", "lo", "nodad")
         (self.tmp / "hosts").write_text(f"127.0.0.1 localhost\n{HTTP_ADDR} {HTTP_NAME}\n")
         return self
 
@@ -142,7 +144,7 @@ class TestNet:
 
     def start_http(self) -> None:
         p = self.start(self.server, "python3", str(HERE / "httpd.py"), HTTP_ADDR, str(HTTP_PORT), str(self.www),
-                       stdout=subprocess.PIPE)
+                       HTTP_ADDR6, stdout=subprocess.PIPE)
         assert p.stdout is not None
         line = p.stdout.readline()
         assert line.strip() == b"ready", "HTTP test server did not start"

@@ -9,10 +9,12 @@ import subprocess
 import sys
 import time
 
-from netenv import (CLIENT_ADDR, HERE, HTTP_ADDR, HTTP_NAME, HTTP_PORT, SERVICE_ADDR, WraithNet, wraith_tun_cmd)
+from netenv import (CLIENT_ADDR, HERE, HTTP_ADDR, HTTP_ADDR6, HTTP_NAME, HTTP_PORT, SERVICE_ADDR, WraithNet,
+                    wraith_tun_cmd)
 
 URL_IP = f"http://{HTTP_ADDR}:{HTTP_PORT}"
 URL_NAME = f"http://{HTTP_NAME}:{HTTP_PORT}"
+URL_V6 = f"http://[{HTTP_ADDR6}]:{HTTP_PORT}"
 
 
 def unshare(w: WraithNet, script: str, *flags: str, timeout: float = 60) -> subprocess.CompletedProcess[bytes]:
@@ -128,7 +130,8 @@ def test_dns_never_leaves_the_tun(wnet: WraithNet) -> None:
 
 
 def _routes(w: WraithNet) -> str:
-    return w.net.run(w.net.client, "ip", "route").stdout.decode()
+    return (w.net.run(w.net.client, "ip", "route").stdout.decode()
+            + w.net.run(w.net.client, "ip", "-6", "route").stdout.decode())
 
 
 def _whoami(w: WraithNet) -> str:
@@ -148,6 +151,7 @@ def test_route_all_with_bypass_and_cleanup_on_sigterm(wnet: WraithNet) -> None:
     try:
         routes = _routes(wnet)
         assert "0.0.0.0/1 dev wtrouteall" in routes and "128.0.0.0/1 dev wtrouteall" in routes
+        assert "::/1 dev wtrouteall" in routes and "8000::/1 dev wtrouteall" in routes
         assert f"{SERVICE_ADDR} via 10.77.0.2" in routes  # the SSH transport stays off the TUN
         # plain curl now goes TUN -> SOCKS5 -> SSH -> server: the target sees the server side's address
         who = _whoami(wnet)
@@ -214,3 +218,31 @@ print("injected 150", flush=True)
     assert hashlib.sha256((net.tmp / "after").read_bytes()).hexdigest() == wnet.files["mid.bin"]
     st = stats(r.stderr)
     assert st["bad_packets"] == 150, st  # bad checksum, truncated header, fragment: each one dropped
+
+
+def test_ipv6_literal_through_the_tun(wnet: WraithNet) -> None:
+    net = wnet.net
+    script = f"""
+        ip -6 route show default
+        curl -sS -g -o {net.tmp}/v6 {URL_V6}/mid.bin; echo v6=$?
+        curl -sS -g -m 10 "http://[{HTTP_ADDR6}]:1/"; echo closed6=$?
+        python3 -c '
+import socket
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+s.settimeout(3)
+s.connect(("{HTTP_ADDR6}", 9999))
+s.send(b"x")
+try:
+    s.recv(10)
+    print("udp6=answered")
+except ConnectionRefusedError:
+    print("udp6=refused")
+except socket.timeout:
+    print("udp6=timeout")
+'
+    """
+    r = unshare(wnet, script)
+    out = r.stdout.decode()
+    assert "default dev wtun" in out, out
+    assert "v6=0" in out and "closed6=7" in out and "udp6=refused" in out, (out, r.stderr)
+    assert hashlib.sha256((net.tmp / "v6").read_bytes()).hexdigest() == wnet.files["mid.bin"]

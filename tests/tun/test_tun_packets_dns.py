@@ -162,3 +162,51 @@ def test_responses_are_not_answered() -> None:
 def test_qtype_any_gets_an_address() -> None:
     r = ask(VirtualDns(), "any.test", "ANY")
     assert r.rr and r.rr[0].rtype == QTYPE.A
+
+
+# ---- IPv6 ------------------------------------------------------------------------------
+
+A6 = bytes.fromhex("fd777772616900000000000000000002")
+B6 = bytes.fromhex("fd800000000000000000000000000001")
+
+
+def test_ipv6_tcp_and_udp_roundtrip() -> None:
+    seg = ip.parse_packet(ip.build_tcp(A6, B6, 1, 2, 3, 4, ip.ACK, 100, b"six"))
+    assert isinstance(seg, ip.TcpSegment) and seg.src == A6 and seg.payload == b"six"
+    dg = ip.parse_packet(ip.build_udp(A6, B6, 5, 53, b"q"))
+    assert isinstance(dg, ip.UdpDatagram) and dg.dst == B6 and dg.payload == b"q"
+
+
+def test_ipv6_icmp_port_unreachable() -> None:
+    dg = ip.parse_packet(ip.build_udp(A6, B6, 5000, 9999, b"x" * 2000))
+    assert isinstance(dg, ip.UdpDatagram)
+    icmp = ip.build_icmp_port_unreachable(dg)
+    assert icmp[0] >> 4 == 6 and icmp[6] == ip.PROTO_ICMPV6 and icmp[8:24] == B6 and icmp[24:40] == A6
+    assert icmp[40:42] == b"\x01\x04"
+    assert len(icmp) <= ip.IPV6_MIN_MTU  # the quote is trimmed
+    assert ip._verify(ip._pseudo(B6, A6, ip.PROTO_ICMPV6, len(icmp) - 40) + icmp[40:])
+
+
+def test_ipv6_bad_packets() -> None:
+    good = ip.build_tcp(A6, B6, 1, 2, 3, 4, ip.ACK, 100, b"six")
+    for bad in (good[:39], good[:4] + b"\xff\xff" + good[6:], good[:-1] + b"!",
+                good[:6] + bytes([44]) + good[7:]):  # fragment header
+        with pytest.raises(ip.BadPacket):
+            ip.parse_packet(bad)
+    udp = bytearray(ip.build_udp(A6, B6, 5, 6, b"zz"))
+    udp[46:48] = b"\0\0"  # a zero UDP checksum is not allowed over IPv6
+    with pytest.raises(ip.BadPacket):
+        ip.parse_packet(bytes(udp))
+
+
+def test_ipv6_flow_uses_ipv6_mss() -> None:
+    from wraith_tun import tcp
+
+    syn = ip.parse_packet(ip.build_tcp(A6, B6, 1, 2, 100, 0, ip.SYN, 65535, b"", ip.tcp_syn_options(65000, 7)))
+    assert isinstance(syn, ip.TcpSegment)
+    conn = tcp.TcpConnection(syn, 0.0, tcp.TcpConfig(mtu=9000), iss=1)
+    conn.accept(0.0)
+    (sa_raw,) = conn.packets_to_send()
+    sa = ip.parse_packet(sa_raw)
+    assert isinstance(sa, ip.TcpSegment) and sa.options.mss == 9000 - 60 and sa.dst == A6
+    assert conn.mss == 8940

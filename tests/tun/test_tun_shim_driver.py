@@ -37,6 +37,8 @@ class FakeSocks:
             _ver, _cmd, _rsv, atyp = await r.readexactly(4)
             if atyp == 1:
                 host = socket.inet_ntoa(await r.readexactly(4))
+            elif atyp == 4:
+                host = socket.inet_ntop(socket.AF_INET6, await r.readexactly(16))
             else:
                 ln = (await r.readexactly(1))[0]
                 host = (await r.readexactly(ln)).decode()
@@ -65,14 +67,14 @@ class FakeSocks:
 class App:
     """A hand-driven TCP client on the far side of the fake TUN."""
 
-    def __init__(self, sock: socket.socket, dport: int, dst: bytes = DST, sport: int = 40000):
-        self.sock, self.dport, self.dst, self.sport = sock, dport, dst, sport
+    def __init__(self, sock: socket.socket, dport: int, dst: bytes = DST, sport: int = 40000, src: bytes = APP):
+        self.sock, self.dport, self.dst, self.sport, self.src = sock, dport, dst, sport, src
         self.seq = 1000
         self.ack = 0
 
     def send(self, flags: int, payload: bytes = b"", window: int = 65535, seq: int | None = None) -> bytes:
         opts = ip.tcp_syn_options(1460, None) if flags & SYN else b""
-        pkt = ip.build_tcp(APP, self.dst, self.sport, self.dport, self.seq if seq is None else seq, self.ack, flags,
+        pkt = ip.build_tcp(self.src, self.dst, self.sport, self.dport, self.seq if seq is None else seq, self.ack, flags,
                            window, payload, opts)
         self.sock.send(pkt)
         return pkt
@@ -220,3 +222,18 @@ async def test_slow_app_bounds_memory_and_gets_every_byte(rig: Rig) -> None:
     assert received == BULK
     # bounded: the send buffer (256 KiB) plus one SOCKS read, never the whole 4 MB
     assert 128 * 1024 < peak <= 256 * 1024 + 256 * 1024, peak
+
+
+async def test_ipv6_flow_becomes_socks5_connect_to_ipv6_literal(rig: Rig) -> None:
+    src6 = socket.inet_pton(socket.AF_INET6, "fd77:7772:6169::2")
+    dst6 = socket.inet_pton(socket.AF_INET6, "fd80::1")
+    app = App(rig.tun, 7, dst=dst6, src=src6)
+    await app.connect()
+    app.send(ACK | PSH, b"six")
+    app.seq += 3
+    got = b""
+    while got != b"six":
+        s = await app.recv()
+        got += s.payload
+        app.ack = s.seq + len(s.payload)
+    assert rig.socks.targets == [("fd80::1", 7)]
