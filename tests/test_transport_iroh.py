@@ -222,3 +222,113 @@ def test_patch_speed() -> None:
     slow_t = timed(ns["write"])
     fast_t = min(timed(fast) for _ in range(3))
     assert fast_t * 20 < slow_t, (slow_t, fast_t)
+
+
+# -- the asyncio transport over a QUIC stream: backpressure, half-close, close ---------------
+
+
+class _Recorder(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.transport = None
+        self.data = bytearray()
+        self.eof = asyncio.Event()
+        self.lost = asyncio.Event()
+        self.lost_count = 0
+        self.paused = 0
+        self.resumed = asyncio.Event()
+        self.writing_paused = False
+
+    def connection_made(self, transport) -> None:  # type: ignore[no-untyped-def]
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.data += data
+
+    def eof_received(self) -> bool:
+        self.eof.set()
+        return True  # keep our sending half open (half-close)
+
+    def pause_writing(self) -> None:
+        self.paused += 1
+        self.writing_paused = True
+        self.resumed.clear()
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        self.resumed.set()
+
+    def connection_lost(self, exc) -> None:  # type: ignore[no-untyped-def]
+        self.lost_count += 1
+        self.lost.set()
+
+
+async def test_quic_stream_transport_backpressure_and_half_close() -> None:
+    from wraith_core.transport import iroh as wi
+    from wraith_core.transport.base import TransportInfo
+
+    ffi = wi.load_ffi()
+    opts = lambda **kw: wi.endpoint_options(ffi, "none", bind_addr="127.0.0.1:0", **kw)  # noqa: E731
+    srv = await ffi.Endpoint.bind(opts(alpns=[wi.ALPN]))
+    cli = await ffi.Endpoint.bind(opts())
+    try:
+        async def accept():  # type: ignore[no-untyped-def]
+            inc = await srv.accept_next()
+            conn = await (await inc.accept()).connect()
+            return conn, await conn.accept_bi()
+
+        accepted = asyncio.ensure_future(accept())
+        cconn = await cli.connect(srv.addr(), wi.ALPN)
+        cbi = await cconn.open_bi()
+        a, b = _Recorder(), _Recorder()
+        ta = wi.IrohStreamTransport(cconn, cbi.send(), cbi.recv(), TransportInfo("iroh", "b"))
+        ta.start(a)
+        ta.write(b"hello")  # the peer only sees the stream once something is sent
+        sconn, sbi = await asyncio.wait_for(accepted, 10)
+        tb = wi.IrohStreamTransport(sconn, sbi.send(), sbi.recv(), TransportInfo("iroh", "a"))
+        tb.start(b)
+        tb.pause_reading()
+
+        payload = bytes(range(251)) * (32 * 4096 + 17)  # ~32 MiB, not a multiple of any chunk size
+        view = memoryview(payload)
+        sent, max_buffered = 0, 0
+        deadline = asyncio.get_running_loop().time() + 1
+        while sent < len(view) and asyncio.get_running_loop().time() < deadline:
+            if a.writing_paused:
+                try:
+                    await asyncio.wait_for(a.resumed.wait(), 0.2)
+                except asyncio.TimeoutError:
+                    continue
+            ta.write(view[sent:sent + 65536])
+            sent += len(view[sent:sent + 65536])
+            max_buffered = max(max_buffered, ta.get_write_buffer_size())
+            await asyncio.sleep(0)
+        # the reader is paused: the writer was told to stop, and buffering stayed bounded
+        assert a.paused >= 1 and sent < len(payload)
+        assert max_buffered <= wi.HIGH_WATER + 65536
+        assert len(b.data) < len(payload)
+
+        tb.resume_reading()
+        while sent < len(view):
+            if a.writing_paused:
+                await asyncio.wait_for(a.resumed.wait(), 10)
+            ta.write(view[sent:sent + 65536])
+            sent += len(view[sent:sent + 65536])
+        ta.write_eof()
+        await asyncio.wait_for(b.eof.wait(), 20)
+        assert sha(bytes(b.data)) == sha(b"hello" + payload)
+        # half-close: b can still answer after a's EOF
+        tb.write(b"reply after eof")
+        tb.write_eof()
+        await asyncio.wait_for(a.eof.wait(), 10)
+        assert bytes(a.data) == b"reply after eof"
+        assert not a.lost.is_set() and not b.lost.is_set()
+        ta.close()
+        tb.close()
+        await asyncio.wait_for(asyncio.gather(a.lost.wait(), b.lost.wait()), 10)
+        await asyncio.sleep(0.05)
+        assert a.lost_count == b.lost_count == 1
+        assert ta.is_closing() and tb.is_closing()
+    finally:
+        await wi.wait_idle()
+        await cli.close()
+        await srv.close()

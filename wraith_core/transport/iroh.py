@@ -196,6 +196,8 @@ class IrohStreamTransport(asyncio.Transport):
                 data = await self._recv.read(READ_CHUNK)
                 if not data:
                     break
+                if not self._read_ok.is_set():  # paused while that read was in flight
+                    await self._read_ok.wait()
                 if self._closing:
                     return
                 self._protocol.data_received(data)  # type: ignore[union-attr]
