@@ -84,6 +84,12 @@ class Flow(asyncio.Protocol):
             self.conn.refuse()
             shim.service(self)
             return
+        except Exception as e:  # never leave the app's SYN hanging on a surprise
+            log.warning("SOCKS5 connect failed unexpectedly: %r", e)
+            shim.stats.flows_refused += 1
+            self.conn.refuse()
+            shim.service(self)
+            return
         if self.conn.state is tcp.State.CLOSED:  # the app gave up meanwhile
             sock.close()
             return
