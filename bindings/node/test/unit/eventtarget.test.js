@@ -1,0 +1,236 @@
+'use strict';
+const test = require('node:test');
+const assert = require('node:assert/strict');
+const net = require('node:net');
+const { once } = require('node:events');
+const { createWraithEventTarget, WraithEventTarget } = require('../../lib/eventtarget');
+const { encodeFrame, FrameDecoder } = require('../../lib/framing');
+
+async function socketPair() {
+  const server = net.createServer();
+  server.listen(0, '127.0.0.1');
+  await once(server, 'listening');
+  const accepted = once(server, 'connection');
+  const a = net.connect(server.address().port, '127.0.0.1');
+  await once(a, 'connect');
+  const [b] = await accepted;
+  server.close();
+  return [a, b];
+}
+
+// Collect raw envelopes arriving on a socket (the "peer" seen from the wire).
+function rawReader(sock) {
+  const dec = new FrameDecoder();
+  const got = [];
+  const waiters = [];
+  sock.on('data', (c) => {
+    got.push(...dec.push(c));
+    for (const w of waiters.splice(0)) w();
+  });
+  return {
+    got,
+    async waitFor(n, ms = 2000) {
+      const end = Date.now() + ms;
+      while (got.length < n) {
+        if (Date.now() > end) throw new Error(`timed out waiting for ${n} envelopes, have ${JSON.stringify(got)}`);
+        await new Promise((r) => {
+          waiters.push(r);
+          setTimeout(r, 50);
+        });
+      }
+      return got;
+    },
+  };
+}
+
+const tick = (ms = 30) => new Promise((r) => setTimeout(r, ms));
+
+test('first listener subscribes, last removal unsubscribes, extra listeners do not', { timeout: 10000 }, async () => {
+  const [a, b] = await socketPair();
+  const raw = rawReader(b);
+  const et = createWraithEventTarget({ stream: a });
+  assert.ok(et instanceof EventTarget);
+  assert.ok(et instanceof WraithEventTarget);
+  const f1 = () => {};
+  const f2 = () => {};
+  et.addEventListener('chat', f1);
+  et.addEventListener('chat', f2);
+  et.addEventListener('chat', f1); // duplicate: ignored like EventTarget does
+  et.removeEventListener('chat', f1);
+  await tick();
+  assert.deepEqual(raw.got.map((e) => [e.type, e.payload]), [['__subscribe', { type: 'chat' }]]);
+  et.removeEventListener('chat', f2);
+  const got = await raw.waitFor(2);
+  assert.deepEqual(got[1].type, '__unsubscribe');
+  assert.deepEqual(got[1].payload, { type: 'chat' });
+  assert.equal(typeof got[0].id, 'string');
+  assert.ok(got[0].id.length > 0);
+  await et.close();
+  b.destroy();
+});
+
+test('once listeners and AbortSignal removal also unsubscribe', { timeout: 10000 }, async () => {
+  const [a, b] = await socketPair();
+  const raw = rawReader(a);
+  const sender = createWraithEventTarget({ stream: a, pointToPoint: false });
+  const et = createWraithEventTarget({ stream: b });
+  const seen = [];
+  et.addEventListener('x', (ev) => seen.push(ev.detail), { once: true });
+  const ac = new AbortController();
+  et.addEventListener('y', () => {}, { signal: ac.signal });
+  await raw.waitFor(2);
+  sender.emit('x', 1);
+  sender.emit('x', 2);
+  ac.abort();
+  const got = await raw.waitFor(4);
+  assert.deepEqual(got.map((e) => `${e.type}:${e.payload.type}`).sort(), ['__subscribe:x', '__subscribe:y', '__unsubscribe:x', '__unsubscribe:y']);
+  assert.deepEqual(seen, [1]);
+  await Promise.all([sender.close(), et.close()]);
+});
+
+test('dispatchEvent sends {type,id,payload: detail}; received envelopes are CustomEvents', { timeout: 10000 }, async () => {
+  const [a, b] = await socketPair();
+  const left = createWraithEventTarget({ stream: a });
+  const right = createWraithEventTarget({ stream: b });
+  const got = new Promise((resolve) => right.addEventListener('greet', resolve));
+  // Point-to-point: left only sends what right subscribed to, so wait for the subscription.
+  await left.waitSubscribed('greet', { timeout: 5000 });
+  assert.equal(left.dispatchEvent(new CustomEvent('ignored', { detail: 1 })), false);
+  assert.equal(left.dispatchEvent(new CustomEvent('greet', { detail: { hello: 'wörld', n: [1, 2] } })), true);
+  const ev = await got;
+  assert.ok(ev instanceof CustomEvent);
+  assert.equal(ev.type, 'greet');
+  assert.deepEqual(ev.detail, { hello: 'wörld', n: [1, 2] });
+  assert.equal(typeof ev.id, 'string');
+  // and the other way
+  const back = new Promise((resolve) => left.addEventListener('reply', (e) => resolve(e.detail)));
+  await right.waitSubscribed('reply', { timeout: 5000 });
+  assert.equal(right.emit('reply', 42), true);
+  assert.equal(await back, 42);
+  await Promise.all([left.close(), right.close()]);
+  assert.equal(a.destroyed && b.destroyed, true);
+});
+
+test('point-to-point: unsubscribed types are never put on the wire', { timeout: 10000 }, async () => {
+  const [a, b] = await socketPair();
+  const raw = rawReader(b);
+  const et = createWraithEventTarget({ stream: a });
+  assert.equal(et.emit('nobody', 1), false);
+  b.write(encodeFrame({ type: '__subscribe', id: '1', payload: { type: 'some' } }));
+  while (!et.peerSubscriptions.has('some')) await tick(5);
+  et.emit('nobody', 2);
+  et.emit('some', 3);
+  b.write(encodeFrame({ type: '__unsubscribe', id: '2', payload: { type: 'some' } }));
+  while (et.peerSubscriptions.has('some')) await tick(5);
+  et.emit('some', 4);
+  await tick(50);
+  assert.deepEqual(raw.got.map((e) => [e.type, e.payload]), [['some', 3]]);
+  await et.close();
+  b.destroy();
+});
+
+test('pointToPoint:false sends everything (for a hub that announces nothing)', { timeout: 10000 }, async () => {
+  const [a, b] = await socketPair();
+  const raw = rawReader(b);
+  const et = createWraithEventTarget({ stream: a, pointToPoint: false });
+  et.emit('t1', 'x');
+  et.dispatchEvent(Object.assign(new CustomEvent('t2'), { id: 'my-id' }));
+  const got = await raw.waitFor(2);
+  assert.deepEqual(got[0].type, 't1');
+  assert.deepEqual(got[0].payload, 'x');
+  assert.deepEqual(got[1], { type: 't2', id: 'my-id', payload: null });
+  assert.throws(() => et.emit('__subscribe', {}), TypeError);
+  await et.close();
+  b.destroy();
+});
+
+test('events of types nobody listens to are dropped; __ types are never dispatched', { timeout: 10000 }, async () => {
+  const [a, b] = await socketPair();
+  const et = createWraithEventTarget({ stream: a });
+  const seen = [];
+  et.addEventListener('yes', (e) => seen.push(e.detail));
+  b.write(encodeFrame({ type: 'no', id: '1', payload: 1 }));
+  b.write(encodeFrame({ type: 'yes', id: '2', payload: 2 }));
+  b.write(encodeFrame({ type: '__weird', id: '3', payload: 3 }));
+  b.write(encodeFrame({ type: 'yes', id: '4' }));
+  while (seen.length < 2) await tick(5);
+  assert.deepEqual(seen, [2, null]);
+  const closing = et.close();
+  b.destroy();
+  await closing;
+});
+
+test('malformed frame closes that stream with EFRAME; oversize too', { timeout: 10000 }, async () => {
+  for (const bad of [Buffer.from([0, 0, 0, 3, 0x7b, 0x7b, 0x7b]), Buffer.from([0x7f, 0xff, 0xff, 0xff])]) {
+    const [a, b] = await socketPair();
+    let reported;
+    const et = createWraithEventTarget({ stream: a, onClose: (e) => (reported = e) });
+    const seen = [];
+    et.addEventListener('ok', (e) => seen.push(e.detail));
+    b.write(Buffer.concat([encodeFrame({ type: 'ok', id: '1', payload: 'before' }), bad]));
+    await et.closed;
+    assert.deepEqual(seen, ['before']);
+    assert.equal(et.error.code, 'EFRAME');
+    assert.equal(reported.code, 'EFRAME');
+    assert.equal(et.isClosed, true);
+    assert.equal(et.emit('ok', 1), false);
+    b.destroy();
+  }
+});
+
+test('close() half-closes; the peer adapter closes too; closed resolves on both', { timeout: 10000 }, async () => {
+  const [a, b] = await socketPair();
+  const left = createWraithEventTarget({ stream: a });
+  const right = createWraithEventTarget({ stream: b });
+  await left.close();
+  await right.closed;
+  assert.equal(right.isClosed, true);
+  assert.equal(right.error, null);
+});
+
+test('flush() waits for drain under backpressure', { timeout: 20000 }, async () => {
+  const [a, b] = await socketPair();
+  b.pause();
+  const et = createWraithEventTarget({ stream: a, pointToPoint: false });
+  const big = 'z'.repeat(256 * 1024);
+  let n = 0;
+  while (!et.needsDrain && n < 10000) {
+    assert.equal(et.emit('big', big), true);
+    n++;
+  }
+  assert.equal(et.needsDrain, true, 'the buffer eventually reports full');
+  let flushed = false;
+  const p = et.flush().then(() => (flushed = true));
+  await tick(50);
+  assert.equal(flushed, false);
+  b.resume();
+  await p;
+  assert.equal(flushed, true);
+  await et.close();
+  b.destroy();
+});
+
+test('waitSubscribed: timeout, and rejection when the target closes', { timeout: 10000 }, async () => {
+  const [a, b] = await socketPair();
+  const et = createWraithEventTarget({ stream: a });
+  await assert.rejects(et.waitSubscribed('never', { timeout: 50 }), { code: 'ETIMEDOUT' });
+  const p = et.waitSubscribed('never');
+  b.destroy();
+  await assert.rejects(p, (e) => e instanceof Error);
+});
+
+test('close() destroys the stream when the peer never ends its side', { timeout: 10000 }, async () => {
+  const [a, b] = await socketPair();
+  b.pause(); // never reads, so never sees our EOF
+  const et = createWraithEventTarget({ stream: a, closeTimeout: 200 });
+  const t0 = Date.now();
+  await et.close();
+  assert.ok(Date.now() - t0 < 3000);
+  assert.equal(a.destroyed, true);
+  b.destroy();
+});
+
+test('bad construction is EUSAGE', () => {
+  assert.throws(() => createWraithEventTarget({}), { code: 'EUSAGE' });
+  assert.throws(() => createWraithEventTarget(), { code: 'EUSAGE' });
+});
