@@ -111,7 +111,11 @@ def test_ssh_banner_only_after_client_speaks(stealth) -> None:
         s.settimeout(1.5)
         with pytest.raises(socket.timeout):
             s.recv(1)
-        s.sendall(b"SSH-2.0-probe\r\n")
+        s.sendall(b"SS")  # the prefix may arrive in pieces
+        s.settimeout(0.5)
+        with pytest.raises(socket.timeout):
+            s.recv(1)
+        s.sendall(b"H-2.0-probe\r\n")
         s.settimeout(5)
         assert s.recv(256).startswith(b"SSH-2.0-")
 
