@@ -85,7 +85,8 @@ def server_context(options: ServeOptions) -> ssl.SSLContext:
         try:
             ctx.load_cert_chain(cpath, kpath)
         except ssl.SSLError as exc:
-            raise UsageError(f"cannot load --tls-cert/--tls-key: {exc.reason or exc}") from None
+            raise UsageError("cannot load --tls-cert/--tls-key: expected a PEM certificate (chain) and its "
+                             f"matching PEM private key ({exc.reason or exc})") from None
     return ctx
 
 
