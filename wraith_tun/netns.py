@@ -16,6 +16,7 @@ import asyncio
 import ctypes
 import ipaddress
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -28,6 +29,7 @@ CLONE_NEWNET = 0x40000000
 MS_BIND = 4096
 MS_REC = 16384
 MS_PRIVATE = 1 << 18
+PR_SET_PDEATHSIG = 1
 
 
 class NamespaceError(Exception):
@@ -175,6 +177,10 @@ def child_main(argv: list[str]) -> int:
     if sock.recv(1) != b"g":
         return 126
     sock.close()
+    # without the shim the namespace has no network: if the shim dies, so does CMD
+    _libc().prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() == 1:
+        return 126
     try:
         os.execvp(cmd[0], cmd)
     except OSError as e:

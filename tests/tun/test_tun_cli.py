@@ -69,3 +69,33 @@ def test_imports_nothing_of_wraith_core_or_ssh() -> None:
             "print(bad); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=30)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_cmd_ends_when_the_shim_is_killed() -> None:
+    import os
+    import signal
+    import time
+
+    p = subprocess.Popen(["unshare", "-n", sys.executable, "-m", "wraith_tun", "--unshare", "--", "sh", "-c",
+                          "echo $$; exec sleep 60"], stdout=subprocess.PIPE, env=_env())
+    try:
+        assert p.stdout is not None
+        pid = int(p.stdout.readline())
+        assert os.path.exists(f"/proc/{pid}")
+        p.send_signal(signal.SIGKILL)  # `unshare -n` execs, so this is the shim itself
+        p.wait(timeout=10)
+        def alive() -> bool:
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie is dead
+            except FileNotFoundError:
+                return False
+
+        deadline = time.monotonic() + 10
+        while alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not alive(), "CMD outlived the shim"
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
