@@ -69,3 +69,31 @@ async def test_serve_and_open_stream_in_process(keys: Keys, tmp_path, transport:
         await server.close()
         await server.runner.acceptor.wait_closed()
         await drain_transports()
+
+
+async def test_iroh_authorized_keys_from_option(keys: Keys, tmp_path) -> None:
+    """authorized_keys from= sees the iroh peer's UDP source address (direct path)."""
+    from wraith_core import open_stream, serve
+    from wraith_core.errors import AuthError
+    from wraith_core.options import ConnectOptions
+    from wraith_core.transport.base import drain_transports
+
+    pub = keys.client_pub.read_text().strip()
+    for pattern, allowed in (("127.0.0.1", True), ("10.9.9.9", False)):
+        opts = _serve_options(keys, "iroh", Certs.make(tmp_path / "c")).replace(
+            authorized_keys=f'from="{pattern}" {pub}\n'.encode())
+        server = await serve(opts, on_connection=lambda s, i: s.close())
+        try:
+            ticket = next(ln.split(" ", 1)[1] for ln in server.addresses() if ln.startswith("ticket "))
+            copts = ConnectOptions(transport="iroh", peer=ticket, iroh_relay="none", socks5=None,
+                                   identity=keys.client.read_bytes(), host_key=keys.host_pub.read_bytes())
+            if allowed:
+                stream = await open_stream(copts)
+                stream.close()
+            else:
+                with pytest.raises(AuthError):
+                    await open_stream(copts)
+        finally:
+            await server.close()
+            await server.runner.acceptor.wait_closed()
+            await drain_transports()

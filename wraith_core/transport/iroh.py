@@ -110,9 +110,11 @@ class IrohStreamTransport(asyncio.Transport):
     """An asyncio transport over one QUIC bi-stream (send half + recv half)."""
 
     def __init__(self, conn: Any, send: Any, recv: Any, info: TransportInfo,
-                 on_closed: Any = None) -> None:
+                 on_closed: Any = None, peername: tuple[str, int] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
-        peer = (info.remote_addr, 0)
+        # asyncssh matches authorized_keys from= patterns against peername's IP: give it the
+        # UDP source of a direct path, or an address no sensible pattern allows (relayed)
+        peer = peername or ("0.0.0.0", 0)
         super().__init__(extra={"wraith_transport_info": info, "peername": peer,
                                 "iroh_connection": conn})
         self._conn = conn
@@ -444,7 +446,13 @@ class IrohAcceptor:
     async def _handle(self, incoming: Any, protocol_factory: ProtocolFactory) -> None:
         grace = self._options.login_grace_time
         conn = None
+        peername: tuple[str, int] | None = None
         try:
+            with contextlib.suppress(Exception):
+                source = await asyncio.wait_for(incoming.remote_addr(), grace)
+                host, _, port = str(getattr(source, "addr", "")).rpartition(":")
+                if host and port.isdigit():
+                    peername = (host.strip("[]"), int(port))
             accepting = await asyncio.wait_for(incoming.accept(), grace)
             conn = await asyncio.wait_for(accepting.connect(), grace)
             if bytes(conn.alpn()) != ALPN:
@@ -460,7 +468,7 @@ class IrohAcceptor:
                     conn.close(1, b"")
             return
         info = TransportInfo("iroh", str(conn.remote_id()))
-        transport = IrohStreamTransport(conn, bi.send(), bi.recv(), info)
+        transport = IrohStreamTransport(conn, bi.send(), bi.recv(), info, peername=peername)
         transport._on_closed = lambda: self._transports.discard(transport)
         self._transports.add(transport)
         transport.start(protocol_factory())
