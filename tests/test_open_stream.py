@@ -78,3 +78,27 @@ async def test_key_bytes_and_env_defaults(keys: Keys, server: int, monkeypatch) 
     with pytest.raises(ChannelError) as e:
         await open_stream(o, target=f"127.0.0.1:{free_port()}")
     assert e.value.code == "ECONNREFUSED"
+
+
+async def test_streamlocal_channel_against_sshd(keys: Keys, tmp_path, procs) -> None:
+    """The channel manager's streamlocal channels, against OpenSSH (which serves them)."""
+    from openssh import start_sshd
+
+    sshd, port = await asyncio.to_thread(start_sshd, keys, tmp_path)
+    procs.append(sshd)
+    kh = tmp_path / "kh"
+    kh.write_text(f"[127.0.0.1]:{port} {keys.host_pub.read_text()}")
+    path = str(tmp_path / "app.sock")
+
+    async def echo(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(await r.read())
+        w.close()
+
+    srv = await asyncio.start_unix_server(echo, path)
+    s = await open_stream(ConnectOptions(server=f"root@127.0.0.1:{port}", identity=str(keys.client),
+                                         known_hosts=str(kh)), target=f"unix:{path}")
+    s.write(b"over a unix socket")
+    s.write_eof()
+    assert await s.read(-1) == b"over a unix socket"
+    s.close()
+    srv.close()

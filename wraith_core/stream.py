@@ -30,20 +30,27 @@ def parse_target(target: str) -> tuple[str, int]:
 
 
 async def open_stream(options: ConnectOptions, target: str = CONTROL_TARGET, **overrides: Any) -> DuplexStream:
-    """Connect (no reconnect), open one direct-tcpip channel to ``target``, return the stream.
+    """Connect (no reconnect), open one channel to ``target``, return the stream.
 
-    ``target="wraith-control:0"`` (the default) joins the server's event bus.
+    ``target`` is ``host:port`` (a direct-tcpip channel), ``unix:/path`` (a
+    streamlocal channel to a Unix socket on the server, where the server
+    supports it, e.g. OpenSSH), or ``wraith-control:0`` (the default: the
+    server's event bus).
     """
     if overrides:
         options = options.replace(**overrides)
-    host, port = parse_target(target)
+    unix_path = target[5:] if target.startswith("unix:") else None
+    host, port = ("", 0) if unix_path else parse_target(target)
     session = Session(options, reconnect=False)
     await session.start()
     manager = ChannelManager(session)
-    stream = SessionStream(info={"target": (host, port)})
+    stream = SessionStream(info={"target": unix_path or (host, port)})
     stream.session = session
     try:
-        await manager.open_relay(stream, host, port)  # type: ignore[arg-type]
+        if unix_path:
+            await manager.open_unix_relay(stream, unix_path)  # type: ignore[arg-type]
+        else:
+            await manager.open_relay(stream, host, port)  # type: ignore[arg-type]
     except BaseException:
         await session.close()
         raise

@@ -71,14 +71,15 @@ class ChannelManager:
         await self.open_relay(stream, host, port)  # type: ignore[arg-type]
         return stream
 
-    async def open_unix_stream(self, path: str) -> DuplexStream:
+    async def open_unix_relay(self, end: RelayEnd, path: str) -> None:
+        """Open a streamlocal channel (a Unix socket on the server) running ``end``."""
         conn = await self._conn()
-        stream = DuplexStream()
         try:
-            await conn.create_unix_connection(lambda: stream, path, **self._window)
+            await conn.create_unix_connection(lambda: end, path, **self._window)
         except asyncssh.ChannelOpenError as exc:
             raise _failure(exc) from None
-        return stream
+        except (asyncssh.Error, OSError) as exc:
+            raise ChannelOpenFailed(f"channel open failed: {exc}", Reply.GENERAL_FAILURE, "ESESSION") from None
 
     # -- remote forwards (-R) ------------------------------------------------------
 
