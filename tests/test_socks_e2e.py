@@ -107,3 +107,35 @@ def test_target_that_speaks_first(tunnel) -> None:
         srv.close()
 
     asyncio.run(main())
+
+
+def test_request_data_and_eof_in_one_go(tunnel) -> None:
+    """A client that pipelines greeting + request + payload + FIN before any reply still gets its answer."""
+    _, _, socks = tunnel
+    import hashlib
+    import threading
+
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen()
+    port = lsock.getsockname()[1]
+
+    def target() -> None:
+        conn, _ = lsock.accept()
+        data = b""
+        while part := conn.recv(65536):
+            data += part
+        conn.sendall(hashlib.sha256(data).digest())
+        conn.close()
+
+    threading.Thread(target=target, daemon=True).start()
+    payload = b"x" * 5000
+    with socket.create_connection(("127.0.0.1", socks), timeout=10) as s:
+        s.sendall(b"\x05\x01\x00" + b"\x05\x01\x00\x01\x7f\x00\x00\x01" + struct.pack(">H", port) + payload)
+        s.shutdown(socket.SHUT_WR)
+        got = b""
+        while part := s.recv(65536):
+            got += part
+    assert got[:12] == b"\x05\x00" + b"\x05\x00\x00\x01" + bytes(6)
+    assert got[12:] == hashlib.sha256(payload).digest()
+    lsock.close()

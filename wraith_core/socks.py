@@ -22,7 +22,7 @@ HANDSHAKE_TIMEOUT = 30.0
 
 
 class _SocksConn(asyncio.Protocol):
-    __slots__ = ("_listener", "_codec", "_transport", "_timer", "_lost")
+    __slots__ = ("_listener", "_codec", "_transport", "_timer", "_lost", "_eof")
 
     def __init__(self, listener: Socks5Listener) -> None:
         self._listener = listener
@@ -30,6 +30,7 @@ class _SocksConn(asyncio.Protocol):
         self._transport: Any = None
         self._timer: asyncio.TimerHandle | None = None
         self._lost = False
+        self._eof = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport
@@ -62,6 +63,7 @@ class _SocksConn(asyncio.Protocol):
         if self._codec.state not in ("wait_reply", "done"):
             self._cancel_timer()
             return False
+        self._eof = True  # the client half-closed right after its request: pass it on later
         return True
 
     def connection_lost(self, exc: BaseException | None) -> None:
@@ -102,6 +104,8 @@ class _SocksConn(asyncio.Protocol):
         transport.resume_reading()
         if trailing:
             sock_end.data_received(trailing)
+        if self._eof:
+            sock_end.eof_received()
 
 
 class Socks5Listener:
