@@ -51,7 +51,6 @@ class Unshared:
 
     async def wait(self) -> int:
         rc = await self.proc.wait()
-        self.tmpdir.cleanup()
         return 128 - rc if rc < 0 else rc
 
 
@@ -89,6 +88,8 @@ async def spawn(cmd: list[str], iface: ipaddress.IPv4Interface, mtu: int, dns_ad
         rc = await proc.wait()
         tmpdir.cleanup()
         raise NamespaceError(msg.decode(errors="replace").strip() or f"namespace setup failed (exit {rc})")
+    # the bind mount keeps the file alive inside CMD's mount namespace: nothing to leave behind
+    tmpdir.cleanup()
     return Unshared(proc, fds[0], msg.decode().strip(), parent, tmpdir)
 
 
