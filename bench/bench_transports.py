@@ -9,7 +9,7 @@ loopback (iroh: relays off). Measured, interleaved so drift hits all alike:
 * channel latency: SOCKS5 connect + request + first byte over the live
   session (median and p99 of PROBES);
 * session setup: transport connect + SSH handshake + auth from the library
-  (``Session.start()``), median and p99 of SETUPS.
+  (``Session.start()``, round robin over the transports), median and p99 of SETUPS.
 
 Ratios are relative to tcp in the same run. Usage::
 
@@ -72,19 +72,22 @@ def start_pairs(keys: Keys, certs: Certs, tmp: Path, procs: list[Proc]) -> dict[
     return pairs
 
 
-async def session_setups(keys: Keys, opts: dict, n: int) -> list[float]:
+async def session_setups(keys: Keys, pairs: dict[str, dict], names: list[str], n: int) -> dict[str, list[float]]:
+    """Full session setups (transport + SSH handshake + auth), round robin over the transports."""
     from wraith_core.options import ConnectOptions
     from wraith_core.ssh.client import Session
     from wraith_core.transport.base import drain_transports
 
-    times: list[float] = []
+    times: dict[str, list[float]] = {name: [] for name in names}
     for _ in range(n):
-        o = ConnectOptions(identity=str(keys.client), host_key=str(keys.host_pub), socks5=None, **opts)
-        s = Session(o, reconnect=False)
-        t0 = time.perf_counter()
-        await s.start()
-        times.append(time.perf_counter() - t0)
-        await s.close()
+        for name in names:
+            o = ConnectOptions(identity=str(keys.client), host_key=str(keys.host_pub), socks5=None,
+                               **pairs[name]["opts"])
+            s = Session(o, reconnect=False)
+            t0 = time.perf_counter()
+            await s.start()
+            times[name].append(time.perf_counter() - t0)
+            await s.close()
     await drain_transports()
     return times
 
@@ -124,10 +127,10 @@ def main() -> int:
                 res[n]["lat"].append(connect_latency(pairs[n]["socks"], tport))
         loop = tuning.new_event_loop()
         try:
-            for n in names:
-                if n == "iroh-nopatch":
-                    continue  # the fix does not matter for a handshake's few KiB
-                res[n]["setup"] = loop.run_until_complete(session_setups(keys, pairs[n]["opts"], args.setups))
+            # iroh-nopatch is left out: the fix does not matter for a handshake's few KiB
+            timed = [n for n in names if n != "iroh-nopatch"]
+            for n, v in loop.run_until_complete(session_setups(keys, pairs, timed, args.setups)).items():
+                res[n]["setup"] = v
         finally:
             loop.close()
     finally:
