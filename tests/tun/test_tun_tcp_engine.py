@@ -597,3 +597,49 @@ def test_long_transfer_both_ways_with_random_loss_dup_and_reorder(seed: int) -> 
     assert hashlib.sha256(bytes(got)).digest() == hashlib.sha256(up).digest()
     assert conn.at_eof
     assert conn.state in (tcp.State.TIME_WAIT, tcp.State.CLOSED)
+
+
+# ---- fuzz: any segment sequence keeps the engine sane ------------------------------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_segment = st.tuples(
+    st.sampled_from([ACK, ACK | PSH, ACK | FIN, RST, SYN, ACK | RST, SYN | ACK, FIN, 0]),
+    st.one_of(st.just(0), st.integers(-3000, 3000), st.integers(-70000, 70000)),  # seq vs what the engine expects
+    st.one_of(st.just(0), st.integers(-3000, 0), st.integers(-70000, 70000)),  # ack vs what the engine sent
+    st.binary(max_size=3000),
+    st.integers(0, 65535),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(_segment, st.sampled_from(["send", "read", "shutdown", "timer"])), max_size=40))
+def test_random_segments_and_calls_never_break_invariants(steps: list[object]) -> None:
+    cfg = tcp.TcpConfig(rcv_buf=8192, snd_buf=8192)
+    conn = established(cfg, mss=1000)
+    now = 0.1
+    for step in steps:
+        now += 0.05
+        if step == "send":
+            conn.send(b"s" * min(conn.send_space, 5000), now)
+        elif step == "read":
+            conn.read()
+        elif step == "shutdown":
+            conn.shutdown(now)
+        elif step == "timer":
+            when = conn.next_deadline()
+            if when is not None:
+                now = max(now, when)
+                conn.on_timer(now)
+        else:
+            flags, dseq, dack, payload, window = step  # type: ignore[misc]
+            seq = (conn.rcv_nxt + dseq) & 0xFFFFFFFF
+            ack = (conn.snd_nxt + dack) & 0xFFFFFFFF
+            conn.receive(mk(flags, seq, ack, payload, window=window, mss=None), now)
+        for pkt in conn.packets_to_send():
+            assert isinstance(ip.parse_packet(pkt), ip.TcpSegment)
+        conn.events()
+        assert conn.readable + conn._ooo_bytes <= cfg.rcv_buf
+        assert conn.unacked <= cfg.snd_buf
+        assert conn.snd_una <= conn.snd_nxt <= conn.snd_max
