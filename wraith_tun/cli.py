@@ -6,19 +6,11 @@ import argparse
 import asyncio
 import ipaddress
 import logging
-import os
-import signal
 import sys
 from collections.abc import Callable, Coroutine
-from dataclasses import asdict
 from typing import Any, NoReturn
 
-from .device import DeviceError, create_tun
-from .dns import VirtualDns
-from .netns import NamespaceError
-from .routes import RouteError, RouteSetup
-from .shim import Shim, ShimConfig
-from .tcp import TcpConfig
+from .api import TunError, TunOptions, run_device, run_unshare
 
 log = logging.getLogger("wraith_tun")
 
@@ -69,14 +61,6 @@ def _hostport(s: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def _dns_addr_default(iface: ipaddress.IPv4Interface) -> str:
-    net = iface.network
-    nxt = iface.ip + 1
-    if nxt in net and nxt != net.broadcast_address:
-        return str(nxt)
-    return str(iface.ip - 1)
-
-
 def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     cmd: list[str] = []
     if "--" in argv:
@@ -105,9 +89,7 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         a.bypass_nets = [ipaddress.ip_network(b, strict=False) for b in a.bypass]
     except ValueError as e:
         raise UsageError(f"--bypass: {e}") from None
-    if a.dns_addr is None:
-        a.dns_addr = _dns_addr_default(a.iface)
-    else:
+    if a.dns_addr is not None:
         try:
             dns_ip = ipaddress.IPv4Address(a.dns_addr)
         except ValueError:
@@ -125,66 +107,12 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return a, cmd
 
 
-def _config(a: argparse.Namespace) -> ShimConfig:
-    return ShimConfig(
-        socks_host=a.socks_host, socks_port=a.socks_port, tcp=TcpConfig(mtu=a.mtu),
-        max_flows=a.max_flows, dns=VirtualDns() if a.dns == "virtual" else None,
+def options(a: argparse.Namespace) -> TunOptions:
+    return TunOptions(
+        socks5=(a.socks_host, a.socks_port), tun_addr=a.iface, tun_addr6=a.iface6, tun_name=a.tun_name,
+        mtu=a.mtu, dns=a.dns == "virtual", dns_addr=a.dns_addr, max_flows=a.max_flows,
+        setup=a.setup, bypass=a.bypass_nets,
     )
-
-
-def _report(shim: Shim) -> None:
-    log.info("stopped: %s", " ".join(f"{k}={v}" for k, v in asdict(shim.stats).items()))
-
-
-async def _run_unshare(a: argparse.Namespace, cmd: list[str]) -> int:
-    from . import netns
-
-    un = await netns.spawn(cmd, a.iface, a.mtu, a.dns_addr if a.dns == "virtual" else None, a.tun_name, a.iface6)
-    loop = asyncio.get_running_loop()
-    shim = Shim(un.fd, _config(a), loop, vnet_hdr=True)
-    shim.start()
-
-    def forward(sig: int) -> None:
-        try:
-            un.proc.send_signal(sig)
-        except ProcessLookupError:
-            pass
-
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        loop.add_signal_handler(sig, forward, sig)
-    un.go()
-    try:
-        return await un.wait()
-    finally:
-        shim.stop()
-        os.close(un.fd)
-        _report(shim)
-
-
-async def _run_device(a: argparse.Namespace) -> int:
-    loop = asyncio.get_running_loop()
-    dev = create_tun(a.tun_name, a.iface, a.mtu, iface6=a.iface6)
-    routes: RouteSetup | None = None
-    shim = Shim(dev.fd, _config(a), loop, vnet_hdr=dev.vnet_hdr)
-    try:
-        if a.setup:
-            routes = RouteSetup(dev.name, a.bypass_nets, ipv6=a.iface6 is not None)
-            routes.apply()
-        shim.start()
-        stop = asyncio.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            loop.add_signal_handler(sig, stop.set)
-        log.info("ready dev=%s addr=%s dns=%s socks5=%s:%d routes=%s", dev.name, a.iface,
-                 a.dns_addr if a.dns == "virtual" else "off", a.socks_host, a.socks_port,
-                 "all" if a.setup else "none")
-        await stop.wait()
-        return 0
-    finally:
-        shim.stop()
-        if routes is not None:
-            routes.remove()
-        dev.close()
-        _report(shim)
 
 
 def _raise_fd_limit(flows: int) -> None:
@@ -219,8 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         pass
     try:
-        return runner(_run_unshare(a, cmd) if a.unshare else _run_device(a))
-    except (DeviceError, RouteError, NamespaceError) as e:
+        opts = options(a)
+        return runner(run_unshare(opts, cmd) if a.unshare else run_device(opts))
+    except TunError as e:
         print(f"wraith-tun: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -246,3 +246,18 @@ except socket.timeout:
     assert "default dev wtun" in out, out
     assert "v6=0" in out and "closed6=7" in out and "udp6=refused" in out, (out, r.stderr)
     assert hashlib.sha256((net.tmp / "v6").read_bytes()).hexdigest() == wnet.files["mid.bin"]
+
+
+def test_library_api_run_unshare(wnet: WraithNet) -> None:
+    net = wnet.net
+    host, port = wnet.socks.rsplit(":", 1)
+    code = f"""
+import asyncio
+from wraith_tun import TunOptions, run_unshare
+opts = TunOptions(socks5=({host!r}, {port}), tun_addr6=None)
+rc = asyncio.run(run_unshare(opts, ["curl", "-sS", "-o", "{net.tmp}/api", "{URL_NAME}/mid.bin"], forward_signals=False))
+print("rc", rc)
+"""
+    r = net.run(net.client, sys.executable, "-c", code)
+    assert r.stdout.decode().strip() == "rc 0", r.stderr
+    assert hashlib.sha256((net.tmp / "api").read_bytes()).hexdigest() == wnet.files["mid.bin"]
