@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from helpers import HTTPFiles, Keys, curl, sha, start_client, start_server, wait_for_log
-from transport_helpers import Certs, tls_server_args
+from transport_helpers import Certs, start_client_args, tls_server_args
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -32,8 +32,10 @@ def _fetch_all(socks: int, files: HTTPFiles) -> None:
 
 
 def test_tls_verified_with_ca(keys, certs, tls_server, files, tmp_path, procs) -> None:
+    """Verified against --tls-ca; SNI and the checked name default to the --server host name."""
     server, port = tls_server
-    client, socks = start_client(keys, tmp_path, port, "--transport", "tls", "--tls-ca", str(certs.ca))
+    client, socks = start_client_args(keys, tmp_path, ["--server", f"localhost:{port}", "--transport", "tls",
+                                                       "--tls-ca", str(certs.ca)])
     procs.append(client)
     _fetch_all(socks, files)
     assert "transport=tls" in server.log()

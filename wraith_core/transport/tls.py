@@ -56,6 +56,8 @@ def client_context(options: ConnectOptions) -> ssl.SSLContext:
         data = _read_pem(options.tls_ca, "TLS CA")
         ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cadata=_pem_text(data, "--tls-ca"))
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    # offer what an HTTPS client offers (a stealth server answers like nginx: http/1.1)
+    ctx.set_alpn_protocols(["http/1.1"])
     return ctx
 
 
