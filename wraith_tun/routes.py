@@ -49,7 +49,13 @@ class RouteSetup:
             for net, path in plans:
                 if path is None:
                     continue
-                self._add([str(net), *path])
+                try:
+                    self._add([str(net), *path])
+                except RouteError as e:
+                    if "File exists" not in str(e):
+                        raise
+                    # that exact route exists already (e.g. an on-link network): it outranks our /1s
+                    log.debug("bypass %s: route exists, kept as is", net)
             self._add(["0.0.0.0/1", "dev", self.dev])
             self._add(["128.0.0.0/1", "dev", self.dev])
             if self.ipv6:

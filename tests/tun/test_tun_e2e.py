@@ -144,7 +144,8 @@ def test_route_all_with_bypass_and_cleanup_on_sigterm(wnet: WraithNet) -> None:
     before = _routes(wnet)
     assert _whoami(wnet) == CLIENT_ADDR  # plain route: the server sees the client's veth address
     p = net.start(net.client, *wraith_tun_cmd("--socks5", wnet.socks, "--tun-name", "wtrouteall", "--setup",
-                                              "--bypass", f"{SERVICE_ADDR}/32"), stderr=subprocess.PIPE)
+                                              "--bypass", f"{SERVICE_ADDR}/32", "--bypass", "10.77.0.0/30"),
+                  stderr=subprocess.PIPE)  # the second one exists already (on-link): kept as is
     assert p.stderr is not None
     line = p.stderr.readline().decode()
     assert "ready" in line, line
