@@ -317,7 +317,8 @@ class TcpConnection:
         payload = seg.payload
         seg_len = len(payload) + (1 if flags & FIN else 0)
         wnd = self._rcv_wnd()
-        acceptable = self._acceptable(seq, seg_len, wnd)
+        # a bare FIN at the expected place takes no buffer space: accept it even in a zero window
+        acceptable = self._acceptable(seq, seg_len, wnd) or (seg_len == 1 and not payload and seq == self.rcv_nxt)
         if not acceptable:
             # out of window (old duplicate or zero window): its ACK may still be news
             if flags & ACK and seq <= self.rcv_nxt + wnd:
@@ -337,7 +338,7 @@ class TcpConnection:
             self._receive_data(seq, payload)
         if flags & FIN and self.state in _CAN_RECEIVE | {State.CLOSE_WAIT, State.CLOSING, State.LAST_ACK, State.TIME_WAIT}:
             fin_seq = seq + len(payload)
-            if self._peer_fin_seq is None and fin_seq <= self.rcv_nxt + wnd:
+            if self._peer_fin_seq is None and fin_seq <= self.rcv_nxt + max(wnd, 0):
                 self._peer_fin_seq = fin_seq
             self._ack_pending = True
         self._check_fin(now)

@@ -185,6 +185,17 @@ def test_receive_window_bounds_memory_and_reopens() -> None:
     assert upd.window == 4096 and upd.ack == seq
 
 
+def test_fin_is_taken_even_in_a_zero_window() -> None:
+    cfg = tcp.TcpConfig(rcv_buf=1024)
+    conn = established(cfg)
+    conn.receive(mk(ACK, ISN + 1, ISS + 1, b"x" * 1024), 0.1)
+    assert out(conn)[0].window == 0
+    conn.receive(mk(ACK | FIN, ISN + 1025, ISS + 1), 0.2)
+    (a,) = out(conn)
+    assert a.ack == ISN + 1026 and conn.state is tcp.State.CLOSE_WAIT
+    assert conn.read() == b"x" * 1024 and conn.at_eof
+
+
 def test_out_of_order_memory_is_bounded_by_window() -> None:
     cfg = tcp.TcpConfig(rcv_buf=4096)
     conn = established(cfg)
