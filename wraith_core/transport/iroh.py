@@ -72,7 +72,12 @@ def load_ffi() -> Any:
 
 
 def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
+    text = ""
+    message = getattr(exc, "message", None)  # IrohError carries its text in message()
+    if callable(message):
+        with contextlib.suppress(Exception):
+            text = str(message())
+    text = (text or str(exc)).strip() or type(exc).__name__
     return " ".join(text.split())[:300]
 
 
@@ -381,6 +386,9 @@ class IrohConnector:
         except Exception as exc:
             await shutdown()
             raise ConnectError(f"cannot connect to {self.describe()}: {_one_line(exc)}") from None
+        except BaseException:  # cancelled: do not leave the endpoint behind
+            await asyncio.shield(shutdown())
+            raise
         info = TransportInfo("iroh", str(conn.remote_id()))
         transport = IrohStreamTransport(conn, bi.send(), bi.recv(), info, on_closed=shutdown)
         protocol = protocol_factory()
