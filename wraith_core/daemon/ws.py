@@ -43,6 +43,7 @@ log = logging.getLogger("wraith.daemon")
 OPEN_TIMEOUT = 10.0
 ACCEPT_TIMEOUT = 30.0
 CLOSE_GRACE = 5.0
+CHANNEL_HIGH_WATER = 2 * 1024 * 1024
 WS_SETTINGS: dict[str, Any] = {
     "compression": None,             # no permessage-deflate: bytes are opaque, CPU matters
     "max_size": ipc.MAX_MESSAGE,
@@ -189,8 +190,9 @@ class IPCServer:
             raise map_error(exc) from None
         try:
             assert entry.manager is not None
+            stream = ChannelStream(info={"target": (host, port)})
             try:
-                stream = await entry.manager.open_stream(host, port)
+                await entry.manager.open_relay(stream, host, port)  # type: ignore[arg-type]
             except WraithError as exc:
                 raise map_error(exc, "ECHANNEL") from None
             sid = self._id("s")
@@ -294,6 +296,8 @@ class IPCServer:
         if p is None:
             raise ipc.IPCError(f"no incoming stream {msg.id!r} waits to be accepted", "EUSAGE")
         p.timer.cancel()
+        if type(p.stream) is DuplexStream:
+            p.stream.__class__ = ChannelStream  # same layout; flow control that holds (see above)
         await ws.send(ipc.encode(ipc.Opened("accept", msg.id, {"info": p.info})))
         await self._run_stream(ws, p.stream, msg.id, "accept", None)
 
@@ -321,6 +325,41 @@ class IPCServer:
             self.bus.feeds.discard(feed)
 
 
+class ChannelStream(DuplexStream):
+    """A DuplexStream whose flow control holds with asyncssh's window accounting.
+
+    asyncssh sends a window adjust (back to the full window) whenever it
+    delivers a buffered packet, however much is still buffered behind it. A
+    protocol that pauses again after one packet of a resume-flush therefore
+    lets the sender add up to a window per resume: memory grows without bound
+    under a slow reader (measured: 700 MB for one stream). So: during the flush
+    that ``resume_reading()`` runs, take everything asyncssh holds, and pause
+    only afterwards. Bound: ``limit / 2`` + one SSH window per stream.
+    """
+
+    _flushing = False
+
+    def data_received(self, data: bytes, datatype: Any = None) -> None:
+        self._buf += data
+        self._wake_reader()
+        if (not self._read_paused and not self._flushing and len(self._buf) > self._limit
+                and self._transport is not None):
+            self._read_paused = True
+            self._transport.pause_reading()
+
+    def _maybe_resume(self) -> None:
+        if self._read_paused and len(self._buf) <= self._limit // 2 and self._transport is not None:
+            self._read_paused = False
+            self._flushing = True
+            try:
+                self._transport.resume_reading()
+            finally:
+                self._flushing = False
+            if len(self._buf) > self._limit and not self._read_paused:
+                self._read_paused = True
+                self._transport.pause_reading()
+
+
 class _Pending:
     __slots__ = ("stream", "info", "timer")
 
@@ -340,6 +379,10 @@ class _Pump:
     def __init__(self, ws: ServerConnection, stream: DuplexStream) -> None:
         self.ws = ws
         self.stream = stream
+        transport = getattr(stream, "_transport", None)
+        if transport is not None and hasattr(transport, "set_write_buffer_limits"):
+            # let a couple of client messages queue in the channel while the window opens
+            transport.set_write_buffer_limits(high=CHANNEL_HIGH_WATER)
         self.client_eof = False
         self.daemon_eof = False
         self.clean = False
