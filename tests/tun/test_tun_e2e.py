@@ -262,3 +262,15 @@ print("rc", rc)
     r = net.run(net.client, sys.executable, "-c", code)
     assert r.stdout.decode().strip() == "rc 0", r.stderr
     assert hashlib.sha256((net.tmp / "api").read_bytes()).hexdigest() == wnet.files["mid.bin"]
+
+
+def test_user_namespace_path(wnet: WraithNet) -> None:
+    # what an unprivileged user gets: CMD is root only inside its own user namespace
+    net = wnet.net
+    script = f"cat /proc/self/uid_map; curl -sS -o {net.tmp}/userns {URL_NAME}/mid.bin; echo rc=$?"
+    r = net.run(net.client, "env", "WRAITH_TUN_USERNS=1",
+                *wraith_tun_cmd("-v", "--socks5", wnet.socks, "--unshare", "--", "sh", "-c", script), timeout=60)
+    out = r.stdout.decode()
+    assert out.split()[:3] == ["0", "0", "1"], (out, r.stderr)  # a 1-uid map, not the initial namespace's
+    assert "rc=0" in out
+    assert hashlib.sha256((net.tmp / "userns").read_bytes()).hexdigest() == wnet.files["mid.bin"]
