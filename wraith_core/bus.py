@@ -177,6 +177,7 @@ class Hub:
                     return None
                 if m.dropped:
                     return None
+            await asyncio.sleep(0)  # let writers flush between chunks, even when more input is buffered
         return None
 
     async def _write_loop(self, m: _Member) -> None:
