@@ -274,6 +274,7 @@ def run_wire(cns: str, cdev: str, sns: str, sdev: str, spec: str) -> None:
                     pkt = os.read(fds[src], 65536)
                 except BlockingIOError:
                     return
+                stats["max_len"] = max(stats["max_len"], len(pkt))
                 if loss and rng.random() < loss:
                     stats["dropped"] += 1
                     continue

@@ -348,7 +348,9 @@ async def test_ssh_port_hostile_keeps_serving(keys: Keys, tmp_path: Path, procs:
     serving the connected client and accepts a new one; unauthenticated connections (silent,
     banner only, trickling) are closed at the login grace time."""
     grace = 3.0
-    server, sport = start_server(keys, tmp_path, "--login-grace-time", str(grace))
+    # a per-IP limit well above what this test holds at once (~100): if hostile connections leaked
+    # their per-IP count, the client started after the storm would be refused
+    server, sport = start_server(keys, tmp_path, "--login-grace-time", str(grace), "--max-connections-per-ip", "200")
     procs.append(server)
     client, socks = start_client(keys, tmp_path, sport)
     procs.append(client)
@@ -395,6 +397,12 @@ async def test_ssh_port_hostile_keeps_serving(keys: Keys, tmp_path: Path, procs:
     assert fds(server) <= fds0 + 10, (fds0, fds(server))
     assert server.p.poll() is None and "Traceback" not in server.log(), server.log()[-3000:]
     wait_for_log(server, "connection closed", count=sum(outcomes.values()) // 2)
+    client3, socks3 = await asyncio.to_thread(start_client, keys, tmp_path, sport, name="connect3")
+    procs.append(client3)
+    last: list[tuple[bool, float, str]] = []
+    await good_client(socks3, echo_target, loop.time() + 1, last)
+    check_good(last, at_least=2)
+    assert "max-connections-per-ip" not in server.log()
     print(f"\nSSH storm: {sum(outcomes.values())} hostile connections, {len(good)} + {len(more)} good transfers; "
           f"unauthenticated closed at {min(closed_at):.1f}-{max(closed_at):.1f} s (grace {grace} s)", file=sys.stderr)
 
@@ -431,3 +439,69 @@ async def test_socks_handshake_timeout_in_process() -> None:
             wr.close()
     finally:
         listener.close()
+
+
+@pytest.mark.timeout(60)
+async def test_slow_readers_bounded_memory(keys: Keys, tmp_path: Path, procs: list) -> None:
+    """SOCKS5 clients that ask for 1 GiB each and never read (a slowloris on the receive side):
+    backpressure holds client and server memory at a bounded level that stops growing, other users
+    are served meanwhile, and a stalled stream resumes intact once read."""
+    sys.path.insert(0, str(HERE.parent / "bench"))
+    from common import start_target  # the bench target: b"D" + size -> that many zero bytes
+
+    server, sport = start_server(keys, tmp_path)
+    procs.append(server)
+    client, socks = start_client(keys, tmp_path, sport)
+    procs.append(client)
+    target, tport = start_target()
+    echo = subprocess.Popen([PY, str(HERE / "loadgen.py"), "target", "0"], stdout=subprocess.PIPE)
+    stalled: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    try:
+        assert echo.stdout is not None
+        eport = int(echo.stdout.readline().split()[1])
+
+        from test_load import status
+
+        def rss() -> int:
+            return status(client.p.pid)["VmRSS"] + status(server.p.pid)["VmRSS"]
+
+        base = rss()
+        base_c = status(client.p.pid)["VmRSS"]
+        n, big = 20, 1 << 30
+        for _ in range(n):
+            r, w = await socks_open(socks, tport)
+            w.write(b"D" + struct.pack(">Q", big))
+            stalled.append((r, w))
+        samples = []
+        for _ in range(6):
+            await asyncio.sleep(1.0)
+            samples.append(rss() - base)
+        grown_mib = samples[-1] / 1024
+        client_mib = (status(client.p.pid)["VmRSS"] - base_c) / 1024
+        # per stalled stream at most the SSH window (4 MiB, held by the client's channel) plus the
+        # relay's high-water marks (512 KiB a side) and a packet or two -- not 1 GiB
+        assert grown_mib < n * 8, f"memory grew {grown_mib:.0f} MiB for {n} stalled streams: {samples}"
+        assert samples[-1] - samples[-3] < 8 * 1024, f"still growing: {samples}"
+        good: list[tuple[bool, float, str]] = []
+        await good_client(socks, eport, asyncio.get_running_loop().time() + 2, good)
+        check_good(good, at_least=3)
+        # a stalled stream resumes: read 64 MiB of it, every byte a zero
+        r, w = stalled[0]
+        left, zeros = 64 << 20, 0
+        async with asyncio.timeout(30):
+            while left > 0:
+                chunk = await r.read(min(left, 1 << 20))
+                assert chunk, "stalled stream ended early"
+                zeros += chunk.count(0)
+                left -= len(chunk)
+        assert zeros == 64 << 20
+        print(f"\n{n} stalled 1 GiB downloads: client+server RSS grew {grown_mib:.1f} MiB "
+              f"(client {client_mib:.1f} MiB) "
+              f"(samples MiB {[round(s / 1024, 1) for s in samples]})", file=sys.stderr)
+    finally:
+        for _, w in stalled:
+            rst_close(w)
+        target.kill()
+        echo.kill()
+        target.wait(5)
+        echo.wait(5)
