@@ -101,6 +101,16 @@ class Daemon:
                 pass
 
 
+def _dump_tasks() -> None:
+    """SIGUSR2: log where every task is (for diagnosing a stuck daemon)."""
+    import io
+
+    for task in asyncio.all_tasks():
+        buf = io.StringIO()
+        task.print_stack(limit=12, file=buf)
+        log.warning("task %s:\n%s", task.get_name(), buf.getvalue())
+
+
 def _watch_stdin(loop: asyncio.AbstractEventLoop, done: asyncio.Event) -> None:
     def run() -> None:
         try:
@@ -120,6 +130,7 @@ async def run_daemon(config: DaemonConfig) -> None:
     done = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, done.set)
+    loop.add_signal_handler(signal.SIGUSR2, _dump_tasks)
     try:
         info = await daemon.start()
     except BaseException:

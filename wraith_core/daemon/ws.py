@@ -43,6 +43,8 @@ log = logging.getLogger("wraith.daemon")
 OPEN_TIMEOUT = 10.0
 ACCEPT_TIMEOUT = 30.0
 CLOSE_GRACE = 5.0
+ABORT_CODE = 4000
+SHUTDOWN_GRACE = 1.5
 CHANNEL_HIGH_WATER = 2 * 1024 * 1024
 WS_SETTINGS: dict[str, Any] = {
     "compression": None,             # no permessage-deflate: bytes are opaque, CPU matters
@@ -78,6 +80,7 @@ class IPCServer:
         self._n = 0
         self.incoming: dict[str, _Pending] = {}
         self.servers: set[Any] = set()
+        self.connections: set[ServerConnection] = set()
         self.streams = 0
         self.closing = False
 
@@ -130,9 +133,15 @@ class IPCServer:
         if self.server is not None:
             self.server.close(close_connections=True)
             try:
-                await asyncio.wait_for(self.server.wait_closed(), 8)
+                await asyncio.wait_for(asyncio.shield(self.server.wait_closed()), SHUTDOWN_GRACE)
             except asyncio.TimeoutError:
-                pass
+                # a client that does not answer the closing handshake: cut it off
+                for ws in list(self.connections):
+                    ws.transport.abort()
+                try:
+                    await asyncio.wait_for(self.server.wait_closed(), 3)
+                except asyncio.TimeoutError:
+                    pass
         if self.endpoint.kind == "unix":
             try:
                 os.unlink(self.endpoint.path)
@@ -142,6 +151,13 @@ class IPCServer:
     # -- one WebSocket -------------------------------------------------------------
 
     async def _handle(self, ws: ServerConnection) -> None:
+        self.connections.add(ws)
+        try:
+            await self._handle_one(ws)
+        finally:
+            self.connections.discard(ws)
+
+    async def _handle_one(self, ws: ServerConnection) -> None:
         try:
             raw = await asyncio.wait_for(ws.recv(), OPEN_TIMEOUT)
         except asyncio.TimeoutError:
@@ -395,7 +411,9 @@ class _Pump:
             await self.ws.wait_closed()
         finally:
             both = self.client_eof and self.daemon_eof
-            if both or self.clean:
+            # the client closing after its eof is a graceful close (like close() after
+            # shutdown(SHUT_WR)); before its eof, or with code 4000, it is an abort
+            if self.clean or (self.client_eof and self.ws.close_code != ABORT_CODE):
                 self.stream.close()
             else:
                 self.stream.abort()

@@ -1,0 +1,293 @@
+"""bindings/python (wraith_client) end to end: real wraith serve, real daemon, autostart, shutdown, pubsub."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import wraith_client
+from wraith_client import WraithError
+
+from helpers import PY, Keys, start_server
+from test_daemon_support import conn_opts, start_daemon, start_target
+
+
+@pytest.fixture
+def env(keys: Keys, tmp_path, procs):
+    server, sport = start_server(keys, tmp_path)
+    procs.append(server)
+    target, tport = start_target(tmp_path)
+    procs.append(target)
+    return {"server": server, "sport": sport, "tport": tport, "keys": keys}
+
+
+def _client_script(tmp: Path, body: str) -> Path:
+    p = tmp / "client.py"
+    p.write_text(textwrap.dedent("""
+        import asyncio, hashlib, json, os, sys, time
+        import wraith_client
+        OPTS = json.loads(sys.argv[1])
+        async def main():
+        """) + textwrap.indent(textwrap.dedent(body), "    ") + "\nasyncio.run(main())\n")
+    return p
+
+
+def _env_without_daemon(tmp: Path, **extra: str) -> dict[str, str]:
+    e = {k: v for k, v in os.environ.items() if k not in ("WRAITH_DAEMON", "WRAITH_DAEMON_TOKEN")}
+    xdg = tmp / "xdg-empty"
+    xdg.mkdir(exist_ok=True)
+    e["XDG_RUNTIME_DIR"] = str(xdg)  # no daemon.json here: the client must start its own
+    e.update(extra)
+    return e
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie of an already-exited child counts as gone
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def _wait_gone(pid: int, timeout: float = 10) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _alive(pid):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_autostart_and_clean_shutdown_at_exit(env, tmp_path) -> None:
+    opts = dict(conn_opts(env["keys"], env["sport"]), target=f"127.0.0.1:{env['tport']}")
+    script = _client_script(tmp_path, """
+        s = await wraith_client.connect(**OPTS)
+        child = wraith_client.child_daemon()
+        print("child", child.proc.pid, child.dir, flush=True)
+        blob = os.urandom(2_000_000)
+        s.write(b"HASH\\n" + blob); s.write_eof()
+        print("hash-ok", (await s.read()).decode() == hashlib.sha256(blob).hexdigest(), flush=True)
+        s2 = await wraith_client.connect(**OPTS)
+        print("pooled", s2.opened["pooled"], flush=True)
+        s2.abort()
+        # leave without calling shutdown(): the atexit hook must stop the child
+    """)
+    r = subprocess.run([PY, str(script), json.dumps(opts)], env=_env_without_daemon(tmp_path),
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    lines = dict(line.split(" ", 1) for line in r.stdout.splitlines())
+    assert lines["hash-ok"] == "True" and lines["pooled"] == "True"
+    pid, cdir = lines["child"].split()
+    assert _wait_gone(int(pid), 10), "the child daemon outlived its client"
+    assert not Path(cdir).exists(), "the child daemon's temp dir was left behind"
+    # nothing was published for other clients to find
+    assert not (tmp_path / "xdg-empty" / "wraith").exists()
+
+
+def test_child_daemon_dies_with_a_killed_client(env, tmp_path) -> None:
+    opts = dict(conn_opts(env["keys"], env["sport"]), target=f"127.0.0.1:{env['tport']}")
+    script = _client_script(tmp_path, """
+        s = await wraith_client.connect(**OPTS)
+        print("child", wraith_client.child_daemon().proc.pid, flush=True)
+        await asyncio.sleep(60)
+    """)
+    p = subprocess.Popen([PY, str(script), json.dumps(opts)], env=_env_without_daemon(tmp_path),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert p.stdout is not None
+        line = p.stdout.readline()
+        assert line.startswith("child "), p.stderr.read() if p.poll() is not None else line
+        pid = int(line.split()[1])
+        assert _alive(pid)
+        os.kill(p.pid, signal.SIGKILL)  # no atexit, no cleanup: only the stdin lifeline is left
+        p.wait(5)
+        assert _wait_gone(pid, 10), "the child daemon survived its SIGKILLed client"
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+async def test_shutdown_stops_the_child(env, tmp_path, monkeypatch) -> None:
+    for k, v in _env_without_daemon(tmp_path).items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("WRAITH_DAEMON", raising=False)
+    opts = conn_opts(env["keys"], env["sport"])
+    s = await wraith_client.connect(**opts, target=f"127.0.0.1:{env['tport']}")
+    child = wraith_client.child_daemon()
+    assert child is not None and child.proc.poll() is None
+    ep = await wraith_client.resolve()
+    assert ep.source == "child daemon"
+    # the same child serves the next stream (no second daemon)
+    s2 = await wraith_client.connect(**opts, target=f"127.0.0.1:{env['tport']}")
+    assert wraith_client.child_daemon() is child and s2.opened["pooled"] is True
+    s.abort()
+    s2.abort()
+    await wraith_client.shutdown()
+    assert child.proc.poll() == 0  # exited by itself on stdin EOF, cleanly
+    assert wraith_client.child_daemon() is None and not Path(child.dir).exists()
+
+
+def test_missing_python_or_wraith_core_says_what_to_install(env, tmp_path) -> None:
+    opts = conn_opts(env["keys"], env["sport"])
+    script = _client_script(tmp_path, """
+        try:
+            await wraith_client.connect(**OPTS)
+        except wraith_client.WraithError as e:
+            print(e.code, str(e).replace("\\n", " "), flush=True)
+    """)
+    r = subprocess.run([PY, str(script), json.dumps(opts)], capture_output=True, text=True, timeout=60,
+                       env=_env_without_daemon(tmp_path, WRAITH_PYTHON="/nonexistent/python3"))
+    assert r.stdout.startswith("EDAEMON ") and "WRAITH_PYTHON" in r.stdout and "pip install" in r.stdout, r
+    fake = tmp_path / "python-without-wraith"
+    fake.write_text(f"#!/bin/sh\nexec {sys.executable} -S -I \"$@\"\n")  # no site-packages
+    fake.chmod(0o755)
+    r = subprocess.run([PY, str(script), json.dumps(opts)], capture_output=True, text=True, timeout=60,
+                       env=_env_without_daemon(tmp_path, WRAITH_PYTHON=str(fake)))
+    assert r.stdout.startswith("EDAEMON ") and "wraith_core is not installed" in r.stdout, r
+    assert "pip install 'wraith[daemon]'" in r.stdout
+
+
+async def test_discovery_via_daemon_json_and_env(env, tmp_path, procs, monkeypatch) -> None:
+    xdg = tmp_path / "xdg"
+    xdg.mkdir()
+    d = subprocess.Popen([PY, "-m", "wraith_core", "daemon"], env=dict(os.environ, XDG_RUNTIME_DIR=str(xdg)),
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    try:
+        assert d.stdout is not None
+        for line in d.stdout:
+            if line.startswith("wraith daemon: ready"):
+                break
+        monkeypatch.setenv("XDG_RUNTIME_DIR", str(xdg))
+        monkeypatch.delenv("WRAITH_DAEMON", raising=False)
+        ep = await wraith_client.resolve(autostart=False)
+        assert ep.source == "daemon.json" and ep.ws == f"unix:{xdg}/wraith/daemon.sock"
+        assert ep.events == f"ipc://{xdg}/wraith/events.sock"
+        s = await wraith_client.connect(**conn_opts(env["keys"], env["sport"]),
+                                        target=f"127.0.0.1:{env['tport']}")
+        assert wraith_client.child_daemon() is None
+        s.write(b"HASH\n")
+        s.write_eof()
+        assert len(await s.read()) == 64
+        # events over ZeroMQ found through daemon.json
+        agen = wraith_client.zmq_events(["stream."])
+        nxt = asyncio.ensure_future(agen.__anext__())
+        await asyncio.sleep(0.5)
+        s2 = await wraith_client.connect(**conn_opts(env["keys"], env["sport"]),
+                                         target=f"127.0.0.1:{env['tport']}")
+        ev = await asyncio.wait_for(nxt, 10)
+        while ev["event"] != "stream.opened":  # the first stream's close may come first
+            ev = await asyncio.wait_for(agen.__anext__(), 10)
+        assert ev["data"]["kind"] == "connect" and ev["data"]["session"]
+        s2.abort()
+        await agen.aclose()
+        # a stale daemon.json (dead pid) is ignored
+        d.terminate()
+        d.wait(10)
+        info = {"version": 1, "pid": 999999, "ws": "unix:/nonexistent.sock", "events": None}
+        (xdg / "wraith" / "daemon.json").write_text(json.dumps(info))
+        with pytest.raises(wraith_client.DaemonError):
+            await wraith_client.resolve(autostart=False)
+    finally:
+        if d.poll() is None:
+            d.terminate()
+            d.wait(10)
+    # WRAITH_DAEMON + WRAITH_DAEMON_TOKEN for a TCP daemon
+    p, info = start_daemon(tmp_path, "--ws", "tcp:127.0.0.1:0", name="tcpd")
+    procs.append(p)
+    monkeypatch.setenv("WRAITH_DAEMON", info["ws"])
+    monkeypatch.setenv("WRAITH_DAEMON_TOKEN", Path(info["tokenFile"]).read_text().strip())
+    s = await wraith_client.connect(**conn_opts(env["keys"], env["sport"]), target=f"127.0.0.1:{env['tport']}")
+    s.write(b"HASH\n")
+    s.write_eof()
+    assert len(await s.read()) == 64
+    monkeypatch.setenv("WRAITH_DAEMON_TOKEN", "wrong")
+    with pytest.raises(wraith_client.DaemonError, match="401"):
+        await wraith_client.connect(**conn_opts(env["keys"], env["sport"]))
+
+
+async def test_pubsub_through_the_hub_and_point_to_point(env, tmp_path, procs) -> None:
+    p, info = start_daemon(tmp_path)
+    procs.append(p)
+    opts = dict(conn_opts(env["keys"], env["sport"], info))
+    # two clients on wraith serve's hub (default target = wraith-control:0)
+    a = wraith_client.create_event_target(await wraith_client.connect(**opts))
+    b = wraith_client.create_event_target(await wraith_client.connect(**opts))
+    got: asyncio.Queue = asyncio.Queue()
+    a.add_event_listener("chat", lambda ev: got.put_nowait(ev.detail))
+    await asyncio.wait_for(b.wait_subscribed("chat"), 10)
+    assert b.dispatch_event(wraith_client.Event("chat", {"text": "hi", "n": 1}))
+    assert await asyncio.wait_for(got.get(), 10) == {"text": "hi", "n": 1}
+    a.close()
+    b.close()
+    await asyncio.gather(a.wait_closed(), b.wait_closed())
+
+    # serve() in the daemon + connect() to it: events both ways, point to point
+    srv = await wraith_client.serve(host_key=str(env["keys"].host), authorized_keys=str(env["keys"].authorized),
+                                    listen="127.0.0.1:0", daemon=info["ws"])
+    incoming: asyncio.Queue = asyncio.Queue()
+    srv.on_connection(lambda st, i: incoming.put_nowait((st, i)))
+    c = wraith_client.create_event_target(await wraith_client.connect(**dict(opts, server=srv.addresses[0])))
+    st, cinfo = await asyncio.wait_for(incoming.get(), 10)
+    assert cinfo.user and cinfo.key_fingerprint.startswith("SHA256:")
+    s = wraith_client.create_event_target(st)
+    to_server: asyncio.Queue = asyncio.Queue()
+    to_client: asyncio.Queue = asyncio.Queue()
+    s.add_event_listener("ping", lambda ev: to_server.put_nowait(ev.detail))
+    c.add_event_listener("pong", lambda ev: to_client.put_nowait(ev.detail))
+    await asyncio.wait_for(c.wait_subscribed("ping"), 10)
+    await asyncio.wait_for(s.wait_subscribed("pong"), 10)
+    assert not c.dispatch_event(wraith_client.Event("unwanted", 1))  # the peer did not subscribe
+    assert c.dispatch_event(wraith_client.Event("ping", [1, 2, 3]))
+    assert await asyncio.wait_for(to_server.get(), 10) == [1, 2, 3]
+    assert s.dispatch_event(wraith_client.Event("pong", {"ok": True}))
+    assert await asyncio.wait_for(to_client.get(), 10) == {"ok": True}
+    c.close()
+    await c.wait_closed()
+    await srv.close()
+
+
+async def test_client_never_imports_the_ssh_stack(tmp_path) -> None:
+    code = ("import sys, wraith_client; wraith_client.create_event_target; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('asyncssh', 'wraith_core', 'cryptography')))")
+    out = subprocess.run([PY, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]"
+
+
+async def test_errors_carry_codes(env, tmp_path, procs) -> None:
+    p, info = start_daemon(tmp_path)
+    procs.append(p)
+    opts = conn_opts(env["keys"], env["sport"], info)
+    with pytest.raises(WraithError) as ei:
+        await wraith_client.connect(**dict(opts, identity=str(env["keys"].host)))
+    assert ei.value.code == "EAUTH"
+    with pytest.raises(WraithError) as ei:
+        await wraith_client.connect(**dict(opts, host_key=str(env["keys"].client_pub)))
+    assert ei.value.code == "EHOSTKEY"
+    with pytest.raises(WraithError) as ei:
+        await wraith_client.connect(**dict(opts, daemon="unix:/nonexistent/daemon.sock"))
+    assert ei.value.code == "EDAEMON"
+    # relative key paths are resolved against the client's working directory, not the daemon's
+    old = os.getcwd()
+    os.chdir(env["keys"].dir)
+    try:
+        s = await wraith_client.connect(**dict(opts, identity="client_key", host_key="host_key.pub",
+                                               target=f"127.0.0.1:{env['tport']}"))
+        s.write(b"HASH\n")
+        s.write_eof()
+        assert len(await s.read()) == 64
+        await s.wait_closed()
+    finally:
+        os.chdir(old)
