@@ -22,7 +22,6 @@ Bounded: about 2-3 minutes with the defaults on 2 cores.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import sys
