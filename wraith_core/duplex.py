@@ -33,6 +33,7 @@ class DuplexStream:
         self._exc: BaseException | None = None
         self._transport: Any = None
         self._read_paused = False
+        self._resuming = False
         self._write_paused = False
         self._read_waiter: asyncio.Future[None] | None = None
         self._drain_waiters: list[asyncio.Future[None]] = []
@@ -51,7 +52,8 @@ class DuplexStream:
     def data_received(self, data: bytes, datatype: Any = None) -> None:
         self._buf += data
         self._wake_reader()
-        if not self._read_paused and len(self._buf) > self._limit and self._transport is not None:
+        if (not self._read_paused and not self._resuming and len(self._buf) > self._limit
+                and self._transport is not None):
             self._read_paused = True
             self._transport.pause_reading()
 
@@ -93,7 +95,19 @@ class DuplexStream:
     def _maybe_resume(self) -> None:
         if self._read_paused and len(self._buf) <= self._limit // 2 and self._transport is not None:
             self._read_paused = False
-            self._transport.resume_reading()
+            # asyncssh (2.x) flushes its paused receive buffer inside resume_reading() and, on
+            # delivering the first packet, re-opens the WHOLE window - including the packets still
+            # buffered. Pausing again in the middle of that flush would leave them buffered while
+            # the peer sends another window's worth: the buffer would grow by a window per cycle,
+            # without bound. So take everything it flushes (at most one window), then pause.
+            self._resuming = True
+            try:
+                self._transport.resume_reading()
+            finally:
+                self._resuming = False
+            if len(self._buf) > self._limit and not self._read_paused:
+                self._read_paused = True
+                self._transport.pause_reading()
 
     # -- reading --------------------------------------------------------------
 
