@@ -49,6 +49,11 @@ class FakeSocks:
                 await w.drain()
                 w.close()
                 return
+            if port == 3:  # a target that speaks first, in the same write as the SOCKS reply
+                w.write(b"\x05\x00\x00\x01\x00\x00\x00\x00\x00\x00" + b"220 banner\r\n")
+                await r.read()
+                w.close()
+                return
             w.write(b"\x05\x00\x00\x01\x00\x00\x00\x00\x00\x00")
             if port == 2:  # bulk sender
                 w.write(b"B" * BULK)
@@ -237,3 +242,16 @@ async def test_ipv6_flow_becomes_socks5_connect_to_ipv6_literal(rig: Rig) -> Non
         got += s.payload
         app.ack = s.seq + len(s.payload)
     assert rig.socks.targets == [("fd80::1", 7)]
+
+
+async def test_target_that_speaks_first_loses_nothing(rig: Rig) -> None:
+    app = App(rig.tun, 3)
+    await app.connect()
+    got = b""
+    while got != b"220 banner\r\n":
+        s = await app.recv()
+        assert s.flags & RST == 0
+        if s.payload:
+            got += s.payload
+            app.ack = s.seq + len(s.payload)
+            app.send(ACK)
