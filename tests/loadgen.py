@@ -12,8 +12,9 @@ each stay under the per-process fd limit):
         open N streams, check each once with a short echo, print JSON {"held": ...};
         then per stdin line: "check" -> echo on every stream again, print JSON;
         "quit" (or EOF) -> close everything and exit.
-    python3 tests/loadgen.py churn SOCKS TPORT SECONDS CONC SIZE
-        CONC workers open / transfer SIZE bytes / verify / close, for SECONDS; prints JSON.
+    python3 tests/loadgen.py churn SOCKS TPORT SECONDS CONC SIZE [ABORT_EVERY]
+        CONC workers open / transfer SIZE bytes / verify / close, for SECONDS; with ABORT_EVERY=k
+        every k-th stream instead sends part of its bytes and is reset (RST); prints JSON.
 
 Every wait is bounded (asyncio timeouts); nothing loops without a deadline.
 """
@@ -189,16 +190,33 @@ async def idle(socks_port: int, tport: int, n: int) -> None:
         w.close()
 
 
-async def churn(socks_port: int, tport: int, seconds: float, conc: int, size: int) -> dict:
+def rst_close(w: asyncio.StreamWriter) -> None:
+    import socket
+
+    sock = w.get_extra_info("socket")
+    if sock is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    w.close()
+
+
+async def churn(socks_port: int, tport: int, seconds: float, conc: int, size: int, abort_every: int = 0) -> dict:
     deadline = time.monotonic() + seconds
     errors: Counter[str] = Counter()
-    done = bad = 0
+    done = bad = aborted = 0
 
-    async def worker() -> None:
-        nonlocal done, bad
+    async def worker(k: int) -> None:
+        nonlocal done, bad, aborted
+        i = k
         while time.monotonic() < deadline:
+            i += 1
             try:
                 r, w = await socks_open(socks_port, tport)
+                if abort_every and i % abort_every == 0:
+                    w.write(os.urandom(size // 2))
+                    await asyncio.sleep(0.001 * (i % 7))
+                    rst_close(w)
+                    aborted += 1
+                    continue
                 try:
                     ok = await transfer(r, w, os.urandom(size), timeout=30)
                 finally:
@@ -210,8 +228,8 @@ async def churn(socks_port: int, tport: int, seconds: float, conc: int, size: in
                 bad += 1
                 await asyncio.sleep(0.05)
 
-    await asyncio.gather(*(worker() for _ in range(conc)))
-    return {"done": done, "bad": bad, "errors": dict(errors)}
+    await asyncio.gather(*(worker(k) for k in range(conc)))
+    return {"done": done, "bad": bad, "aborted": aborted, "errors": dict(errors)}
 
 
 def main(argv: list[str]) -> None:
@@ -231,8 +249,9 @@ def main(argv: list[str]) -> None:
     elif cmd == "idle":
         runner(idle(int(args[0]), int(args[1]), int(args[2])))
     elif cmd == "churn":
-        print(json.dumps(runner(churn(int(args[0]), int(args[1]), float(args[2]), int(args[3]), int(args[4])))),
-              flush=True)
+        abort_every = int(args[5]) if len(args) > 5 else 0
+        print(json.dumps(runner(churn(int(args[0]), int(args[1]), float(args[2]), int(args[3]), int(args[4]),
+                                      abort_every))), flush=True)
     else:
         raise SystemExit(f"unknown command {cmd}")
 
