@@ -14,6 +14,7 @@ import ipaddress
 import logging
 import os
 import signal
+import socket
 from dataclasses import asdict, dataclass, field
 
 from .device import DeviceError, create_tun
@@ -55,6 +56,22 @@ class TunOptions:
     def shim_config(self) -> ShimConfig:
         return ShimConfig(socks_host=self.socks5[0], socks_port=self.socks5[1], tcp=TcpConfig(mtu=self.mtu),
                           max_flows=self.max_flows, dns=VirtualDns() if self.dns else None)
+
+
+async def _socks_bypass(opts: TunOptions) -> list[IPNetwork]:
+    """The SOCKS5 server itself must never be reached through the TUN (that would loop)."""
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await loop.getaddrinfo(opts.socks5[0], opts.socks5[1], type=socket.SOCK_STREAM)
+    except OSError as e:
+        raise RouteError(f"cannot resolve the SOCKS5 server {opts.socks5[0]}: {e}") from e
+    nets: list[IPNetwork] = []
+    for *_, addr in infos:
+        ip = ipaddress.ip_address(addr[0])
+        net = ipaddress.ip_network(ip)
+        if not ip.is_loopback and not any(ip in b for b in opts.bypass) and net not in nets:
+            nets.append(net)
+    return nets
 
 
 def _report(shim: Shim) -> None:
@@ -102,7 +119,8 @@ async def run_device(opts: TunOptions, stop: asyncio.Event | None = None) -> int
     stop_event = stop or asyncio.Event()
     try:
         if opts.setup:
-            routes = RouteSetup(dev.name, list(opts.bypass), ipv6=opts.tun_addr6 is not None)
+            bypass = list(opts.bypass) + await _socks_bypass(opts)
+            routes = RouteSetup(dev.name, bypass, ipv6=opts.tun_addr6 is not None)
             routes.apply()
         shim.start()
         if own_signals:

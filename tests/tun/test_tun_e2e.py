@@ -274,3 +274,21 @@ def test_user_namespace_path(wnet: WraithNet) -> None:
     assert out.split()[:3] == ["0", "0", "1"], (out, r.stderr)  # a 1-uid map, not the initial namespace's
     assert "rc=0" in out
     assert hashlib.sha256((net.tmp / "userns").read_bytes()).hexdigest() == wnet.files["mid.bin"]
+
+
+def test_route_all_keeps_a_remote_socks_server_off_the_tun(wnet: WraithNet) -> None:
+    # no --bypass given: the SOCKS5 server's own address must still not loop into the TUN
+    net = wnet.net
+    host, port = net.start_microsocks(1081)
+    p = net.start(net.client, *wraith_tun_cmd("--socks5", f"{host}:{port}", "--tun-name", "wtauto", "--setup"),
+                  stderr=subprocess.PIPE)
+    assert p.stderr is not None
+    assert "ready" in p.stderr.readline().decode()
+    try:
+        assert f"{SERVICE_ADDR} via 10.77.0.2" in _routes(wnet)
+        who = _whoami(wnet)
+        assert who and who != CLIENT_ADDR, who
+    finally:
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=15) == 0
+    assert "wtauto" not in _routes(wnet) and SERVICE_ADDR not in _routes(wnet)
