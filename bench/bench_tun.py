@@ -30,7 +30,7 @@ URL = f"http://{HTTP_ADDR}:{HTTP_PORT}"
 
 
 def curl(net: TestNet, *args: str, timeout: float = 60) -> dict[str, float]:
-    fmt = '{"down":%{speed_download},"up":%{speed_upload},"total":%{time_total},"ttfb":%{time_starttransfer},"code":%{http_code}}'
+    fmt = '{"down":%{speed_download},"up":%{speed_upload},"total":%{time_total},"ready":%{time_pretransfer},"ttfb":%{time_starttransfer},"code":%{http_code}}'
     r = net.run(net.client, "curl", "-sS", "-o", "/dev/null", "-w", fmt, *args, timeout=timeout)
     if r.returncode != 0:
         raise RuntimeError(f"curl {' '.join(args)} failed: {r.stderr.decode().strip()}")
@@ -103,7 +103,8 @@ def main() -> int:
         direct = ["--socks5-hostname", socks]
         big = net.www / "big.bin"
         results: dict[str, list[float]] = {k: [] for k in ("down_direct", "down_tun", "up_direct", "up_tun",
-                                                           "lat_direct", "lat_tun")}
+                                                           "lat_direct", "lat_tun",
+                                                           "conn_direct", "conn_tun")}
         # warm up both paths
         curl(net, *direct, f"{URL}/small.bin")
         curl(net, f"{URL}/small.bin")
@@ -113,8 +114,12 @@ def main() -> int:
             results["up_direct"].append(curl(net, *direct, "--data-binary", f"@{big}", f"{URL}/upload")["up"])
             results["up_tun"].append(curl(net, "--data-binary", f"@{big}", f"{URL}/upload")["up"])
         for _ in range(a.latency_runs):
-            results["lat_direct"].append(curl(net, *direct, f"{URL}/small.bin")["total"])
-            results["lat_tun"].append(curl(net, f"{URL}/small.bin")["total"])
+            d = curl(net, *direct, f"{URL}/small.bin")
+            t = curl(net, f"{URL}/small.bin")
+            results["lat_direct"].append(d["total"])
+            results["lat_tun"].append(t["total"])
+            results["conn_direct"].append(d["ready"])
+            results["conn_tun"].append(t["ready"])
         held = hold_flows(net, shim.pid, a.flows)
         shim.send_signal(signal.SIGTERM)
         shim.wait(timeout=15)
@@ -128,6 +133,8 @@ def main() -> int:
           f"ratio {med['down_tun'] / med['down_direct']:.2f}x")
     print(f"  upload    direct SOCKS5 {med['up_direct'] / mb:8.1f} MB/s   TUN {med['up_tun'] / mb:8.1f} MB/s   "
           f"ratio {med['up_tun'] / med['up_direct']:.2f}x")
+    print(f"  connect   direct SOCKS5 {med['conn_direct'] * 1000:8.2f} ms     TUN {med['conn_tun'] * 1000:8.2f} ms     "
+          f"ratio {med['conn_tun'] / med['conn_direct']:.2f}x   (curl time_pretransfer: connection usable)")
     print(f"  request   direct SOCKS5 {med['lat_direct'] * 1000:8.2f} ms     TUN {med['lat_tun'] * 1000:8.2f} ms     "
           f"ratio {med['lat_tun'] / med['lat_direct']:.2f}x   (curl time_total, new connection each)")
     print(f"  flows held {held['flows']} (opened in {held['open_s']:.2f} s), shim RSS {held['rss_before_kib'] / 1024:.1f}"
