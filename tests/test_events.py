@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import Keys, Proc, free_port, start_client, start_server, wait_for_log, wraith  # noqa: F401
+from helpers import PY, Keys, Proc, free_port, start_client, start_server, wait_for_log
 from wraith_core import ConnectOptions, ServeOptions, create_event_target, open_stream, serve
 from wraith_core.duplex import DuplexStream
 from wraith_core.events import Event, EventStreamError, EventTarget, EventTargetClosed
@@ -274,8 +274,6 @@ async def _forward_roundtrip(port: int) -> None:
 
 
 def _start_hub(tmp_path: Path, procs: list) -> int:
-    from helpers import PY
-
     hub = Proc([PY, *PY_HUB], tmp_path / "hub.log", ready=r"listening 127\.0\.0\.1:(\d+)$")
     procs.append(hub)
     assert hub.match is not None

@@ -7,8 +7,15 @@ The public API::
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from .errors import WraithError
 from .options import ConnectOptions, ServeOptions
+
+if TYPE_CHECKING:  # what the lazy attributes below resolve to, for type checkers
+    from .events import create_event_target
+    from .server_api import serve
+    from .stream import open_stream
 
 __all__ = ["ConnectOptions", "ServeOptions", "WraithError", "create_event_target", "open_stream", "serve",
            "__version__"]

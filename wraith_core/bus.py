@@ -38,7 +38,7 @@ import argparse
 import asyncio
 import collections
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from .duplex import DuplexStream
 from .protocol.envelope import (
@@ -298,7 +298,8 @@ class _TCPMember(DuplexStream):
 async def listen_tcp(hub: Hub, host: str = "127.0.0.1", port: int = 0) -> asyncio.Server:
     """Serve ``hub`` to plain TCP connections (no SSH): for port-forward setups and tests."""
     loop = asyncio.get_running_loop()
-    return await loop.create_server(lambda: _TCPMember(hub), host, port)
+    # DuplexStream implements asyncio.Protocol's methods without subclassing it
+    return await loop.create_server(lambda: cast(asyncio.Protocol, _TCPMember(hub)), host, port)
 
 
 async def _main(host: str, port: int) -> None:

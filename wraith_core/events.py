@@ -49,7 +49,6 @@ from .protocol.envelope import (
     RESERVED_PREFIX,
     SUBSCRIBE,
     UNSUBSCRIBE,
-    EndOfStream,
     Envelope,
     EnvelopeDecoder,
     EnvelopeError,
