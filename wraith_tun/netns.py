@@ -141,6 +141,22 @@ def _unshare() -> None:
     _check(libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None), "make mounts private")
 
 
+def _private_resolv_conf(src: str, target: str = "/etc/resolv.conf") -> None:
+    """Show ``src`` as /etc/resolv.conf in this (private) mount namespace."""
+    libc = _libc()
+    real = os.path.realpath(target)
+    if not os.path.exists(real):
+        # missing, or a dangling symlink (e.g. systemd-resolved's stub while it is stopped):
+        # put a private tmpfs where it points and create the file there
+        parent = os.path.dirname(real)
+        if not os.path.isdir(parent):
+            raise NamespaceError(f"{target} points to {real}, whose directory does not exist")
+        _check(libc.mount(b"tmpfs", parent.encode(), b"tmpfs", 0, b"mode=0755"), f"mount tmpfs on {parent}")
+        with open(real, "w"):
+            pass
+    _check(libc.mount(src.encode(), real.encode(), None, MS_BIND, None), f"bind-mount {target}")
+
+
 def _ip(*args: str) -> None:
     r = subprocess.run(["ip", *args], capture_output=True, text=True)
     if r.returncode != 0:
@@ -170,8 +186,7 @@ def child_main(argv: list[str]) -> int:
         _ip("route", "add", "default", "dev", dev.name)
         if iface6:
             _ip("-6", "route", "add", "default", "dev", dev.name)
-        libc = _libc()
-        _check(libc.mount(a.resolv.encode(), b"/etc/resolv.conf", None, MS_BIND, None), "bind-mount /etc/resolv.conf")
+        _private_resolv_conf(a.resolv)
     except Exception as e:
         sock.sendall(str(e).encode() or b"namespace setup failed")
         return 126

@@ -99,3 +99,14 @@ def test_cmd_ends_when_the_shim_is_killed() -> None:
         if p.poll() is None:
             p.kill()
             p.wait()
+
+
+def test_unshare_with_a_dangling_resolv_conf_symlink() -> None:
+    # a world where /etc/resolv.conf points at a stopped systemd-resolved's stub file
+    script = ('mount -t tmpfs none /etc && ln -s /run/wtun-stub/resolv.conf /etc/resolv.conf '
+              '&& mount -t tmpfs none /run && mkdir /run/wtun-stub && exec "$@"')
+    r = subprocess.run(["unshare", "-m", "-n", "--propagation", "private", "sh", "-c", script, "sh",
+                        sys.executable, "-m", "wraith_tun", "--unshare", "--", "cat", "/etc/resolv.conf"],
+                       capture_output=True, text=True, timeout=30, env=_env())
+    assert r.returncode == 0, r.stderr
+    assert "nameserver 10.0.0.2" in r.stdout
