@@ -168,4 +168,11 @@ function drain(stream, algo = 'sha256') {
   });
 }
 
-module.exports = { PYTHON, APP, RUNTIME, tmpdir, loadPackage, pyRun, makeKeys, startServe, tcpServer, closedPort, rssOf, pidAlive, sleep, waitFor, drain };
+/** Resolves once the stream has emitted 'close' (at once if it already has). */
+function closed(stream) {
+  if (stream.closed) return Promise.resolve();
+  return new Promise((resolve) => stream.once('close', resolve));
+}
+
+module.exports = {
+  closed, PYTHON, APP, RUNTIME, tmpdir, loadPackage, pyRun, makeKeys, startServe, tcpServer, closedPort, rssOf, pidAlive, sleep, waitFor, drain };
