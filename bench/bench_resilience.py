@@ -62,7 +62,8 @@ def probe(socks: int, tport: int, timeout: float = 10) -> bool:
 
 # -- 1. recovery --------------------------------------------------------------------------------
 
-def bench_recover(keys: Keys, tmp: Path, rounds: int, tport: int) -> dict[str, list[float]]:
+def bench_recover(keys: Keys, tmp: Path, rounds: int, tport: int, outage: float = 0.0) -> dict[str, list[float]]:
+    """SIGKILL the server, keep it down ``outage`` seconds, start it again on the same port."""
     sport = free_port()
     server, _ = start_server(keys, tmp, listen=f"127.0.0.1:{sport}", name="recover-serve0")
     client, socks = start_client(keys, tmp, sport, name="recover-connect")
@@ -74,6 +75,7 @@ def bench_recover(keys: Keys, tmp: Path, rounds: int, tport: int) -> dict[str, l
             server.signal(signal.SIGKILL)
             server.p.wait(5)
             server.stop()
+            time.sleep(outage)
             server, _ = start_server(keys, tmp, listen=f"127.0.0.1:{sport}", name=f"recover-serve{i + 1}")
             t_listen = time.monotonic()
             deadline = t0 + 60
@@ -258,11 +260,13 @@ def main() -> None:
     target, tport = start_target()
     t_start = time.monotonic()
     try:
-        rec = bench_recover(keys, tmp, args.restarts, tport)
-        print(f"# 1. recovery after SIGKILL + restart of wraith serve on the same port ({args.restarts} rounds)")
-        print(f"kill -> new SOCKS5 stream works: median {med(rec['kill_to_ok']):.2f} s "
-              f"(min {min(rec['kill_to_ok']):.2f}, max {max(rec['kill_to_ok']):.2f})")
-        print(f"server listening -> works:        median {med(rec['listen_to_ok']):.2f} s", flush=True)
+        print(f"# 1. recovery after SIGKILL of wraith serve, restarted on the same port after an outage "
+              f"({args.restarts} rounds each; client backoff 1, 2, 4 ... s)")
+        print(f"{'outage s':>9}{'kill->works median s':>22}{'min':>7}{'max':>7}{'listening->works median s':>27}")
+        for outage in (0.0, 2.5):
+            rec = bench_recover(keys, tmp, args.restarts if outage == 0 else max(1, args.restarts // 2), tport, outage)
+            print(f"{outage:9.1f}{med(rec['kill_to_ok']):22.2f}{min(rec['kill_to_ok']):7.2f}{max(rec['kill_to_ok']):7.2f}"
+                  f"{med(rec['listen_to_ok']):27.2f}", flush=True)
 
         st = bench_streams(keys, tmp, args.streams)
         print(f"\n# 2. {args.streams} concurrently open SOCKS5 streams through one session, each echo-checked")
