@@ -77,6 +77,31 @@ def test_client_via_http_connect_proxy(keys, files, tmp_path, procs, tinyproxy, 
     assert server.log().count("connection opened") == 1
 
 
+@pytest.mark.parametrize("kind", ["socks5", "http"])
+def test_client_proxy_with_credentials(keys, files, tmp_path, procs, kind: str) -> None:
+    """socks5://user:pass@ (RFC 1929) and http://user:pass@ (Proxy-Authorization); bad ones: no tunnel."""
+    # socks5: a ':' in the password travels URL-encoded (tinyproxy's config cannot hold one)
+    auth = ("wraith", "s3cret:x" if kind == "socks5" else "s3cret")
+    proxy = Microsocks(tmp_path, auth=auth) if kind == "socks5" else Tinyproxy(tmp_path, auth=auth)
+    try:
+        server, sport, _ = _server(keys, tmp_path, "tcp", procs)
+        base = proxy.url.split("//", 1)
+        good = f"{base[0]}//wraith:{auth[1].replace(':', '%3A')}@{base[1]}"
+        bad = f"{base[0]}//wraith:wrong@{base[1]}"
+        client, socks = start_client(keys, tmp_path, sport, "--proxy", good, name="good")
+        procs.append(client)
+        r = curl("--socks5-hostname", f"127.0.0.1:{socks}", files.url("big.bin"))
+        assert sha(r.stdout) == files.hashes["big.bin"]
+        client.stop()
+        refused, _ = start_client(keys, tmp_path, sport, "--proxy", bad, name="bad", wait_up=False)
+        procs.append(refused)
+        wait_for_log(refused, "session failed", timeout=15)
+        assert "session up" not in refused.log()
+        assert server.log().count("connection opened") == 1
+    finally:
+        proxy.stop()
+
+
 def test_dead_client_proxy_means_no_tunnel(keys, files, tmp_path, procs) -> None:
     server, sport, _ = _server(keys, tmp_path, "tcp", procs)
     dead = free_port()
@@ -155,3 +180,61 @@ def test_server_dead_proxy_refuses_channel(keys, tmp_path, procs) -> None:
         assert "session lost" not in client.log()
     finally:
         target.close()
+
+
+@pytest.mark.parametrize("split", [False, True])
+async def test_http_connect_keeps_bytes_after_reply(split: bool) -> None:
+    """A target that speaks first: bytes the proxy sends right behind its reply header belong to
+    the stream (python-socks' HTTP CONNECT dropped them), also when the header arrives in pieces."""
+    from wraith_core.addr import parse_proxy
+    from wraith_core.transport.proxy import dial_via_proxy
+
+    seen: list[bytes] = []
+
+    async def fake_proxy(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        seen.append(await r.readuntil(b"\r\n\r\n"))
+        if split:
+            w.write(b"HTTP/1.1 200 Connection established\r\n\r")
+            await w.drain()
+            await asyncio.sleep(0.2)
+            w.write(b"\nSSH-2.0-target-speaks-first\r\n")
+        else:
+            w.write(b"HTTP/1.1 200 Connection established\r\nProxy-agent: x\r\n\r\nSSH-2.0-target-speaks-first\r\n")
+        await w.drain()
+        await r.read()
+        w.close()
+
+    srv = await asyncio.start_server(fake_proxy, "127.0.0.1", 0)
+    port = srv.sockets[0].getsockname()[1]
+    try:
+        sock = await dial_via_proxy(parse_proxy(f"http://u:p%40ss@127.0.0.1:{port}"), "db.internal", 5432, 5)
+        reader, writer = await asyncio.open_connection(sock=sock)
+        assert await asyncio.wait_for(reader.readline(), 5) == b"SSH-2.0-target-speaks-first\r\n"
+        writer.close()
+        assert seen[0].startswith(b"CONNECT db.internal:5432 HTTP/1.1\r\nHost: db.internal:5432\r\n")
+        assert b"Proxy-Authorization: Basic dTpwQHNz\r\n" in seen[0]  # u:p@ss
+    finally:
+        srv.close()
+
+
+async def test_http_connect_failure_replies() -> None:
+    from wraith_core.addr import parse_proxy
+    from wraith_core.transport.proxy import ProxyDialError, dial_via_proxy
+
+    async def deny(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await r.readuntil(b"\r\n\r\n")
+        w.write(b"HTTP/1.1 407 Proxy Authentication Required\r\nContent-Length: 0\r\n\r\n")
+        await w.drain()
+        w.close()
+
+    srv = await asyncio.start_server(deny, "127.0.0.1", 0)
+    port = srv.sockets[0].getsockname()[1]
+    try:
+        with pytest.raises(ProxyDialError) as info:
+            await dial_via_proxy(parse_proxy(f"http://127.0.0.1:{port}"), "x", 1, 5)
+        assert "authentication failed" in str(info.value) and "407" in str(info.value)
+    finally:
+        srv.close()
+    with pytest.raises(ProxyDialError) as info:
+        await dial_via_proxy(parse_proxy(f"http://127.0.0.1:{free_port()}"), "x", 1, 5)
+    assert "cannot reach proxy" in str(info.value)

@@ -115,13 +115,14 @@ def start_client_args(keys: Keys, tmp: Path, args: list[str], name: str = "conne
 class Microsocks:
     """Debian's microsocks on loopback; every CONNECT it serves is a line in its log."""
 
-    def __init__(self, tmp: Path, name: str = "microsocks") -> None:
+    def __init__(self, tmp: Path, name: str = "microsocks", auth: tuple[str, str] | None = None) -> None:
         exe = shutil.which("microsocks")
         assert exe, "microsocks is installed by scripts/test.sh (scripts/apt-packages.txt)"
         self.port = free_port()
         self.log_path = tmp / f"{name}.log"
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([exe, "-i", "127.0.0.1", "-p", str(self.port)],
+        creds = ["-u", auth[0], "-P", auth[1]] if auth else []
+        self.proc = subprocess.Popen([exe, "-i", "127.0.0.1", "-p", str(self.port), *creds],
                                      stdout=self._log, stderr=subprocess.STDOUT)
         wait_port("127.0.0.1", self.port)
         self.url = f"socks5://127.0.0.1:{self.port}"
@@ -143,7 +144,7 @@ class Microsocks:
 class Tinyproxy:
     """Debian's tinyproxy (HTTP CONNECT) on loopback with its own config and log file."""
 
-    def __init__(self, tmp: Path, name: str = "tinyproxy") -> None:
+    def __init__(self, tmp: Path, name: str = "tinyproxy", auth: tuple[str, str] | None = None) -> None:
         exe = shutil.which("tinyproxy")
         assert exe, "tinyproxy is installed by scripts/test.sh (scripts/apt-packages.txt)"
         self.port = free_port()
@@ -154,7 +155,8 @@ class Tinyproxy:
         conf.write_text(
             f"Port {self.port}\nListen 127.0.0.1\nTimeout 60\nMaxClients 50\n"
             f"LogFile \"{self.log_path}\"\nLogLevel Connect\nPidFile \"{d / 'tinyproxy.pid'}\"\n"
-            "Allow 127.0.0.1\nDisableViaHeader Yes\n")
+            "Allow 127.0.0.1\nDisableViaHeader Yes\n"
+            + (f"BasicAuth {auth[0]} {auth[1]}\n" if auth else ""))
         # -d: stay in the foreground (so we own the process)
         self.proc = subprocess.Popen([exe, "-d", "-c", str(conf)], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)

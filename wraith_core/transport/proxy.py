@@ -1,12 +1,20 @@
-"""Dialing through a SOCKS5 or HTTP CONNECT proxy (python-socks).
+"""Dialing through a SOCKS5 or HTTP CONNECT proxy.
 
 Used for client transport chaining (``wraith connect --proxy``) and for the
 server's outbound connections to channel targets (``wraith serve --proxy``).
 A dead proxy is an error, never a silent direct connection.
+
+SOCKS5 uses python-socks. HTTP CONNECT does not: python-socks reads the
+proxy's reply with one 64 KiB ``recv`` and drops whatever follows the header
+in that read — the first bytes of a target that speaks first (an SSH server's
+banner, SMTP, MySQL), so the stream silently loses them. Here the reply header
+is read exactly up to its blank line and nothing after it.
 """
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import socket
 
 from python_socks import ProxyConnectionError, ProxyError, ProxyTimeoutError, ProxyType
@@ -27,6 +35,13 @@ class ProxyDialError(ConnectError):
 
 
 async def dial_via_proxy(proxy: ProxyURL, host: str, port: int, timeout: float) -> socket.socket:
+    if proxy.scheme == "http":
+        try:
+            sock = await asyncio.wait_for(_http_connect(proxy, host, port), timeout)
+        except asyncio.TimeoutError:
+            raise ProxyDialError("proxy connection timed out", "timeout") from None
+        _nodelay(sock)
+        return sock
     p = Proxy(_TYPES[proxy.scheme], proxy.host, proxy.port,
               username=proxy.username, password=proxy.password, rdns=True)
     try:
@@ -42,9 +57,106 @@ async def dial_via_proxy(proxy: ProxyURL, host: str, port: int, timeout: float) 
         raise ProxyDialError(f"proxy refused the connection: {exc}", reason) from None
     except OSError as exc:
         raise ProxyDialError(f"proxy failure: {exc}", "proxy") from None
+    _nodelay(sock)
+    return sock
+
+
+def _nodelay(sock: socket.socket) -> None:
     sock.setblocking(False)
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     except OSError:
         pass
-    return sock
+
+
+MAX_REPLY_HEADER = 16 * 1024
+
+
+async def _http_connect(proxy: ProxyURL, host: str, port: int) -> socket.socket:
+    loop = asyncio.get_running_loop()
+    try:
+        sock = await _tcp_connect(proxy.host, proxy.port)
+    except OSError as exc:
+        raise ProxyDialError(f"cannot reach proxy {proxy.host}:{proxy.port}: {exc.strerror or exc}",
+                             "proxy") from None
+    try:
+        target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        request = f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n"
+        if proxy.username is not None:
+            token = base64.b64encode(f"{proxy.username}:{proxy.password or ''}".encode()).decode()
+            request += f"Proxy-Authorization: Basic {token}\r\n"
+        await loop.sock_sendall(sock, (request + "\r\n").encode())
+        head = await _read_reply_header(loop, sock)
+        status = head.split(b"\r\n", 1)[0].decode("latin-1")
+        parts = status.split(" ", 2)
+        if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
+            raise ProxyDialError(f"proxy sent an invalid CONNECT reply: {status[:80]!r}", "proxy")
+        code = int(parts[1])
+        if not 200 <= code < 300:
+            reason = {504: "timeout", 502: "unreachable", 503: "unreachable"}.get(code, "proxy")
+            what = "authentication failed" if code == 407 else "refused the connection"
+            raise ProxyDialError(f"proxy {what}: HTTP {status.split(' ', 1)[-1][:80]}", reason)
+        return sock
+    except BaseException:
+        sock.close()
+        raise
+
+
+async def _tcp_connect(host: str, port: int) -> socket.socket:
+    loop = asyncio.get_running_loop()
+    last: OSError = OSError("no address")
+    for family, type_, proto, _, addr in await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+        sock = socket.socket(family, type_, proto)
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, addr)
+            return sock
+        except OSError as exc:
+            sock.close()
+            last = exc
+    raise last
+
+
+async def _read_reply_header(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> bytes:
+    """Bytes up to and including the blank line that ends the reply header, and not one more."""
+    buf = b""
+    while True:
+        await _readable(loop, sock)
+        try:
+            peek = sock.recv(MAX_REPLY_HEADER, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            continue
+        if not peek:
+            raise ProxyDialError("proxy closed the connection during CONNECT", "proxy")
+        start = max(0, len(buf) - 3)
+        end = (buf + peek).find(b"\r\n\r\n", start)
+        take = len(peek) if end < 0 else end + 4 - len(buf)
+        buf += _recv_exactly(sock, take)  # already queued: no waiting
+        if end >= 0:
+            return buf
+        if len(buf) >= MAX_REPLY_HEADER:
+            raise ProxyDialError("proxy sent an oversized CONNECT reply", "proxy")
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    out = b""
+    while len(out) < n:
+        chunk = sock.recv(n - len(out))
+        if not chunk:
+            raise ProxyDialError("proxy closed the connection during CONNECT", "proxy")
+        out += chunk
+    return out
+
+
+async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    fut: asyncio.Future[None] = loop.create_future()
+
+    def ready() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    loop.add_reader(sock.fileno(), ready)
+    try:
+        await fut
+    finally:
+        loop.remove_reader(sock.fileno())
