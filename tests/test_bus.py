@@ -19,6 +19,7 @@ from wraith_core.protocol.envelope import (
     DEFAULT_MAX_FRAME,
     SUBSCRIBE,
     UNSUBSCRIBE,
+    EndOfStream,
     Envelope,
     EnvelopeDecoder,
     encode,
@@ -179,14 +180,26 @@ async def test_hub_announces_wanted_types(server: tuple[Proc, ConnectOptions]) -
     await late.wait_control(UNSUBSCRIBE, "topic-x")
 
 
-async def test_half_closed_member_keeps_receiving(server: tuple[Proc, ConnectOptions]) -> None:
+async def test_eof_is_a_clean_close_handshake(server: tuple[Proc, ConnectOptions]) -> None:
     _, opts = server
     a, b = await clients(opts, 2)
-    await a.sub("after-eof")
+    await a.sub("last-words")
+    await b.wait_control(SUBSCRIBE, "last-words")
+    for i in range(50):
+        await b.send("last-words", i)
+    await b.barrier()  # all 50 are routed (queued or sent) to A
     a.s.write_eof()
+    got = [(await a.recv()).payload for _ in range(50)]
+    assert got == list(range(50))  # what was queued for A is flushed before the hub closes
+    rest = await asyncio.wait_for(a.s.read(), 10)  # then a clean EOF from the hub, not a reset
+    a.dec.receive_data(rest)
+    a.dec.receive_eof()
+    tail = a.dec.events()
+    assert tail[-1] == EndOfStream()
+    assert all(isinstance(e, Envelope) and e.type in (SUBSCRIBE, UNSUBSCRIBE) for e in tail[:-1])
+    await b.wait_control(UNSUBSCRIBE, "last-words")  # A left its subscriptions
+    await b.send("last-words", "after")  # and the hub goes on for the others
     await b.barrier()
-    await b.send("after-eof", "still here")
-    assert (await a.recv()).payload == "still here"
 
 
 def _assert_log_clean(proc: Proc, *secrets: str) -> None:

@@ -87,6 +87,46 @@ async def test_point_to_point_both_directions(p2p: tuple[WraithServer, Incoming,
     await asyncio.wait_for(server_side.wait_closed(), 10)
 
 
+async def test_peer_eof_closes_this_side_too(p2p: tuple[WraithServer, Incoming, ConnectOptions]) -> None:
+    _, incoming, opts = p2p
+    client, server_side, _ = await pair(incoming, opts)
+    evs = client.events("bye")
+    await server_side.wait_subscribed("bye")
+    assert server_side.dispatch_event("bye", "last")
+    server_side.close()  # flush, EOF, close
+    assert (await evs.__anext__()).detail == "last"
+    with pytest.raises(StopAsyncIteration):  # a clean end, not an error
+        await evs.__anext__()
+    await asyncio.wait_for(client.wait_closed(), 10)
+    assert client.error is None
+    with pytest.raises(EventTargetClosed):
+        client.dispatch_event("bye", 1)
+
+
+async def test_close_through_the_hub_is_prompt(keys: Keys, tmp_path: Path, procs: list) -> None:
+    proc, port = start_server(keys, tmp_path)
+    procs.append(proc)
+    stream = await open_stream(client_opts(keys, port))
+    target = create_event_target(stream)
+    target.add_event_listener("x", lambda e: None)
+    await target.wait_subscribed("x")
+    t0 = asyncio.get_running_loop().time()
+    target.close()
+    await asyncio.wait_for(target.wait_closed(), 5)
+    assert asyncio.get_running_loop().time() - t0 < 2
+    assert target.error is None
+
+
+async def test_not_point_to_point_sends_everything(p2p: tuple[WraithServer, Incoming, ConnectOptions]) -> None:
+    _, incoming, opts = p2p
+    sender = create_event_target(await open_stream(opts), point_to_point=False)
+    stream, _ = await incoming.next()
+    raw = RawPeer(stream)
+    assert sender.dispatch_event("unannounced", 1)  # nobody subscribed, sent anyway
+    (env,) = await raw.read_until(1)
+    assert (env.type, env.payload) == ("unannounced", 1)
+
+
 class RawPeer:
     """The far side of a stream read frame by frame, to see exactly what the adapter sends."""
 

@@ -28,8 +28,10 @@ everyone down. Reading from a member is paced by that member's own writer
 only through the SSH window, so memory per member is bounded by
 ``queue_limit`` plus the stream's receive buffer.
 
-A half-closed member (EOF on a frame boundary) keeps receiving the events it
-subscribed to until it closes the stream.
+EOF from a member (on a frame boundary) ends its membership cleanly: it
+leaves every subscription, the events already queued for it are flushed, and
+the hub answers with EOF and closes the stream (within ``DRAIN_TIMEOUT``).
+That is the close handshake the event-target adapters use.
 """
 
 from __future__ import annotations
@@ -65,10 +67,11 @@ DEFAULT_QUEUE_LIMIT = 64 * 1024 * 1024
 FRAME_OVERHEAD = 128  # bytes charged per queued frame, so floods of tiny frames count too
 DEFAULT_MAX_SUBSCRIPTIONS = 4096
 WRITE_BATCH = 256 * 1024
+DRAIN_TIMEOUT = 30.0  # how long a member that sent EOF gets to read what was queued for it
 
 
 class _Member:
-    __slots__ = ("stream", "info", "decoder", "subs", "queue", "queued", "wakeup", "dropped", "task")
+    __slots__ = ("stream", "info", "decoder", "subs", "queue", "queued", "wakeup", "dropped", "draining", "task")
 
     def __init__(self, stream: DuplexStream, info: ConnectionInfo, max_frame: int) -> None:
         self.stream = stream
@@ -79,6 +82,7 @@ class _Member:
         self.queued = 0
         self.wakeup = asyncio.Event()
         self.dropped = False
+        self.draining = False  # sent EOF: no new events, flush the queue, then close
         self.task: asyncio.Task[None] | None = None
 
 
@@ -144,9 +148,13 @@ class Hub:
         try:
             reason = await self._read_loop(m)
             if reason is None and not m.dropped:
-                # half-closed: keep delivering until the stream closes or writing fails
+                # EOF: leave the routing, flush what is queued, then EOF + close (in _drop)
+                self._leave(m)
+                m.draining = True
+                m.wakeup.set()
                 closed = asyncio.ensure_future(m.stream.wait_closed())
-                await asyncio.wait({writer, closed}, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait({writer, closed}, timeout=DRAIN_TIMEOUT,
+                                   return_when=asyncio.FIRST_COMPLETED)
                 closed.cancel()
         finally:
             self._drop(m, reason)
@@ -185,6 +193,8 @@ class Hub:
         try:
             while not m.dropped:
                 if not m.queue:
+                    if m.draining:
+                        return
                     m.wakeup.clear()
                     await m.wakeup.wait()
                     continue
@@ -251,11 +261,17 @@ class Hub:
         m.queued += cost
         m.wakeup.set()
 
+    def _leave(self, m: _Member) -> None:
+        """Take ``m`` out of the routing: no event reaches it any more."""
+        self._members.discard(m)
+        for t in list(m.subs):
+            self._unsubscribe(m, t)
+
     def _drop(self, m: _Member, reason: str | None) -> None:
         if m.dropped:
             return
         m.dropped = True
-        self._members.discard(m)
+        self._leave(m)
         m.queue.clear()
         m.queued = 0
         m.wakeup.set()
@@ -269,8 +285,6 @@ class Hub:
             except Exception:
                 pass
             m.stream.close()
-        for t in list(m.subs):
-            self._unsubscribe(m, t)
 
 
 def _token(text: str) -> str:

@@ -26,7 +26,9 @@ Semantics (the same on both ends of any control stream, hub or not):
   reading (and so the peer, through the stream's flow control) — it never
   grows memory without bound;
 * a malformed frame (or one over ``max_frame``) from the peer closes the
-  stream; iterators then raise :class:`EventStreamError`.
+  stream; iterators then raise :class:`EventStreamError`;
+* closing: ``close()`` flushes, sends EOF and closes; EOF from the peer ends
+  this side the same way (the hub answers a member's EOF likewise).
 
 Nothing here imports SSH: the adapter works over a ``DuplexStream``, an
 asyncio ``(StreamReader, StreamWriter)`` pair, or anything with ``read``,
@@ -205,10 +207,12 @@ class EventStream:
 
 class EventTarget:
     def __init__(self, stream: Stream, max_frame: int = DEFAULT_MAX_FRAME,
-                 queue_size: int = DEFAULT_QUEUE_SIZE) -> None:
+                 queue_size: int = DEFAULT_QUEUE_SIZE, point_to_point: bool = True) -> None:
         self.stream = stream
         self.max_frame = max_frame
         self.queue_size = queue_size
+        # False: send every dispatched event, for a hub that announces no subscriptions
+        self.point_to_point = point_to_point
         self.error: BaseException | None = None
         self._listeners: dict[str, list[Listener]] = {}
         self._catch_all: list[_Inbox] = []
@@ -285,13 +289,13 @@ class EventTarget:
     # -- sending ------------------------------------------------------------------
 
     def dispatch_event(self, event: Event | str, detail: Any = None) -> bool:
-        """Send ``event`` (or ``type``, ``detail``) if the peer subscribed to its type."""
+        """Send ``event`` (or ``type``, ``detail``) if the peer subscribed to its type; True if sent."""
         if isinstance(event, str):
             event = Event(event, detail)
         check_type(event.type)
         if self._closing:
             raise EventTargetClosed("event target is closed")
-        if event.type not in self._peer:
+        if self.point_to_point and event.type not in self._peer:
             return False
         frame = encode(Envelope(event.type, event.id, event.detail), self.max_frame)
         try:
@@ -347,6 +351,11 @@ class EventTarget:
                 if error is not None:
                     self._abort()
                     break
+            if error is None and not self._closing:
+                # The peer ended its side (EOF): nothing more will arrive, so end ours too
+                # (what is already written is flushed first). This is the close handshake.
+                self._closing = True
+                _close_gracefully(self.stream)
         finally:
             self.error = error
             self._finish(error)
@@ -442,10 +451,14 @@ def _close_gracefully(stream: Stream) -> None:
     stream.close()
 
 
-def create_event_target(stream: Stream | tuple[asyncio.StreamReader, asyncio.StreamWriter],
-                        max_frame: int = DEFAULT_MAX_FRAME,
-                        queue_size: int = DEFAULT_QUEUE_SIZE) -> EventTarget:
-    """Wrap a duplex stream (or an asyncio reader/writer pair) as an :class:`EventTarget`."""
+def create_event_target(stream: Stream | tuple[asyncio.StreamReader, asyncio.StreamWriter], *,
+                        max_frame: int = DEFAULT_MAX_FRAME, queue_size: int = DEFAULT_QUEUE_SIZE,
+                        point_to_point: bool = True) -> EventTarget:
+    """Wrap a duplex stream (or an asyncio reader/writer pair) as an :class:`EventTarget`.
+
+    ``point_to_point=False`` sends every dispatched event whether or not the peer
+    subscribed to its type (for a hub that does not announce subscriptions).
+    """
     if isinstance(stream, tuple):
         stream = ReaderWriterStream(*stream)
-    return EventTarget(stream, max_frame, queue_size)
+    return EventTarget(stream, max_frame, queue_size, point_to_point)
