@@ -16,6 +16,7 @@ import dataclasses
 import ipaddress
 import logging
 import os
+import socket
 import struct
 from dataclasses import dataclass, field
 
@@ -158,7 +159,18 @@ class Flow(asyncio.Protocol):
         if self.connect_task is not None and not self.connect_task.done():
             self.connect_task.cancel()
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.abort()
+            _abort_with_rst(self.transport)
+
+
+def _abort_with_rst(tr: asyncio.Transport) -> None:
+    """Close the SOCKS socket with RST, not FIN: an aborted flow must not look like a clean end."""
+    sock = tr.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+    tr.abort()
 
 
 class Shim:
@@ -282,22 +294,23 @@ class Shim:
         conn = flow.conn
         if self.flows.get(conn) is not flow:
             return
-        closed = False
+        closed = reset = False
         for ev in conn.events():
             if isinstance(ev, tcp.SendSpace):
                 if flow.reading_paused and conn.send_space > 0 and flow.transport is not None:
                     flow.reading_paused = False
                     flow.transport.resume_reading()
             elif isinstance(ev, tcp.Reset):
+                reset = True
                 if flow.transport is not None:
-                    flow.transport.abort()
+                    _abort_with_rst(flow.transport)
             elif isinstance(ev, tcp.Closed):
                 closed = True
         if not closed:
             flow.pump_to_socks()
         self._write(conn.packets_to_send())
         if closed or conn.state is tcp.State.CLOSED:
-            self._forget(flow)
+            self._forget(flow, graceful=not reset and conn.peer_fin)
             return
         when = conn.next_deadline()
         if when != flow.timer_at:
@@ -312,7 +325,7 @@ class Shim:
         flow.conn.on_timer(self.loop.time())
         self.service(flow)
 
-    def _forget(self, flow: Flow) -> None:
+    def _forget(self, flow: Flow, graceful: bool = False) -> None:
         if self.flows.pop(flow.conn, None) is None:
             return
         self.stack.forget(flow.conn)
@@ -323,10 +336,18 @@ class Shim:
             flow.connect_task.cancel()
         tr = flow.transport
         if tr is not None and not tr.is_closing():
-            if flow.eof_to_socks and flow.eof_from_socks:
+            if graceful:
+                # both FINs are done on the TUN side; hand what the app sent to the SOCKS socket
+                # (at most the receive window) and let close() flush it, then EOF
+                rest = flow.conn.read()
+                if rest:
+                    tr.write(rest)
+                if not flow.eof_to_socks and tr.can_write_eof():
+                    flow.eof_to_socks = True
+                    tr.write_eof()
                 tr.close()
             else:
-                tr.abort()
+                _abort_with_rst(tr)
 
     # -- TUN output -----------------------------------------------------------------------------------
 

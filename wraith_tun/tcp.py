@@ -296,7 +296,10 @@ class TcpConnection:
         if flags & RST:
             wnd = self._rcv_wnd()
             if seq == self.rcv_nxt or (st is State.SYN_RCVD and seq == self.irs + 1):
-                self._close(Reset("reset by app") if st is not State.TIME_WAIT else None)
+                if st is State.TIME_WAIT:
+                    self._close(None, graceful=True)
+                else:
+                    self._close(Reset("reset by app"))
             elif self.rcv_nxt < seq < self.rcv_nxt + max(wnd, 1):
                 self._ack_pending = True  # RFC 5961 challenge ACK
             return
@@ -425,7 +428,7 @@ class TcpConnection:
             elif self.state is State.CLOSING:
                 self._enter_time_wait(now)
             elif self.state is State.LAST_ACK:
-                self._close(None)
+                self._close(None, graceful=True)
 
     def _rtt_update(self, r: float) -> None:
         if self.srtt is None:
@@ -524,7 +527,7 @@ class TcpConnection:
     def on_timer(self, now: float) -> None:
         if self.state is State.TIME_WAIT:
             if self._tw_deadline is not None and now >= self._tw_deadline:
-                self._close(None)
+                self._close(None, graceful=True)
             return
         if self._rto_deadline is None or now < self._rto_deadline:
             return
@@ -638,12 +641,15 @@ class TcpConnection:
         self._rto_deadline = None
         self._tw_deadline = now + self.config.time_wait
 
-    def _close(self, why: Reset | None) -> None:
+    def _close(self, why: Reset | None, graceful: bool = False) -> None:
+        """Forget the flow. After a graceful close the bytes the app sent but the caller has
+        not read yet stay readable (the SOCKS side may be slower than the app's FIN)."""
         self.state = State.CLOSED
         self._rto_deadline = None
         self._tw_deadline = None
         self._ack_pending = False
-        self._rcvbuf.clear()
+        if not graceful:
+            self._rcvbuf.clear()
         self._sndbuf.clear()
         self._ooo.clear()
         self._ooo_bytes = 0

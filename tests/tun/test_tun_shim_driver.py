@@ -27,7 +27,8 @@ class FakeSocks:
     port: int = 0
     targets: list[tuple[str, int]] = field(default_factory=list)
     eofs: int = 0
-    bulk_paused_at: int | None = None
+    ends: list[str] = field(default_factory=list)
+    received: list[bytes] = field(default_factory=list)
 
     async def handle(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         try:
@@ -55,6 +56,30 @@ class FakeSocks:
                 w.close()
                 return
             w.write(b"\x05\x00\x00\x01\x00\x00\x00\x00\x00\x00")
+            if port == 4:  # sends a little, then aborts (RST)
+                w.write(b"partial")
+                await w.drain()
+                await asyncio.sleep(0.1)
+                w.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                w.transport.abort()  # with linger 0: a real RST
+                return
+            if port == 5:  # reports how the app's side ended
+                try:
+                    while await r.read(65536):
+                        pass
+                    self.ends.append("eof")
+                except ConnectionError:
+                    self.ends.append("reset")
+                w.close()
+                return
+            if port == 6:  # half-closes at once, reads everything afterwards
+                w.write_eof()
+                data = b""
+                while chunk := await r.read(65536):
+                    data += chunk
+                self.received.append(data)
+                w.close()
+                return
             if port == 2:  # bulk sender
                 w.write(b"B" * BULK)
                 await w.drain()
@@ -117,7 +142,7 @@ async def rig() -> AsyncIterator[Rig]:
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
     b.setblocking(False)
-    cfg = ShimConfig(socks_host="127.0.0.1", socks_port=fake.port, tcp=TcpConfig(mtu=1500), dns=VirtualDns())
+    cfg = ShimConfig(socks_host="127.0.0.1", socks_port=fake.port, tcp=TcpConfig(mtu=1500, time_wait=0.3), dns=VirtualDns())
     shim = Shim(a.fileno(), cfg)
     shim.start()
     try:
@@ -255,3 +280,56 @@ async def test_target_that_speaks_first_loses_nothing(rig: Rig) -> None:
             got += s.payload
             app.ack = s.seq + len(s.payload)
             app.send(ACK)
+
+
+async def test_reset_from_the_socks_side_reaches_the_app(rig: Rig) -> None:
+    app = App(rig.tun, 4)
+    await app.connect()
+    got, rst = b"", None
+    while rst is None:
+        s = await app.recv()
+        if s.flags & RST:
+            rst = s
+        elif s.payload:
+            got += s.payload
+            app.ack = s.seq + len(s.payload)
+            app.send(ACK)
+    assert got == b"partial"  # what came before the reset is delivered, then RST (never a clean FIN)
+    await asyncio.sleep(0.05)
+    assert not rig.shim.flows
+
+
+async def test_reset_from_the_app_reaches_the_socks_side(rig: Rig) -> None:
+    app = App(rig.tun, 5)
+    await app.connect()
+    app.send(ACK | PSH, b"hello")
+    app.seq += 5
+    await asyncio.sleep(0.1)
+    app.send(RST)
+    for _ in range(50):
+        if rig.socks.ends:
+            break
+        await asyncio.sleep(0.02)
+    assert rig.socks.ends == ["reset"]
+    assert not rig.shim.flows
+
+
+async def test_bytes_still_buffered_at_close_reach_the_socks_side(rig: Rig) -> None:
+    app = App(rig.tun, 6)
+    await app.connect()
+    fin = await app.recv()
+    assert fin.flags & FIN  # the target half-closed first
+    app.ack = fin.seq + 1
+    app.send(ACK)
+    (flow,) = rig.shim.flows.values()
+    flow.pause_writing()  # as if the SOCKS socket were full: the bytes must wait in the flow
+    app.send(ACK | PSH | FIN, b"D" * 5000)
+    app.seq += 5001
+    ack = await app.recv()
+    assert ack.ack == app.seq
+    for _ in range(100):  # TIME_WAIT (0.3 s here) ends the flow; the bytes must not die with it
+        if rig.socks.received:
+            break
+        await asyncio.sleep(0.02)
+    assert rig.socks.received == [b"D" * 5000]
+    assert not rig.shim.flows

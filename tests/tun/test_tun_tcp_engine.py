@@ -370,6 +370,22 @@ def test_we_half_close_then_app_keeps_sending() -> None:
     assert conn.state is tcp.State.CLOSED and tcp.Closed in kinds(conn.events())
 
 
+def test_unread_bytes_survive_a_graceful_close_but_not_a_reset() -> None:
+    cfg = tcp.TcpConfig(time_wait=1.0)
+    conn = established(cfg)
+    conn.shutdown(0.1)
+    out(conn)
+    conn.receive(mk(ACK | FIN, ISN + 1, ISS + 2, b"late bytes"), 0.2)  # acks our FIN, sends data + FIN
+    assert conn.state is tcp.State.TIME_WAIT
+    conn.on_timer(1.2)
+    assert conn.state is tcp.State.CLOSED and tcp.Closed in kinds(conn.events())
+    assert conn.read() == b"late bytes" and conn.at_eof
+    other = established()
+    other.receive(mk(ACK | PSH, ISN + 1, ISS + 1, b"lost"), 0.1)
+    other.receive(mk(RST, ISN + 5, 0), 0.2)
+    assert other.read() == b""
+
+
 def test_simultaneous_close() -> None:
     conn = established()
     conn.shutdown(0.1)
