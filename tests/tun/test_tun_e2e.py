@@ -178,7 +178,17 @@ print(DNSRecord.parse(s.recv(4096)).a.rdata)""")
     assert _whoami(wnet) == CLIENT_ADDR
 
 
-def test_shim_restart_does_not_disturb_the_session(wnet: WraithNet) -> None:
+def test_shim_crash_and_restart_do_not_disturb_the_session(wnet: WraithNet) -> None:
+    net = wnet.net
+    # a shim killed hard in the middle of a transfer...
+    p = net.start(net.client, *wraith_tun_cmd("--socks5", wnet.socks, "--unshare", "--", "curl", "-sS",
+                                              "--limit-rate", "1M", "-o", "/dev/null", f"{URL_IP}/big.bin"),
+                  stderr=subprocess.DEVNULL)
+    time.sleep(1.5)
+    assert p.poll() is None
+    p.send_signal(signal.SIGKILL)
+    p.wait(timeout=10)
+    # ...and wraith connect carries on: a new shim and direct SOCKS5 both work
     for _ in range(2):
         r = unshare(wnet, f"curl -sS -o /dev/null -w '%{{http_code}}' {URL_NAME}/small.bin")
         assert r.stdout == b"200", r.stderr
