@@ -97,3 +97,51 @@ def test_half_close_both_directions_under_load(keys: Keys, tmp_path, procs) -> N
         assert len(results) == 45 and all(r == payloads[0][::-1] for r in results)
 
     asyncio.run(main())
+
+
+def test_echo_with_early_eof_loses_nothing(keys: Keys, tmp_path, procs) -> None:
+    """Write a lot and EOF at once to an echo target: the echo and its EOF arrive whole.
+
+    Here the target's EOF reaches wraith serve while the echoed bytes still wait for SSH
+    window; closing the channel then must not drop that EOF (nor reset the stream)."""
+    server, sport = start_server(keys, tmp_path)
+    procs.append(server)
+    client, socks = start_client(keys, tmp_path, sport)
+    procs.append(client)
+
+    async def main() -> None:
+        async def echo(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            while data := await r.read(1 << 16):
+                w.write(data)
+                await w.drain()
+            w.close()
+
+        srv = await asyncio.start_server(echo, "127.0.0.1", 0)
+        port = srv.sockets[0].getsockname()[1]
+
+        async def one() -> None:
+            reader, writer = await socks_connect(socks, "127.0.0.1", port)
+            data = os.urandom(12 * 1024 * 1024)
+
+            async def send() -> None:
+                writer.write(data)
+                writer.write_eof()
+                await writer.drain()
+
+            async def slow_read() -> bytes:  # a slow reader keeps the SSH window exhausted
+                got = bytearray()
+                while part := await reader.read(256 * 1024):
+                    got += part
+                    await asyncio.sleep(0.01)
+                return bytes(got)
+
+            t = asyncio.ensure_future(send())
+            back = await asyncio.wait_for(slow_read(), 60)
+            await t
+            assert len(back) == len(data) and sha(back) == sha(data)
+            writer.close()
+
+        await asyncio.gather(*[one() for _ in range(4)])
+        srv.close()
+
+    asyncio.run(main())

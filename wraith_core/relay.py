@@ -39,7 +39,7 @@ class RelayEnd:
 
     __slots__ = (
         "transport", "peer", "_early", "_eof_in", "_eof_out", "_lost", "_clean",
-        "_paused_by", "_on_done", "_last", "_timer",
+        "_paused_by", "_on_done", "_last", "_timer", "_close_pending",
     )
 
     def __init__(self, on_done: Callable[[], None] | None = None) -> None:
@@ -54,6 +54,7 @@ class RelayEnd:
         self._on_done = on_done
         self._last = 0.0          # last activity once half-open (0: not half-open)
         self._timer: asyncio.TimerHandle | None = None
+        self._close_pending = False
 
     @staticmethod
     def pair(on_done: Callable[[], None] | None = None) -> tuple[RelayEnd, RelayEnd]:
@@ -147,6 +148,10 @@ class RelayEnd:
             self.peer._set_paused(2, True)
 
     def resume_writing(self) -> None:
+        if self._close_pending:
+            # drained; asyncssh sends a pending EOF right after this callback returns
+            asyncio.get_running_loop().call_soon(self._deferred_close)
+            return
         if self.peer is not None:
             self.peer._set_paused(2, False)
 
@@ -194,6 +199,18 @@ class RelayEnd:
             peer._close()
 
     def _close(self) -> None:
+        t = self.transport
+        if t is None or self._lost or self._close_pending:
+            return
+        if self._eof_out and t.get_write_buffer_size() > 0:
+            # Data (and so our EOF) still queued, e.g. waiting for SSH window: asyncssh's
+            # close() would drop that EOF, so close only once the buffer has drained.
+            self._close_pending = True
+            t.set_write_buffer_limits(high=0, low=0)  # pause now, resume_writing() when drained
+            return
+        t.close()
+
+    def _deferred_close(self) -> None:
         if self.transport is not None and not self._lost:
             self.transport.close()
 

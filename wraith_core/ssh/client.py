@@ -21,7 +21,7 @@ from .. import keys
 from ..errors import AuthError, ChannelError, ConnectError, HostKeyError, UsageError, WraithError
 from ..options import ConnectOptions
 from ..transport.base import Connector, make_connector
-from .packets import skip_aead_ignores
+from . import conn_fixes
 from .tunnel import ConnectorTunnel
 
 log = logging.getLogger("wraith.client")
@@ -54,7 +54,7 @@ class _Owner(asyncssh.SSHClient):
         self._session = session
 
     def connection_made(self, conn: asyncssh.SSHClientConnection) -> None:
-        skip_aead_ignores(conn)
+        conn_fixes.install(conn)
 
     def validate_host_public_key(self, host: str, addr: str, port: int, key: asyncssh.SSHKey) -> bool:
         pin = self._session.pin

@@ -30,7 +30,7 @@ from ..duplex import DuplexStream
 from ..options import ServeOptions
 from ..relay import AcceptedEnd, RelayEnd
 from ..transport.base import Acceptor, TransportInfo, make_acceptor, transport_info
-from .packets import skip_aead_ignores
+from . import conn_fixes
 from .tunnel import AcceptorTunnel
 
 log = logging.getLogger("wraith.server")
@@ -111,7 +111,7 @@ class _ServerConn(asyncssh.SSHServer):
             self._info = info
             self._counted = True
         self._runner.conns.add(self)
-        skip_aead_ignores(conn)
+        conn_fixes.install(conn)
         log.info("connection opened remote_addr=%s transport=%s", self._info.remote_addr, self._info.kind)
         original = conn.validate_public_key
 
