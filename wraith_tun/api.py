@@ -44,6 +44,7 @@ class TunOptions:
     dns: bool = True  # virtual DNS
     dns_addr: str | None = None  # default: the address after tun_addr
     max_flows: int = 4096
+    idle_timeout: float = 7440.0  # seconds without traffic before a flow is reset; 0 = never
     setup: bool = False  # route everything into the TUN (run_device only)
     bypass: list[IPNetwork] = field(default_factory=list)
 
@@ -55,7 +56,8 @@ class TunOptions:
 
     def shim_config(self) -> ShimConfig:
         return ShimConfig(socks_host=self.socks5[0], socks_port=self.socks5[1], tcp=TcpConfig(mtu=self.mtu),
-                          max_flows=self.max_flows, dns=VirtualDns() if self.dns else None)
+                          max_flows=self.max_flows, idle_timeout=self.idle_timeout,
+                          dns=VirtualDns() if self.dns else None)
 
 
 async def _socks_bypass(opts: TunOptions) -> list[IPNetwork]:

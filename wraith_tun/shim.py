@@ -55,6 +55,7 @@ class ShimConfig:
     tcp: tcp.TcpConfig = field(default_factory=tcp.TcpConfig)
     max_flows: int = 4096
     connect_timeout: float = 30.0
+    idle_timeout: float = 7440.0  # RFC 5382: a NAT keeps idle TCP for at least 2 h 4 min; 0 = never
     dns: VirtualDns | None = None
 
 
@@ -186,6 +187,7 @@ class Shim:
         self.stats = Stats()
         self._dirty: set[Flow] = set()
         self._running = False
+        self._sweeper: asyncio.TimerHandle | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -193,11 +195,28 @@ class Shim:
         os.set_blocking(self.fd, False)
         self.loop.add_reader(self.fd, self._on_readable)
         self._running = True
+        self._schedule_sweep()
+
+    def _schedule_sweep(self) -> None:
+        if self.cfg.idle_timeout > 0:
+            self._sweeper = self.loop.call_later(min(60.0, self.cfg.idle_timeout / 4), self._sweep_idle)
+
+    def _sweep_idle(self) -> None:
+        """Reset flows that saw no traffic for idle_timeout (both ways: RST to app and SOCKS)."""
+        now = self.loop.time()
+        for flow in list(self.flows.values()):
+            conn = flow.conn
+            if now - conn.last_activity > self.cfg.idle_timeout and conn.state is not tcp.State.TIME_WAIT:
+                conn.abort()
+                self.service(flow)
+        self._schedule_sweep()
 
     def stop(self) -> None:
         if not self._running:
             return
         self._running = False
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         try:
             self.loop.remove_reader(self.fd)
         except (ValueError, OSError):

@@ -165,6 +165,7 @@ class TcpConnection:
         self._rtt_sample: tuple[int, float] | None = None
         self._tw_deadline: float | None = None
         self.created = now
+        self.last_activity = now  # last segment from the app or bytes for it (idle timeout)
 
     # ---- public API: caller -> connection ------------------------------------
 
@@ -195,6 +196,7 @@ class TcpConnection:
         """Queue bytes for the app. The caller keeps within :attr:`send_space`."""
         if not data or self.state not in _OPEN_FOR_WRITE or self._fin_queued:
             return
+        self.last_activity = now
         self._sndbuf += data
         self._output(now)
 
@@ -230,7 +232,7 @@ class TcpConnection:
             self._emit(self.snd_nxt, self.rcv_nxt, RST | ACK, window=0)
         else:
             self._emit(0, self.rcv_nxt, RST | ACK, window=0)
-        self._close(None)
+        self._close(Reset("aborted"))
 
     def read(self, max_bytes: int = -1) -> bytes:
         """Take received in-order bytes (opens the receive window)."""
@@ -284,6 +286,7 @@ class TcpConnection:
         st = self.state
         if st is State.CLOSED:
             return
+        self.last_activity = now
         flags = seg.flags
         seq = unwrap(seg.seq, self.rcv_nxt)
 

@@ -22,6 +22,7 @@ def run(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
     (["--unshare"], "needs a command"),
     (["--", "true"], "needs --unshare"),
     (["--mtu", "10"], "--mtu"),
+    (["--idle-timeout", "-1"], "--idle-timeout"),
     (["--bypass", "10.9.0.0/16"], "--setup"),
     (["--bypass", "not-a-net", "--setup"], "--bypass"),
     (["--tun-addr", "10.0.0.0/24"], "host address"),

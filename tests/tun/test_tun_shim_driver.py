@@ -333,3 +333,22 @@ async def test_bytes_still_buffered_at_close_reach_the_socks_side(rig: Rig) -> N
         await asyncio.sleep(0.02)
     assert rig.socks.received == [b"D" * 5000]
     assert not rig.shim.flows
+
+
+async def test_idle_flows_are_reset_both_ways(rig: Rig) -> None:
+    rig.shim.cfg.idle_timeout = 0.4
+    if rig.shim._sweeper is not None:
+        rig.shim._sweeper.cancel()
+    rig.shim._schedule_sweep()  # sweeps every 0.1 s now
+    app = App(rig.tun, 5)
+    await app.connect()
+    t0 = asyncio.get_running_loop().time()
+    r = await app.recv(timeout=5)
+    assert r.flags & RST
+    assert asyncio.get_running_loop().time() - t0 >= 0.35
+    for _ in range(50):
+        if rig.socks.ends:
+            break
+        await asyncio.sleep(0.02)
+    assert rig.socks.ends == ["reset"]
+    assert not rig.shim.flows
