@@ -91,11 +91,11 @@ async def test_half_close_client_first(env) -> None:
 
 async def test_half_close_target_first(env) -> None:
     n = 3 * 1024 * 1024
-    s = await _open(env, f"SEND {n} 3")
+    s = await _open(env, f"SEND {n} 3 {8 * 1024 * 1024}")  # reads back slowly: our bytes queue up
     data = await s.read()  # until the target's EOF
     assert len(data) == n and hashlib.sha256(data).hexdigest() == expected_sha(n, 3)
     # the target half-closed; we can still send, and it receives every byte
-    late = os.urandom(2 * 1024 * 1024)
+    late = os.urandom(12 * 1024 * 1024)  # three SSH windows: still in flight when our EOF comes
     s.write(late)
     await s.drain()
     s.write_eof()

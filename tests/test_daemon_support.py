@@ -4,8 +4,8 @@ The target (a separate process, so it does not share the test's CPU time) takes
 one command line per connection:
   HASH\\n        read until EOF, answer the sha256 hex of what came, close
   ECHO\\n        echo until EOF, then EOF (half-close both ways)
-  SEND n seed\\n send n deterministic bytes, then EOF; then read until EOF, print
-                 "received <sha256>" on stdout and close
+  SEND n seed [bps]\\n  send n deterministic bytes, then EOF; then read until EOF (at most
+                 bps bytes/s if given), print "received <sha256>" on stdout and close
   RESET\\n       send 100 kB, then reset the connection (RST)
   SINK bps\\n    read at most bps bytes/s until EOF, answer the count, close
   WAIT\\n        say nothing, read until EOF, answer "bye", close (half-close the other way)
@@ -80,12 +80,18 @@ async def _target_conn(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None
                 left -= k
             w.write_eof()
             await w.drain()
+            bps = int(line[3]) if len(line) > 3 else 0  # optional: read back at most bps bytes/s
             h = hashlib.sha256()
+            count = 0
+            t0 = time.monotonic()
             while True:
-                d = await r.read(1 << 20)
+                d = await r.read(1 << 16 if bps else 1 << 20)
                 if not d:
                     break
                 h.update(d)
+                count += len(d)
+                if bps and count / bps > time.monotonic() - t0:
+                    await asyncio.sleep(count / bps - (time.monotonic() - t0))
             print(f"received {h.hexdigest()}", flush=True)
         elif cmd == "RESET":
             w.write(b"x" * 100_000)

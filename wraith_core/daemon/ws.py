@@ -45,6 +45,8 @@ ACCEPT_TIMEOUT = 30.0
 CLOSE_GRACE = 5.0
 ABORT_CODE = 4000
 SHUTDOWN_GRACE = 1.5
+FLUSH_TIMEOUT = 30.0
+PEER_CLOSE_GRACE = 30.0
 CHANNEL_HIGH_WATER = 2 * 1024 * 1024
 WS_SETTINGS: dict[str, Any] = {
     "compression": None,             # no permessage-deflate: bytes are opaque, CPU matters
@@ -223,7 +225,7 @@ class IPCServer:
         extra = {"session": session} if session else {}
         self.bus.publish("stream.opened", stream=sid, kind=kind, **extra)
         self.streams += 1
-        pump = _Pump(ws, stream)
+        pump = _Pump(ws, stream, server_side=(kind == "accept"))
         try:
             clean = await pump.run()
         finally:
@@ -390,11 +392,20 @@ class _Pending:
 
 
 class _Pump:
-    """Bytes between one WebSocket and one channel stream, both ways, with half-close."""
+    """Bytes between one WebSocket and one channel stream, both ways, with half-close.
 
-    def __init__(self, ws: ServerConnection, stream: DuplexStream) -> None:
+    Ending: EOF either way is passed on. Once EOF went both ways, a client-side
+    stream (connect) does not close the channel itself: the server closes it
+    after it has delivered everything (closing first and then dropping the
+    pooled session would cut off what the server still buffers for a slow
+    target). A server-side stream (accept) closes it, as a server does. When the
+    channel is closed, the WebSocket is closed with 1000.
+    """
+
+    def __init__(self, ws: ServerConnection, stream: DuplexStream, server_side: bool = False) -> None:
         self.ws = ws
         self.stream = stream
+        self.server_side = server_side
         transport = getattr(stream, "_transport", None)
         if transport is not None and hasattr(transport, "set_write_buffer_limits"):
             # let a couple of client messages queue in the channel while the window opens
@@ -402,6 +413,7 @@ class _Pump:
         self.client_eof = False
         self.daemon_eof = False
         self.clean = False
+        self._client_eof_evt = asyncio.Event()
 
     async def run(self) -> bool:
         loop = asyncio.get_running_loop()
@@ -411,14 +423,18 @@ class _Pump:
             await self.ws.wait_closed()
         finally:
             both = self.client_eof and self.daemon_eof
-            # the client closing after its eof is a graceful close (like close() after
-            # shutdown(SHUT_WR)); before its eof, or with code 4000, it is an abort
-            if self.clean or (self.client_eof and self.ws.close_code != ABORT_CODE):
-                self.stream.close()
-            else:
+            up.cancel()
+            if self.clean:
+                pass
+            elif self.client_eof and self.ws.close_code != ABORT_CODE:
+                # the client closed after its eof: a graceful close (like close() after
+                # shutdown(SHUT_WR)); let the channel finish, dropping what still comes back
+                down.cancel()
+                await asyncio.gather(down, return_exceptions=True)
+                await _finish_detached(self.stream)
+            else:  # before its eof, or with code 4000: abort
                 self.stream.abort()
-            for t in (up, down):
-                t.cancel()
+            down.cancel()
             await asyncio.gather(up, down, return_exceptions=True)
         return self.clean or (both and self.stream_ok())
 
@@ -441,14 +457,33 @@ class _Pump:
             return
         await ws.send(ipc.EOF_BYTES)
         self.daemon_eof = True
-        if self.client_eof:
-            stream.close()  # EOF both ways: the channel is done
-        await stream.wait_closed()
+        await self._await_channel_end()
         if not self.stream_ok():
             await _fail(ws, "ECONNRESET", "the stream was reset by the far end", 1011)
             return
         self.clean = True
         await ws.close(1000)
+
+    async def _await_channel_end(self) -> None:
+        """Wait for the server to close the channel; after EOF both ways, at most PEER_CLOSE_GRACE."""
+        closed = asyncio.ensure_future(self.stream.wait_closed())
+        eof = asyncio.ensure_future(self._client_eof_evt.wait())
+        try:
+            await asyncio.wait({closed, eof}, return_when=asyncio.FIRST_COMPLETED)
+            if not closed.done():
+                if self.server_side:
+                    # we are the server end (serve/accept): EOF went both ways, close as a
+                    # server does, once our EOF has gone out
+                    await close_after_flush(self.stream)
+                    await closed
+                    return
+                done, _ = await asyncio.wait({closed}, timeout=PEER_CLOSE_GRACE)
+                if not done:  # a server that never closes: we do (our side has nothing left)
+                    await close_after_flush(self.stream)
+                    await closed
+        finally:
+            eof.cancel()
+            closed.cancel()
 
     async def _up(self) -> None:
         """WebSocket -> channel"""
@@ -471,10 +506,9 @@ class _Pump:
                     if self.client_eof:
                         raise ipc.IPCError("eof twice")
                     self.client_eof = True
+                    self._client_eof_evt.set()
                     if not dead:
                         stream.write_eof()
-                    if self.daemon_eof:
-                        stream.close()
                 else:
                     raise ipc.IPCError(f"unexpected {msg.type!r} on an open stream")
             except ipc.IPCError as exc:
@@ -482,6 +516,36 @@ class _Pump:
                 stream.abort()
                 await _fail(ws, exc.code, str(exc), 1002)
                 return
+
+
+async def _finish_detached(stream: DuplexStream) -> None:
+    """The client is gone after its EOF: drain the far end's bytes until the server closes."""
+    try:
+        async with asyncio.timeout(PEER_CLOSE_GRACE):
+            while await stream.read(ipc.DATA_CHUNK):
+                pass
+            await stream.wait_closed()
+    except (Exception, asyncio.TimeoutError):
+        pass
+    if not stream._closed.done():
+        await close_after_flush(stream, 1.0)
+
+
+async def close_after_flush(stream: DuplexStream, timeout: float = FLUSH_TIMEOUT) -> None:
+    """Close a channel only once what was written (and a pending EOF) has gone out.
+
+    asyncssh's ``close()`` with data still waiting for window turns a pending
+    EOF into a bare CHANNEL_CLOSE, which the far end cannot tell from an abort
+    (wraith serve then resets the target). So wait for the send buffer to empty.
+    """
+    transport = getattr(stream, "_transport", None)
+    if transport is not None and hasattr(transport, "get_write_buffer_size"):
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while (transport.get_write_buffer_size() > 0 and not stream._closed.done()
+               and loop.time() < deadline):
+            await asyncio.sleep(0.01)
+    stream.close()
 
 
 async def _fail(ws: ServerConnection, code: str, message: str, close_code: int) -> None:
