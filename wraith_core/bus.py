@@ -198,12 +198,15 @@ class Hub:
                     m.wakeup.clear()
                     await m.wakeup.wait()
                     continue
+                # many small frames go out as one write (one SSH packet, not one per event)
+                batch: list[bytes] = []
                 size = 0
                 while m.queue and size < WRITE_BATCH:
                     frame = m.queue.popleft()
                     m.queued -= len(frame) + FRAME_OVERHEAD
                     size += len(frame)
-                    stream.write(frame)
+                    batch.append(frame)
+                stream.write(batch[0] if len(batch) == 1 else b"".join(batch))
                 await stream.drain()
         except Exception:  # the stream broke; _serve drops the member
             return

@@ -219,6 +219,8 @@ class EventTarget:
         self._peer: set[str] = set()
         self._peer_waiters: list[tuple[str, asyncio.Future[None]]] = []
         self._closing = False
+        self._out: list[bytes] = []  # frames written at the end of this loop iteration, as one write
+        self._flush_handle: asyncio.Handle | None = None
         self._reader = asyncio.get_running_loop().create_task(self._read_loop())
 
     # -- subscriptions ------------------------------------------------------------
@@ -297,11 +299,9 @@ class EventTarget:
             raise EventTargetClosed("event target is closed")
         if self.point_to_point and event.type not in self._peer:
             return False
-        frame = encode(Envelope(event.type, event.id, event.detail), self.max_frame)
-        try:
-            self.stream.write(frame)
-        except ConnectionError as exc:
-            raise EventTargetClosed(f"event stream is closed ({exc.__class__.__name__})") from None
+        if self._reader.done():
+            raise EventTargetClosed("event stream is closed")
+        self._send(encode(Envelope(event.type, event.id, event.detail), self.max_frame))
         return True
 
     dispatchEvent = dispatch_event
@@ -313,15 +313,30 @@ class EventTarget:
         return sent
 
     async def drain(self) -> None:
+        """Wait until the stream can take more (backpressure); raises if it broke."""
+        self._flush()
         await self.stream.drain()
 
     def _control(self, kind: str, type: str) -> None:
-        if self._closing or self._reader.done():
+        if not self._closing and not self._reader.done():
+            self._send(make_frame(kind, {"type": type}, max_frame=self.max_frame))
+
+    def _send(self, frame: bytes) -> None:
+        self._out.append(frame)
+        if self._flush_handle is None:
+            self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        if not self._out:
             return
+        out, self._out = self._out, []
         try:
-            self.stream.write(make_frame(kind, {"type": type}, max_frame=self.max_frame))
-        except ConnectionError:
-            pass  # the reader sees the closed stream and ends everything
+            self.stream.write(out[0] if len(out) == 1 else b"".join(out))
+        except Exception:  # closed under us: the reader sees it and ends everything
+            pass
 
     # -- receiving ----------------------------------------------------------------
 
@@ -355,6 +370,7 @@ class EventTarget:
                 # The peer ended its side (EOF): nothing more will arrive, so end ours too
                 # (what is already written is flushed first). This is the close handshake.
                 self._closing = True
+                self._flush()
                 _close_gracefully(self.stream)
         finally:
             self.error = error
@@ -420,6 +436,7 @@ class EventTarget:
         if self._closing:
             return
         self._closing = True
+        self._flush()
         _close_gracefully(self.stream)
         self._finish(None)
 
