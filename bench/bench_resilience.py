@@ -285,14 +285,17 @@ def main() -> None:
         size = args.size_mib << 20
         print(f"\n# 3. throughput on an impaired link (userspace netem, both directions), "
               f"{args.runs} x {args.size_mib} MiB each way, median MB/s")
-        print(f"{'impairment':34}{'wraith down':>12}{'ssh down':>10}{'ratio':>7}{'wraith up':>11}{'ssh up':>9}{'ratio':>7}")
         for spec in IMPAIRMENTS:
             r = bench_impaired(keys, tmp, spec, args.runs, size)
-            wd, od = med(r["wraith"]["down"]), med(r["openssh"]["down"])
-            wu, ou = med(r["wraith"]["up"]), med(r["openssh"]["up"])
-            print(f"{spec:34}{wd / 1e6:12.2f}{od / 1e6:10.2f}{wd / od:7.2f}{wu / 1e6:11.2f}{ou / 1e6:9.2f}{wu / ou:7.2f}"
-                  f"   wire {r['wire']}", flush=True)
-        print("(ratio = wraith/OpenSSH, higher is better)")
+            print(f"{spec}   (wire: {r['wire']})")
+            for d in ("down", "up"):
+                w, o = r["wraith"][d], r["openssh"][d]
+                print(f"  {d:5} wraith {med(w) / 1e6:6.2f} [{min(w, default=0) / 1e6:.2f}-{max(w, default=0) / 1e6:.2f}]"
+                      f"   ssh -D {med(o) / 1e6:6.2f} [{min(o, default=0) / 1e6:.2f}-{max(o, default=0) / 1e6:.2f}]"
+                      f"   ratio {med(w) / med(o):.2f}", flush=True)
+        print("(MB/s: median [min-max]; ratio = wraith/OpenSSH medians, higher is better; TCP congestion control is the "
+              "kernel default, BBR here, so random loss costs less than Reno/CUBIC would; runs vary a lot on a "
+              "shared 2-core machine)")
         print(f"\ntotal {time.monotonic() - t_start:.0f} s")
     finally:
         target.terminate()
