@@ -31,31 +31,17 @@ test('bytes arrive intact both ways through a TCP target (sha256)', { timeout: 6
   assert.equal(stream.wraith.target, target.target);
   assert.equal(typeof stream.wraith.id, 'string');
   const data = crypto.randomBytes(24 * 1024 * 1024 + 12345);
-  const hh = crypto.createHash('sha256');
-  let n = 0;
-  let allBack;
-  const back = new Promise((resolve) => {
-    allBack = resolve;
-  });
-  stream.on('data', (d) => {
-    hh.update(d);
-    n += d.length;
-    if (n === data.length) allBack();
-  });
-  const ended = once(stream, 'end');
-  // write in uneven pieces, honouring backpressure
+  const got = h.drain(stream);
+  // write in uneven pieces, honouring backpressure, then EOF at once: the
+  // target echoes the rest, ends and closes while data is still in flight
   let off = 0;
   while (off < data.length) {
     const k = Math.min(data.length - off, 1 + Math.floor(Math.random() * 3 * 1024 * 1024));
     if (!stream.write(data.subarray(off, off + k))) await once(stream, 'drain');
     off += k;
   }
-  // EOF only once the echo is complete: `wraith serve` can lose a pending EOF
-  // when a target closes while data is still queued (NOTES-ipc.md §1)
-  await back;
   stream.end();
-  await ended;
-  const r = { bytes: n, hash: hh.digest('hex') };
+  const r = await got;
   assert.equal(r.bytes, data.length);
   assert.equal(r.hash, sha(data));
   await h.closed(stream);
@@ -81,7 +67,7 @@ test('half-close: end() sends EOF, the other direction keeps flowing', { timeout
     s.on('data', (d) => hh.update(d));
     s.on('end', () => {
       s.write(hh.digest('hex'));
-      s.end(Buffer.alloc(256 * 1024, 0x61));
+      s.end(Buffer.alloc(2 * 1024 * 1024, 0x61));
     });
   });
   const stream = await wraith.connect({ ...base, target: target.target });
@@ -90,7 +76,7 @@ test('half-close: end() sends EOF, the other direction keeps flowing', { timeout
   await once(stream, 'finish');
   assert.equal(stream.readableEnded, false, 'our EOF did not end the readable side');
   const r = await got;
-  assert.equal(r.bytes, 64 + 256 * 1024);
+  assert.equal(r.bytes, 64 + 2 * 1024 * 1024);
   await h.closed(stream);
   await target.close();
 });
