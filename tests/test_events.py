@@ -339,3 +339,27 @@ async def test_over_remote_forward_to_a_hub(keys: Keys, tmp_path: Path, procs: l
     procs.append(client)
     wait_for_log(client, "remote forward up")
     await _forward_roundtrip(rport)  # server side listens, connections come back to the client's hub
+
+
+async def test_async_on_connection_callback(keys: Keys) -> None:
+    served: list[str] = []
+
+    async def on_connection(stream: DuplexStream, info: ConnectionInfo) -> None:
+        async with create_event_target(stream) as target:
+            async with target.events("job") as jobs:
+                async for job in jobs:
+                    served.append(job.detail)
+                    await target.wait_subscribed("result")
+                    target.dispatch_event("result", job.detail * 2)
+
+    server = await serve(ServeOptions(key=str(keys.host), authorized_keys=str(keys.authorized),
+                                      listen="127.0.0.1:0"), on_connection=on_connection)
+    port = int(server.addresses()[0].rsplit(":", 1)[1])
+    async with create_event_target(await open_stream(client_opts(keys, port))) as client:
+        async with client.events("result") as results:
+            await client.wait_subscribed("job")
+            for i in (1, 2, 3):
+                client.dispatch_event("job", i)
+                assert (await results.__anext__()).detail == 2 * i
+    await server.close()  # also ends callback tasks still running
+    assert served == [1, 2, 3]
