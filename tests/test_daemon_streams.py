@@ -249,6 +249,9 @@ async def test_events_on_zmq_and_websocket(env) -> None:
         assert closed["clean"] is True
         # no target ever appears in an event
         assert str(env["tport"]) not in repr(seen)
+        deadline = time.monotonic() + 5  # the WebSocket feed may trail the ZeroMQ socket a little
+        while "session.closed" not in feed_events and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
         for want in ("session.up", "stream.opened", "stream.closed", "session.closed"):
             assert want in feed_events, feed_events
     finally:
