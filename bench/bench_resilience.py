@@ -196,8 +196,7 @@ print(fn(socks, tport, size))
 
 def bench_impaired(keys: Keys, tmp: Path, spec: str, runs: int, size: int) -> dict[str, dict[str, list[float]]]:
     res = {name: {"down": [], "up": []} for name in ("wraith", "openssh")}
-    ns_tmp = tmp / f"ns{abs(hash(spec)) % 1000}"
-    ns_tmp.mkdir()
+    ns_tmp = Path(tempfile.mkdtemp(prefix="ns", dir=tmp))
     os.chmod(ns_tmp, 0o755)
     net = NetPair(ns_tmp, spec)
     try:
@@ -284,7 +283,9 @@ def main() -> None:
 
         size = args.size_mib << 20
         print(f"\n# 3. throughput on an impaired link (userspace netem, both directions), "
-              f"{args.runs} x {args.size_mib} MiB each way, median MB/s")
+              f"{args.runs} x {args.size_mib} MiB each way, median MB/s, TCP congestion control "
+              f"{Path('/proc/sys/net/ipv4/tcp_congestion_control').read_text().strip()} (the kernel's; "
+              f"namespaces may not change it here)")
         for spec in IMPAIRMENTS:
             r = bench_impaired(keys, tmp, spec, args.runs, size)
             print(f"{spec}   (wire: {r['wire']})")
@@ -293,8 +294,8 @@ def main() -> None:
                 print(f"  {d:5} wraith {med(w) / 1e6:6.2f} [{min(w, default=0) / 1e6:.2f}-{max(w, default=0) / 1e6:.2f}]"
                       f"   ssh -D {med(o) / 1e6:6.2f} [{min(o, default=0) / 1e6:.2f}-{max(o, default=0) / 1e6:.2f}]"
                       f"   ratio {med(w) / med(o):.2f}", flush=True)
-        print("(MB/s: median [min-max]; ratio = wraith/OpenSSH medians, higher is better; TCP congestion control is the "
-              "kernel default, BBR here, so random loss costs less than Reno/CUBIC would; runs vary a lot on a "
+        print("(MB/s: median [min-max]; ratio = wraith/OpenSSH medians, higher is better; with BBR (this "
+              "kernel's default) random loss costs far less than with CUBIC/Reno; runs vary a lot on a "
               "shared 2-core machine)")
         print(f"\ntotal {time.monotonic() - t_start:.0f} s")
     finally:

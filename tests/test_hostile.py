@@ -459,13 +459,15 @@ async def test_slow_readers_bounded_memory(keys: Keys, tmp_path: Path, procs: li
         assert echo.stdout is not None
         eport = int(echo.stdout.readline().split()[1])
 
-        from test_load import status
+        def rss_of(p: Proc) -> int:
+            with open(f"/proc/{p.p.pid}/status") as f:
+                return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
 
         def rss() -> int:
-            return status(client.p.pid)["VmRSS"] + status(server.p.pid)["VmRSS"]
+            return rss_of(client) + rss_of(server)
 
         base = rss()
-        base_c = status(client.p.pid)["VmRSS"]
+        base_c = rss_of(client)
         n, big = 20, 1 << 30
         for _ in range(n):
             r, w = await socks_open(socks, tport)
@@ -476,7 +478,7 @@ async def test_slow_readers_bounded_memory(keys: Keys, tmp_path: Path, procs: li
             await asyncio.sleep(1.0)
             samples.append(rss() - base)
         grown_mib = samples[-1] / 1024
-        client_mib = (status(client.p.pid)["VmRSS"] - base_c) / 1024
+        client_mib = (rss_of(client) - base_c) / 1024
         # per stalled stream at most the SSH window (4 MiB, held by the client's channel) plus the
         # relay's high-water marks (512 KiB a side) and a packet or two -- not 1 GiB
         assert grown_mib < n * 8, f"memory grew {grown_mib:.0f} MiB for {n} stalled streams: {samples}"
