@@ -25,7 +25,7 @@ from netns import SERVER_ADDR, NetPair, leftover_namespaces
 HERE = Path(__file__).resolve().parent
 SSH_PORT, SOCKS_PORT, HTTP_PORT = 2222, 1080, 8080
 DOWN_SIZE = 6 * 1024 * 1024
-ECHO_STREAMS, ECHO_SIZE = 8, 256 * 1024
+ECHO_STREAMS, ECHO_SIZE = 64, 64 * 1024
 
 CASES = {
     # spec, the least median round trip it must show (reordered packets skip the delay)
@@ -88,7 +88,7 @@ def test_transfers_intact_under_impairment(impaired: tuple[NetPair, str, bytes, 
     assert rtt >= min_rtt, f"round trip {rtt * 1e3:.1f} ms: impairment {spec!r} not in effect"
 
     t0 = time.monotonic()
-    # a 6 MiB download (curl, SOCKS5h) and 8 echo streams of 256 KiB each (upload + download,
+    # a 6 MiB download (curl, SOCKS5h) and 64 concurrent echo streams of 64 KiB each (upload + download,
     # hashed both ways) at the same time, all over the one SSH session on the impaired link
     down = net.popen(net.client, ["curl", "-sS", "--max-time", "40", "--socks5-hostname", f"127.0.0.1:{SOCKS_PORT}",
                                   f"http://localhost:{HTTP_PORT}/down.bin"], stdout=subprocess.PIPE,
