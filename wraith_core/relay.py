@@ -39,7 +39,7 @@ class RelayEnd:
 
     __slots__ = (
         "transport", "peer", "_early", "_eof_in", "_eof_out", "_lost", "_clean",
-        "_paused_by", "_on_done", "_last", "_timer", "_close_pending",
+        "_paused_by", "_on_done", "_last", "_timer", "_close_pending", "_resuming",
     )
 
     def __init__(self, on_done: Callable[[], None] | None = None) -> None:
@@ -55,6 +55,7 @@ class RelayEnd:
         self._last = 0.0          # last activity once half-open (0: not half-open)
         self._timer: asyncio.TimerHandle | None = None
         self._close_pending = False
+        self._resuming = False
 
     @staticmethod
     def pair(on_done: Callable[[], None] | None = None) -> tuple[RelayEnd, RelayEnd]:
@@ -66,12 +67,22 @@ class RelayEnd:
         before = self._paused_by
         self._paused_by = before | bit if on else before & ~bit
         t = self.transport
-        if t is None or self._lost:
+        if t is None or self._lost or self._resuming:
             return
         if before == 0 and self._paused_by:
             t.pause_reading()
         elif before and self._paused_by == 0:
-            t.resume_reading()
+            # An asyncssh channel delivers its whole queue inside resume_reading() and
+            # re-grants the full window on the first packet. Pausing again in the middle
+            # would leave the rest queued while the peer sends another window's worth —
+            # unbounded growth. So take the whole flush, then pause if we were asked to.
+            self._resuming = True
+            try:
+                t.resume_reading()
+            finally:
+                self._resuming = False
+            if self._paused_by and not self._lost:
+                t.pause_reading()
 
     # -- protocol callbacks (asyncio Protocol and asyncssh SSHTCPSession) ----
 
