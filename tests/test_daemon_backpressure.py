@@ -118,16 +118,9 @@ async def _upload_to_slow_target(env) -> dict:
             "daemon": rss.peak["daemon"] - base["daemon"], "server": rss.peak["server"] - base["server"]}
 
 
-async def test_fast_writer_slow_target_daemon_memory_bounded(env) -> None:
-    r = await _upload_to_slow_target(env)
-    assert r["daemon"] < RSS_BUDGET_KIB, r
-
-
-@pytest.mark.xfail(strict=True, reason=(
-    "wraith serve's relay (wraith_core/relay.py RelayEnd, also duplex.DuplexStream) pauses the channel "
-    "in the middle of asyncssh's resume flush; asyncssh re-grants a full window for every packet it "
-    "delivers, so the server buffers the upload (~120 MB here) instead of pushing back. The daemon's "
-    "own ChannelStream fixes this for the daemon side; the server side is core code."))
 async def test_fast_writer_slow_target_pushes_back_end_to_end(env) -> None:
     r = await _upload_to_slow_target(env)
-    assert r["wrote"] > r["min_time"] and r["server"] < RSS_BUDGET_KIB, r
+    assert r["daemon"] < RSS_BUDGET_KIB, r
+    assert r["server"] < RSS_BUDGET_KIB, r
+    # the writer was held back to about the target's pace (nothing buffered the upload)
+    assert r["wrote"] > r["min_time"], r

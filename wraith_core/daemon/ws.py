@@ -16,6 +16,7 @@ Backpressure, end to end:
 from __future__ import annotations
 
 import asyncio
+import collections
 import hmac
 import logging
 import os
@@ -26,6 +27,7 @@ from typing import Any
 
 from websockets.asyncio.server import Server, ServerConnection, serve, unix_serve
 from websockets.exceptions import ConnectionClosed
+from websockets.protocol import State
 from websockets.http11 import Request, Response
 
 from ..addr import parse_hostport
@@ -315,7 +317,7 @@ class IPCServer:
             raise ipc.IPCError(f"no incoming stream {msg.id!r} waits to be accepted", "EUSAGE")
         p.timer.cancel()
         if type(p.stream) is DuplexStream:
-            p.stream.__class__ = ChannelStream  # same layout; flow control that holds (see above)
+            ChannelStream.adopt(p.stream)  # same layout; flow control that holds (see above)
         await ws.send(ipc.encode(ipc.Opened("accept", msg.id, {"info": p.info})))
         await self._run_stream(ws, p.stream, msg.id, "accept", None)
 
@@ -343,6 +345,43 @@ class IPCServer:
             self.bus.feeds.discard(feed)
 
 
+class _Chunks:
+    """A receive buffer of whole chunks (no copying on the way in or out)."""
+
+    __slots__ = ("chunks", "size")
+
+    def __init__(self) -> None:
+        self.chunks: collections.deque[bytes] = collections.deque()
+        self.size = 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __bool__(self) -> bool:
+        return self.size > 0
+
+    def __iadd__(self, data: bytes) -> _Chunks:
+        if data:
+            self.chunks.append(data if type(data) is bytes else bytes(data))
+            self.size += len(data)
+        return self
+
+    def take(self, n: int) -> bytes:
+        """Up to ``n`` bytes: the first chunk, or a part of it."""
+        chunk = self.chunks[0]
+        if len(chunk) <= n:
+            self.chunks.popleft()
+        else:
+            self.chunks[0] = chunk[n:]
+            chunk = chunk[:n]
+        self.size -= len(chunk)
+        return chunk
+
+    def clear(self) -> None:
+        self.chunks.clear()
+        self.size = 0
+
+
 class ChannelStream(DuplexStream):
     """A DuplexStream whose flow control holds with asyncssh's window accounting.
 
@@ -353,9 +392,26 @@ class ChannelStream(DuplexStream):
     under a slow reader (measured: 700 MB for one stream). So: during the flush
     that ``resume_reading()`` runs, take everything asyncssh holds, and pause
     only afterwards. Bound: ``limit / 2`` + one SSH window per stream.
+
+    The receive buffer keeps asyncssh's packets as they are (no bytearray
+    copies); ``read(n)`` returns at most one packet.
     """
 
     _flushing = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._buf = _Chunks()  # type: ignore[assignment]
+
+    @classmethod
+    def adopt(cls, stream: DuplexStream) -> ChannelStream:
+        """Turn a plain DuplexStream (e.g. an incoming one) into a ChannelStream, keeping its bytes."""
+        old = bytes(stream._buf)
+        stream.__class__ = cls
+        buf = _Chunks()
+        buf += old
+        stream._buf = buf  # type: ignore[assignment]
+        return stream  # type: ignore[return-value]
 
     def data_received(self, data: bytes, datatype: Any = None) -> None:
         self._buf += data
@@ -376,6 +432,20 @@ class ChannelStream(DuplexStream):
             if len(self._buf) > self._limit and not self._read_paused:
                 self._read_paused = True
                 self._transport.pause_reading()
+
+    async def read(self, n: int = -1) -> bytes:
+        if n < 0:
+            return await super().read(n)  # loops over read(limit)
+        if n == 0:
+            return b""
+        await self._wait_data()
+        if not self._buf:
+            if self._exc is not None:
+                raise self._exc
+            return b""
+        data = self._buf.take(n)  # type: ignore[attr-defined]
+        self._maybe_resume()
+        return data
 
 
 class _Pending:
@@ -449,7 +519,7 @@ class _Pump:
                 data = await stream.read(ipc.DATA_CHUNK)
                 if not data:
                     break
-                await ws.send(ipc.encode_data(data))
+                await send_data(ws, data)
         except ConnectionClosed:
             return
         except Exception as exc:  # ConnectionResetError, asyncssh's ConnectionLost, …
@@ -529,6 +599,32 @@ async def _finish_detached(stream: DuplexStream) -> None:
         pass
     if not stream._closed.done():
         await close_after_flush(stream, 1.0)
+
+
+async def send_data(ws: ServerConnection, payload: bytes) -> None:
+    """Send one ``data`` message without copying the payload.
+
+    websockets' ``send()`` copies a message three times on its way out
+    (msgpack join, frame assembly, getvalue); a server's data frame is just a
+    header and the bytes (unmasked, no extensions here), so write header and
+    payload to the transport as two buffers and let websockets do the flow
+    control (``drain``). Anything unusual falls back to ``send()``.
+    """
+    protocol = ws.protocol
+    transport = ws.transport
+    if protocol.state is not State.OPEN or protocol.extensions or transport.is_closing():
+        await ws.send(ipc.encode_data(payload))
+        return
+    mp = ipc.data_header(len(payload))
+    length = len(mp) + len(payload)
+    if length < 126:
+        head = struct.pack("!BB", 0x82, length)
+    elif length < 65536:
+        head = struct.pack("!BBH", 0x82, 126, length)
+    else:
+        head = struct.pack("!BBQ", 0x82, 127, length)
+    transport.writelines((head + mp, payload))
+    await ws.drain()
 
 
 async def close_after_flush(stream: DuplexStream, timeout: float = FLUSH_TIMEOUT) -> None:

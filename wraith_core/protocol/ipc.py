@@ -103,16 +103,18 @@ _DATA_PREFIX = b"\x82\xa4type\xa4data\xa4data"
 EOF_BYTES = msgpack.packb({"type": "eof"})
 
 
+def data_header(n: int) -> bytes:
+    """The msgpack bytes that precede an ``n``-byte payload in a data message."""
+    if n < 256:
+        return _DATA_PREFIX + b"\xc4" + bytes((n,))
+    if n < 65536:
+        return _DATA_PREFIX + b"\xc5" + struct.pack(">H", n)
+    return _DATA_PREFIX + b"\xc6" + struct.pack(">I", n)
+
+
 def encode_data(payload: bytes | bytearray | memoryview) -> bytes:
     """``{"type": "data", "data": payload}`` with a single copy of the payload."""
-    n = len(payload)
-    if n < 256:
-        head = _DATA_PREFIX + b"\xc4" + bytes((n,))
-    elif n < 65536:
-        head = _DATA_PREFIX + b"\xc5" + struct.pack(">H", n)
-    else:
-        head = _DATA_PREFIX + b"\xc6" + struct.pack(">I", n)
-    return b"".join((head, payload))
+    return b"".join((data_header(len(payload)), payload))
 
 
 def encode(msg: Message | dict[str, Any]) -> bytes:
