@@ -1,6 +1,7 @@
 'use strict';
 
 const fs = require('node:fs');
+const os = require('node:os');
 const path = require('node:path');
 const { EventEmitter } = require('node:events');
 const ipc = require('./ipc');
@@ -20,6 +21,7 @@ function looksLikeKeyText(s) {
 
 function keyInput(v) {
   if (typeof v === 'string') {
+    if (v === '~' || v.startsWith('~/')) v = path.join(os.homedir(), v.slice(1));
     if (!v || looksLikeKeyText(v) || path.isAbsolute(v)) return v;
     const abs = path.resolve(v);
     return fs.existsSync(abs) ? abs : v;
