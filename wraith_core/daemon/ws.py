@@ -50,11 +50,12 @@ SHUTDOWN_GRACE = 1.5
 FLUSH_TIMEOUT = 30.0
 PEER_CLOSE_GRACE = 30.0
 CHANNEL_HIGH_WATER = 2 * 1024 * 1024
+STREAM_LIMIT = 2 * 1024 * 1024  # receive buffer per stream (pauses the SSH channel above it)
 WS_SETTINGS: dict[str, Any] = {
     "compression": None,             # no permessage-deflate: bytes are opaque, CPU matters
     "max_size": ipc.MAX_MESSAGE,
     "max_queue": 4,                  # received messages held before we stop reading the socket
-    "write_limit": 1024 * 1024,      # send() waits above this much unsent data
+    "write_limit": 2 * 1024 * 1024,  # send() waits above this much unsent data
     "ping_interval": None,           # local socket; a stream under backpressure may sit for long
     "ping_timeout": None,
     "close_timeout": 5,
@@ -210,7 +211,7 @@ class IPCServer:
             raise map_error(exc) from None
         try:
             assert entry.manager is not None
-            stream = ChannelStream(info={"target": (host, port)})
+            stream = ChannelStream(limit=STREAM_LIMIT, info={"target": (host, port)})
             try:
                 await entry.manager.open_relay(stream, host, port)  # type: ignore[arg-type]
             except WraithError as exc:

@@ -32,7 +32,7 @@ READY_TIMEOUT = 20.0
 WS_SETTINGS: dict[str, Any] = {
     "compression": None,
     "max_size": _ipc.MAX_MESSAGE,
-    "max_queue": 8,
+    "max_queue": 16,
     "write_limit": 1024 * 1024,
     "ping_interval": None,
     "ping_timeout": None,
