@@ -122,6 +122,10 @@ export declare class WraithStream extends Duplex {
   bytesWritten: number;
   setNoDelay(noDelay?: boolean): this;
   setKeepAlive(enable?: boolean, initialDelay?: number): this;
+  /** Emit 'timeout' after `ms` idle (0 disables), like net.Socket. */
+  setTimeout(ms: number, callback?: () => void): this;
+  ref(): this;
+  unref(): this;
 }
 
 export declare class WraithServer extends EventEmitter {

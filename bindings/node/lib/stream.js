@@ -71,12 +71,45 @@ class WraithStream extends Duplex {
     return this.wraith.id;
   }
 
-  /** Like net.Socket#setNoDelay etc.: accepted for compatibility, no effect. */
+  /** Like net.Socket#setNoDelay / setKeepAlive: accepted for compatibility, no effect. */
   setNoDelay() {
     return this;
   }
 
   setKeepAlive() {
+    return this;
+  }
+
+  /** Like net.Socket#setTimeout: emit 'timeout' after `ms` without reads or writes (0 disables). */
+  setTimeout(ms, cb) {
+    this._idleMs = ms > 0 ? ms : 0;
+    if (cb) {
+      if (this._idleMs) this.once('timeout', cb);
+      else this.off('timeout', cb);
+    }
+    if (this._idleTimer) {
+      clearTimeout(this._idleTimer);
+      this._idleTimer = null;
+    }
+    if (this._idleMs && !this.destroyed) {
+      this._idleTimer = setTimeout(() => this.emit('timeout'), this._idleMs);
+      this._idleTimer.unref();
+    }
+    return this;
+  }
+
+  _touch() {
+    if (this._idleTimer) this._idleTimer.refresh();
+  }
+
+  /** Like net.Socket#ref / unref: whether this stream keeps the process alive. */
+  ref() {
+    if (this._ws._socket) this._ws._socket.ref();
+    return this;
+  }
+
+  unref() {
+    if (this._ws._socket) this._ws._socket.unref();
     return this;
   }
 
@@ -97,6 +130,7 @@ class WraithStream extends Duplex {
           return;
         }
         this.bytesRead += msg.data.length;
+        if (this._idleTimer) this._touch();
         if (!this.push(msg.data)) this._ws.pause();
         break;
       case 'eof':
@@ -118,6 +152,7 @@ class WraithStream extends Duplex {
   // -- writable side --------------------------------------------------------------------
 
   _send(buf, n) {
+    if (this._idleTimer) this._touch();
     this._inflight += buf.length;
     this.bytesWritten += n;
     this._ws.send(buf, { binary: true }, (err) => {
@@ -235,6 +270,7 @@ class WraithStream extends Duplex {
 
   _destroy(err, cb) {
     const ws = this._ws;
+    if (this._idleTimer) clearTimeout(this._idleTimer);
     if (this._heldCb) {
       const held = this._heldCb;
       this._heldCb = null;

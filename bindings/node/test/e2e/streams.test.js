@@ -327,3 +327,22 @@ test('key inputs as Buffers and relative paths; a pinned SHA256 fingerprint', { 
   assert.ok(path.isAbsolute(keys.client));
   await target.close();
 });
+
+test('net.Socket niceties: setTimeout emits timeout when idle, not while busy', { timeout: 30000 }, async () => {
+  const target = await h.tcpServer((s) => s.resume()); // silent target
+  const stream = await wraith.connect({ ...base, target: target.target });
+  let timeouts = 0;
+  stream.setTimeout(300, () => timeouts++);
+  // busy: a write every 100 ms for 700 ms keeps it from firing
+  for (let i = 0; i < 7; i++) {
+    stream.write('x');
+    await h.sleep(100);
+  }
+  assert.equal(timeouts, 0);
+  await h.sleep(600);
+  assert.equal(timeouts, 1);
+  assert.equal(stream.setNoDelay(true), stream);
+  stream.unref().ref();
+  stream.destroy();
+  await target.close();
+});
