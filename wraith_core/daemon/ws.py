@@ -378,6 +378,18 @@ class _Chunks:
         self.size -= len(chunk)
         return chunk
 
+    def take_many(self, n: int) -> list[bytes]:
+        """Whole chunks adding up to at most ``n`` bytes (at least one, maybe cut)."""
+        out = [self.take(n)]
+        left = n - len(out[0])
+        chunks = self.chunks
+        while chunks and len(chunks[0]) <= left:
+            c = chunks.popleft()
+            self.size -= len(c)
+            left -= len(c)
+            out.append(c)
+        return out
+
     def clear(self) -> None:
         self.chunks.clear()
         self.size = 0
@@ -448,6 +460,17 @@ class ChannelStream(DuplexStream):
         self._maybe_resume()
         return data
 
+    async def read_chunks(self, n: int) -> list[bytes]:
+        """Whole received packets adding up to at most ``n`` bytes; ``[]`` at EOF."""
+        await self._wait_data()
+        if not self._buf:
+            if self._exc is not None:
+                raise self._exc
+            return []
+        chunks = self._buf.take_many(n)  # type: ignore[attr-defined]
+        self._maybe_resume()
+        return chunks
+
 
 class _Pending:
     __slots__ = ("stream", "info", "timer")
@@ -516,11 +539,18 @@ class _Pump:
         """channel -> WebSocket"""
         ws, stream = self.ws, self.stream
         try:
-            while True:
-                data = await stream.read(ipc.DATA_CHUNK)
-                if not data:
-                    break
-                await send_data(ws, data)
+            if isinstance(stream, ChannelStream):
+                while True:
+                    chunks = await stream.read_chunks(ipc.DATA_CHUNK)
+                    if not chunks:
+                        break
+                    await send_data(ws, chunks)
+            else:  # pragma: no cover - every stream is adopted as a ChannelStream
+                while True:
+                    data = await stream.read(ipc.DATA_CHUNK)
+                    if not data:
+                        break
+                    await send_data(ws, [data])
         except ConnectionClosed:
             return
         except Exception as exc:  # ConnectionResetError, asyncssh's ConnectionLost, …
@@ -602,8 +632,8 @@ async def _finish_detached(stream: DuplexStream) -> None:
         await close_after_flush(stream, 1.0)
 
 
-async def send_data(ws: ServerConnection, payload: bytes) -> None:
-    """Send one ``data`` message without copying the payload.
+async def send_data(ws: ServerConnection, parts: list[bytes]) -> None:
+    """Send one ``data`` message made of ``parts``, without copying them.
 
     websockets' ``send()`` copies a message three times on its way out
     (msgpack join, frame assembly, getvalue); a server's data frame is just a
@@ -613,18 +643,19 @@ async def send_data(ws: ServerConnection, payload: bytes) -> None:
     """
     protocol = ws.protocol
     transport = ws.transport
+    size = sum(map(len, parts))
     if protocol.state is not State.OPEN or protocol.extensions or transport.is_closing():
-        await ws.send(ipc.encode_data(payload))
+        await ws.send(ipc.encode_data(b"".join(parts)))
         return
-    mp = ipc.data_header(len(payload))
-    length = len(mp) + len(payload)
+    mp = ipc.data_header(size)
+    length = len(mp) + size
     if length < 126:
         head = struct.pack("!BB", 0x82, length)
     elif length < 65536:
         head = struct.pack("!BBH", 0x82, 126, length)
     else:
         head = struct.pack("!BBQ", 0x82, 127, length)
-    transport.writelines((head + mp, payload))
+    transport.writelines((head + mp, *parts))
     await ws.drain()
 
 

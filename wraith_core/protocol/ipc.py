@@ -22,7 +22,7 @@ import msgpack
 VERSION = 1
 MAX_MESSAGE = 16 * 1024 * 1024
 # The daemon sends data messages of at most this size.
-DATA_CHUNK = 256 * 1024
+DATA_CHUNK = 1024 * 1024
 
 KINDS = ("connect", "serve", "accept", "events")
 

@@ -22,15 +22,16 @@ class ProtocolViolation(Exception):
     pass
 
 
-def encode_data(payload: bytes | bytearray | memoryview) -> bytes:
-    n = len(payload)
+def data_header(n: int) -> bytes:
     if n < 256:
-        head = _DATA_PREFIX + b"\xc4" + bytes((n,))
-    elif n < 65536:
-        head = _DATA_PREFIX + b"\xc5" + struct.pack(">H", n)
-    else:
-        head = _DATA_PREFIX + b"\xc6" + struct.pack(">I", n)
-    return b"".join((head, payload))
+        return _DATA_PREFIX + b"\xc4" + bytes((n,))
+    if n < 65536:
+        return _DATA_PREFIX + b"\xc5" + struct.pack(">H", n)
+    return _DATA_PREFIX + b"\xc6" + struct.pack(">I", n)
+
+
+def encode_data(payload: bytes | bytearray | memoryview) -> bytes:
+    return b"".join((data_header(len(payload)), payload))
 
 
 def encode(msg: dict[str, Any]) -> bytes:
