@@ -307,3 +307,35 @@ async def test_serve_through_daemon(env, tmp_path) -> None:
         await wraith_client.serve(host_key=str(keys.host), authorized_keys=str(keys.authorized),
                                   listen=f"127.0.0.1:{env['sport']}", daemon=info["ws"])
     assert ei.value.code == "EADDRINUSE"
+
+
+async def test_session_lost_is_visible(env) -> None:
+    feed_events: list[tuple[str, dict]] = []
+
+    async def feed() -> None:
+        async for ev in wraith_client.events(topics=["session."], daemon=env["info"]["ws"]):
+            feed_events.append((ev["event"], ev["data"]))
+
+    ft = asyncio.create_task(feed())
+    await asyncio.sleep(0.3)
+    try:
+        s = await _open(env, "ECHO")
+        s.write(b"abc")
+        await s.drain()
+        assert await s.readexactly(3) == b"abc"
+        env["server"].signal(9)  # the SSH server vanishes mid-stream
+        with pytest.raises(WraithError) as ei:
+            while await s.read(100):
+                pass
+        assert ei.value.code in ("ECONNRESET", "ESESSION")
+        deadline = time.monotonic() + 10
+        while "session.lost" not in [e for e, _ in feed_events] and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert "session.lost" in [e for e, _ in feed_events], feed_events
+        # the dead session left the pool: the next stream tries a new one (and the server is gone)
+        with pytest.raises(WraithError) as ei:
+            await _open(env, "ECHO")
+        assert ei.value.code == "ECONNREFUSED"
+        assert env["daemon"].p.poll() is None
+    finally:
+        ft.cancel()
