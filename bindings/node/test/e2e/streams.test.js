@@ -346,3 +346,11 @@ test('net.Socket niceties: setTimeout emits timeout when idle, not while busy', 
   stream.destroy();
   await target.close();
 });
+
+test('ETIMEDOUT: a server that accepts but never speaks SSH', { timeout: 60000 }, async () => {
+  const silent = await h.tcpServer(() => {}); // accepts, says nothing
+  const t0 = Date.now();
+  await assert.rejects(wraith.connect({ ...base, server: silent.target, connectTimeout: 1 }), { code: 'ETIMEDOUT' });
+  assert.ok(Date.now() - t0 < 30000);
+  await silent.close();
+});
