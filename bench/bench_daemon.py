@@ -1,6 +1,6 @@
 """Throughput and connect latency through the daemon vs open_stream() in process, same run.
 
-    python3 bench/bench_daemon.py [--mib 512] [--rounds 3]
+    python3 bench/bench_daemon.py [--mib 512] [--rounds 5]
 
 Path measured: bindings/python (wraith_client) -> wraith daemon -> SSH -> wraith serve -> target,
 against wraith_core.open_stream() in this process -> SSH -> wraith serve -> target.
@@ -119,6 +119,10 @@ async def run(mib: int, rounds: int) -> None:
         def ms(v: list[float]) -> float:
             return statistics.median(v) * 1000
 
+        def pair_ratio(a: str, b: str) -> float:
+            # per-round ratios (each pair ran back to back) resist load drifting during the run
+            return statistics.median(x / y for x, y in zip(res[a], res[b]))
+
         print(f"wraith daemon benchmark: {mib} MiB per transfer, {rounds} rounds, medians")
         print(f"  download  in-process open_stream : {mbps(res['inproc_down']):8.1f} MB/s")
         print(f"  download  wraith_client → daemon : {mbps(res['daemon_down']):8.1f} MB/s   "
@@ -126,6 +130,9 @@ async def run(mib: int, rounds: int) -> None:
         print(f"  upload    in-process open_stream : {mbps(res['inproc_up']):8.1f} MB/s")
         print(f"  upload    wraith_client → daemon : {mbps(res['daemon_up']):8.1f} MB/s   "
               f"ratio {statistics.median(res['daemon_up']) / statistics.median(res['inproc_up']):.2f}")
+        print(f"  ratio daemon/in-process, median of per-round ratios: download "
+              f"{pair_ratio('daemon_down', 'inproc_down'):.2f}, upload {pair_ratio('daemon_up', 'inproc_up'):.2f}"
+              f"  (goal >= 0.8)")
         print(f"  connect   in-process open_stream (session + channel) : {ms(res['inproc_connect']):7.1f} ms")
         print(f"  connect   daemon, fresh session                      : {ms(res['daemon_connect_fresh']):7.1f} ms")
         print(f"  connect   daemon, pooled session (channel only)      : {ms(res['daemon_connect_pooled']):7.1f} ms"
@@ -140,7 +147,7 @@ async def run(mib: int, rounds: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--mib", type=int, default=512)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
     from wraith_core import tuning
 
