@@ -90,10 +90,20 @@ class NetPair:
         return self
 
     def set_impairment(self, spec: str) -> None:
-        """(Re)start the wire process with netem-style ``spec`` (empty: a clean link)."""
-        self._stop_wire()
+        """Start the wire with netem-style ``spec`` (empty: a clean link), or change it on the running
+        wire without touching the devices (``"loss 100%"`` is a black hole)."""
+        if self.wire is not None and self.wire.poll() is None:
+            assert self.wire.stdin is not None and self.wire.stdout is not None
+            self.wire.stdin.write(spec.encode() + b"\n")
+            self.wire.stdin.flush()
+            line = self.wire.stdout.readline()
+            if line.strip() != b"ok":
+                raise RuntimeError(f"wire refused {spec!r}: {line!r}")
+            self.impairment = spec
+            return
         self.wire = subprocess.Popen([sys.executable, __file__, "wire", self.client, self.tc, self.server,
-                                      self.ts, spec], stdout=subprocess.PIPE, start_new_session=True)
+                                      self.ts, spec], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     start_new_session=True)
         assert self.wire.stdout is not None
         line = self.wire.stdout.readline()
         if line.strip() != b"ready":
@@ -240,7 +250,7 @@ def run_wire(cns: str, cdev: str, sns: str, sdev: str, spec: str) -> None:
     import json
     import random
 
-    delay, loss, reorder = parse_impairment(spec)
+    cfg = list(parse_impairment(spec))  # delay, loss, reorder; replaced by a line on stdin
     fds = {"c": _open_tun(cns, cdev), "s": _open_tun(sns, sdev)}
     stats = collections.Counter()
     limit = 20000  # packets held per direction (netem's limit is 1000 by default; we never want to drop here)
@@ -269,6 +279,7 @@ def run_wire(cns: str, cdev: str, sns: str, sdev: str, spec: str) -> None:
 
         def readable(src: str) -> None:
             out = "s" if src == "c" else "c"
+            delay, loss, reorder = cfg
             for _ in range(256):
                 try:
                     pkt = os.read(fds[src], 65536)
@@ -298,10 +309,26 @@ def run_wire(cns: str, cdev: str, sns: str, sdev: str, spec: str) -> None:
         loop.add_reader(fds["c"], readable, "c")
         loop.add_reader(fds["s"], readable, "s")
         loop.add_signal_handler(sig.SIGUSR1, report)
+
+        def control() -> None:
+            line = sys.stdin.readline()
+            if not line:  # our parent is gone: stop
+                loop.stop()
+                return
+            try:
+                cfg[:] = parse_impairment(line.strip())
+                print("ok", flush=True)
+            except (ValueError, IndexError) as exc:
+                print(f"error {exc}", flush=True)
+
+        loop.add_reader(sys.stdin.fileno(), control)
         print("ready", flush=True)
         await asyncio.Event().wait()
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except RuntimeError:  # loop.stop() from control(): stdin closed
+        pass
 
 
 if __name__ == "__main__" and len(sys.argv) == 7 and sys.argv[1] == "wire":
