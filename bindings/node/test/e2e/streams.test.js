@@ -332,15 +332,14 @@ test('net.Socket niceties: setTimeout emits timeout when idle, not while busy', 
   const target = await h.tcpServer((s) => s.resume()); // silent target
   const stream = await wraith.connect({ ...base, target: target.target });
   let timeouts = 0;
-  stream.setTimeout(300, () => timeouts++);
-  // busy: a write every 100 ms for 700 ms keeps it from firing
-  for (let i = 0; i < 7; i++) {
+  stream.setTimeout(1000, () => timeouts++);
+  // busy: a write every 100 ms for 1.5 s keeps it from firing
+  for (let i = 0; i < 15; i++) {
     stream.write('x');
     await h.sleep(100);
   }
   assert.equal(timeouts, 0);
-  await h.sleep(600);
-  assert.equal(timeouts, 1);
+  await h.waitFor(() => timeouts === 1, 10000, "'timeout' when idle");
   assert.equal(stream.setNoDelay(true), stream);
   stream.unref().ref();
   stream.destroy();
