@@ -46,6 +46,12 @@ function checkOptions(options, what) {
   }
 }
 
+function abortError(signal) {
+  const err = wraithError('ABORT_ERR', 'The operation was aborted', { cause: signal && signal.reason });
+  err.name = 'AbortError';
+  return err;
+}
+
 function firstMessage(ws, { timeout, signal, what }) {
   return new Promise((resolve, reject) => {
     let done = false;
@@ -97,7 +103,7 @@ function firstMessage(ws, { timeout, signal, what }) {
     };
     const onClose = (code, reason) =>
       finish(pendingError || wraithError('EDAEMON', `the daemon closed the WebSocket before answering (close ${code}${reason && reason.length ? ` ${reason}` : ''})`));
-    const onAbort = () => finish(signal.reason instanceof Error ? Object.assign(signal.reason, { code: signal.reason.code || 'ABORT_ERR' }) : wraithError('ABORT_ERR', 'aborted'));
+    const onAbort = () => finish(abortError(signal));
     const timer = setTimeout(() => finish(wraithError('ETIMEDOUT', `${what}: no answer from the wraith daemon within ${timeout} ms`)), timeout);
     ws.on('message', onMessage);
     ws.on('close', onClose);
@@ -110,7 +116,7 @@ function firstMessage(ws, { timeout, signal, what }) {
 
 async function openChannel(openMsg, options, what) {
   const { signal } = options;
-  if (signal && signal.aborted) throw wraithError('ABORT_ERR', 'aborted');
+  if (signal && signal.aborted) throw abortError(signal);
   const endpoint = await daemon.resolve({ daemon: options.daemon, token: options.token, autostart: options.autostart !== false });
   const ws = await daemon.openWebSocket(endpoint);
   const timeout = options.timeout ?? (typeof options.connectTimeout === 'number' ? options.connectTimeout * 1000 + 10000 : DEFAULT_TIMEOUT);
