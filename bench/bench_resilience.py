@@ -1,11 +1,14 @@
 """Resilience benchmark: recovery after a server restart, streams held + memory per stream
 (wraith vs OpenSSH), and throughput on an impaired link (wraith vs OpenSSH ``ssh -D``).
 
-    python3 bench/bench_resilience.py [--restarts 5] [--streams 3000] [--runs 5] [--size-mib 4]
+    python3 bench/bench_resilience.py [--restarts 5] [--blackholes 3] [--streams 3000] [--runs 5] [--size-mib 4]
 
 1. recover: ``wraith serve`` is SIGKILLed and started again on the same port while
    ``wraith connect`` runs; the time from the kill until a new SOCKS5 connection carries a
    byte (median of N). The client's backoff starts at 1 s, so ~1 s + server start is the floor.
+   Also with the server down 2.5 s (backoff cost), and a black-holed link (tests/netns.py wire
+   dropping every packet): time until keepalives declare the session lost, and from the link's
+   return until a new stream works.
 2. streams: N concurrently open SOCKS5 streams through one session (load generator and echo
    target in their own processes), each checked with an echo; RSS before/after of the client
    and of the server side (for OpenSSH: ``ssh -D`` and the sum of sshd's per-connection
@@ -90,6 +93,61 @@ def bench_recover(keys: Keys, tmp: Path, rounds: int, tport: int, outage: float 
     finally:
         client.stop()
         server.stop()
+    return out
+
+
+# -- 1b. black-holed link (default keepalives) ----------------------------------------------------------
+
+POLL = """
+import sys, time
+sys.path.insert(0, {bench!r})
+from common import recv_exact, socks_open
+socks, tport = int(sys.argv[1]), int(sys.argv[2])
+t0 = time.monotonic()
+while time.monotonic() - t0 < 60:
+    try:
+        s = socks_open(socks, "127.0.0.1", tport)
+        s.settimeout(5)
+        s.sendall(b"P")
+        recv_exact(s, 1)
+        s.close()
+        break
+    except OSError:
+        time.sleep(0.05)
+print(time.monotonic() - t0)
+"""
+
+
+def bench_blackhole(keys: Keys, tmp: Path, rounds: int) -> dict[str, list[float]]:
+    """Drop every packet on the link (no RST/FIN): time until the client declares the session lost
+    (default keepalives), then restore the link: time until a new SOCKS5 stream works."""
+    out: dict[str, list[float]] = {"detect": [], "recover": []}
+    ns_tmp = Path(tempfile.mkdtemp(prefix="ns", dir=tmp))
+    os.chmod(ns_tmp, 0o755)
+    net = NetPair(ns_tmp, "delay 10ms")
+    try:
+        net.create()
+        t = net.popen(net.server, [PY, str(ROOT / "bench" / "common.py"), "target", "9000"], stdout=subprocess.PIPE)
+        assert t.stdout is not None and t.stdout.readline().strip() == b"ready"
+        net.proc(net.server, wraith("serve", "--key", str(keys.host), "--authorized-keys", str(keys.authorized),
+                                    "--listen", f"{SERVER_ADDR}:2222"), "serve", ready="listening")
+        client = net.proc(net.client, wraith("connect", "--server", f"{SERVER_ADDR}:2222", "--identity",
+                                             str(keys.client), "--host-key", str(keys.host_pub), "--socks5",
+                                             "127.0.0.1:1080"), "connect", ready="socks5 listening")
+        wait_for_log(client, "session up", timeout=30)
+        poll = POLL.format(bench=str(ROOT / "bench"))
+        for i in range(rounds):
+            lost = client.log().count("session lost")
+            t0 = time.monotonic()
+            net.set_impairment("delay 10ms loss 100%")
+            while client.log().count("session lost") <= lost and time.monotonic() - t0 < 60:
+                time.sleep(0.05)
+            out["detect"].append(time.monotonic() - t0)
+            net.set_impairment("delay 10ms")
+            r = net.run(net.client, [PY, "-c", poll, "1080", "9000"], timeout=90)
+            out["recover"].append(float(r.stdout))
+    finally:
+        net.destroy()
     return out
 
 
@@ -249,6 +307,7 @@ def bench_impaired(keys: Keys, tmp: Path, spec: str, runs: int, size: int) -> di
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--restarts", type=int, default=5)
+    ap.add_argument("--blackholes", type=int, default=3)
     ap.add_argument("--streams", type=int, default=3000)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--size-mib", type=int, default=4)
@@ -266,6 +325,12 @@ def main() -> None:
             rec = bench_recover(keys, tmp, args.restarts if outage == 0 else max(1, args.restarts // 2), tport, outage)
             print(f"{outage:9.1f}{med(rec['kill_to_ok']):22.2f}{min(rec['kill_to_ok']):7.2f}{max(rec['kill_to_ok']):7.2f}"
                   f"{med(rec['listen_to_ok']):27.2f}", flush=True)
+
+        bh = bench_blackhole(keys, tmp, args.blackholes)
+        print(f"black-holed link (every packet dropped, default keepalive 5 s x 3), {args.blackholes} rounds: "
+              f"lost noticed after median {med(bh['detect']):.1f} s [{min(bh['detect']):.1f}-{max(bh['detect']):.1f}]; "
+              f"link back -> new SOCKS5 stream works: median {med(bh['recover']):.2f} s "
+              f"[{min(bh['recover']):.2f}-{max(bh['recover']):.2f}]", flush=True)
 
         st = bench_streams(keys, tmp, args.streams)
         print(f"\n# 2. {args.streams} concurrently open SOCKS5 streams through one session, each echo-checked")
