@@ -217,8 +217,12 @@ class IPCServer:
             except WraithError as exc:
                 raise map_error(exc, "ECHANNEL") from None
             sid = self._id("s")
-            await ws.send(ipc.encode(ipc.Opened("connect", sid, {
-                "target": target, "session": entry.id, "pooled": pooled})))
+            try:
+                await ws.send(ipc.encode(ipc.Opened("connect", sid, {
+                    "target": target, "session": entry.id, "pooled": pooled})))
+            except BaseException:  # the client left while we were opening: nobody wants it
+                stream.abort()
+                raise
             await self._run_stream(ws, stream, sid, "connect", entry.id)
         finally:
             entry.release()
@@ -319,7 +323,11 @@ class IPCServer:
         p.timer.cancel()
         if type(p.stream) is DuplexStream:
             ChannelStream.adopt(p.stream)  # same layout; flow control that holds (see above)
-        await ws.send(ipc.encode(ipc.Opened("accept", msg.id, {"info": p.info})))
+        try:
+            await ws.send(ipc.encode(ipc.Opened("accept", msg.id, {"info": p.info})))
+        except BaseException:
+            p.stream.abort()
+            raise
         await self._run_stream(ws, p.stream, msg.id, "accept", None)
 
     # -- events ----------------------------------------------------------------------
