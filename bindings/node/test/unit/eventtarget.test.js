@@ -230,6 +230,25 @@ test('close() destroys the stream when the peer never ends its side', { timeout:
   b.destroy();
 });
 
+test("events.on() iterates an event type; leaving the loop unsubscribes", { timeout: 10000 }, async () => {
+  const { on } = require('node:events');
+  const [a, b] = await socketPair();
+  const left = createWraithEventTarget({ stream: a });
+  const right = createWraithEventTarget({ stream: b });
+  (async () => {
+    await right.waitSubscribed('x', { timeout: 5000 });
+    for (let i = 0; i < 3; i++) right.emit('x', i);
+  })();
+  const got = [];
+  for await (const [ev] of on(left, 'x')) {
+    got.push(ev.detail);
+    if (got.length === 3) break;
+  }
+  assert.deepEqual(got, [0, 1, 2]);
+  while (right.peerSubscriptions.has('x')) await tick(5);
+  await Promise.all([left.close(), right.closed]);
+});
+
 test('bad construction is EUSAGE', () => {
   assert.throws(() => createWraithEventTarget({}), { code: 'EUSAGE' });
   assert.throws(() => createWraithEventTarget(), { code: 'EUSAGE' });
