@@ -13,6 +13,7 @@ import atexit
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -29,6 +30,7 @@ from . import _ipc
 from .errors import DaemonError
 
 READY_TIMEOUT = 20.0
+SOCKET_BUFFER = 1024 * 1024
 WS_SETTINGS: dict[str, Any] = {
     "compression": None,
     "max_size": _ipc.MAX_MESSAGE,
@@ -59,10 +61,13 @@ class Endpoint:
         """A new WebSocket to the daemon (one per stream)."""
         try:
             if self.ws.startswith("unix:"):
-                return await unix_connect(self.ws[5:], "ws://localhost/", **WS_SETTINGS)
-            hostport = self.ws[4:]
-            headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
-            return await connect(f"ws://{hostport}/", additional_headers=headers, **WS_SETTINGS)
+                ws = await unix_connect(self.ws[5:], "ws://localhost/", **WS_SETTINGS)
+            else:
+                hostport = self.ws[4:]
+                headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+                ws = await connect(f"ws://{hostport}/", additional_headers=headers, **WS_SETTINGS)
+            _deepen_socket_buffers(ws)
+            return ws
         except InvalidStatus as exc:
             status = exc.response.status_code
             hint = " (wrong or missing token)" if status == 401 else ""
@@ -70,6 +75,18 @@ class Endpoint:
         except (OSError, WebSocketException, asyncio.TimeoutError) as exc:
             raise DaemonError(f"cannot reach the wraith daemon at {self.ws} ({self.source}): "
                               f"{getattr(exc, 'strerror', None) or exc}") from None
+
+
+def _deepen_socket_buffers(ws: ClientConnection) -> None:
+    """1 MiB kernel buffers each way: fewer, larger hand-overs between us and the daemon."""
+    sock = ws.transport.get_extra_info("socket")
+    if sock is None:
+        return
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
+    except OSError:
+        pass
 
 
 def parse_endpoint(spec: str) -> str:
