@@ -219,7 +219,8 @@ class EnvelopeDecoder:
             n = self._need
             if len(buf) - pos < HEADER_SIZE + n:
                 break
-            frame = bytes(buf[pos:pos + HEADER_SIZE + n])
+            with memoryview(buf) as view:  # one copy, and the view is released before buf is resized
+                frame = bytes(view[pos:pos + HEADER_SIZE + n])
             pos += HEADER_SIZE + n
             self._need = None
             ev = parse_body(memoryview(frame)[HEADER_SIZE:], frame)

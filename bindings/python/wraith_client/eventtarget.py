@@ -27,7 +27,9 @@ Semantics (the same on both ends of any control stream, hub or not):
   reading (and so the peer, through the stream's flow control) — it never
   grows memory without bound;
 * a malformed frame (or one over ``max_frame``) from the peer closes the
-  stream; iterators then raise :class:`EventStreamError`.
+  stream; iterators then raise :class:`EventStreamError`;
+* closing: ``close()`` flushes, sends EOF and closes; EOF from the peer ends
+  this side the same way (the hub answers a member's EOF likewise).
 
 Nothing here imports SSH: the adapter works over a ``DuplexStream``, an
 asyncio ``(StreamReader, StreamWriter)`` pair, or anything with ``read``,
@@ -50,7 +52,6 @@ from ._envelope import (
     RESERVED_PREFIX,
     SUBSCRIBE,
     UNSUBSCRIBE,
-    EndOfStream,
     Envelope,
     EnvelopeDecoder,
     EnvelopeError,
@@ -207,16 +208,20 @@ class EventStream:
 
 class EventTarget:
     def __init__(self, stream: Stream, max_frame: int = DEFAULT_MAX_FRAME,
-                 queue_size: int = DEFAULT_QUEUE_SIZE) -> None:
+                 queue_size: int = DEFAULT_QUEUE_SIZE, point_to_point: bool = True) -> None:
         self.stream = stream
         self.max_frame = max_frame
         self.queue_size = queue_size
+        # False: send every dispatched event, for a hub that announces no subscriptions
+        self.point_to_point = point_to_point
         self.error: BaseException | None = None
         self._listeners: dict[str, list[Listener]] = {}
         self._catch_all: list[_Inbox] = []
         self._peer: set[str] = set()
         self._peer_waiters: list[tuple[str, asyncio.Future[None]]] = []
         self._closing = False
+        self._out: list[bytes] = []  # frames written at the end of this loop iteration, as one write
+        self._flush_handle: asyncio.Handle | None = None
         self._reader = asyncio.get_running_loop().create_task(self._read_loop())
 
     # -- subscriptions ------------------------------------------------------------
@@ -287,19 +292,17 @@ class EventTarget:
     # -- sending ------------------------------------------------------------------
 
     def dispatch_event(self, event: Event | str, detail: Any = None) -> bool:
-        """Send ``event`` (or ``type``, ``detail``) if the peer subscribed to its type."""
+        """Send ``event`` (or ``type``, ``detail``) if the peer subscribed to its type; True if sent."""
         if isinstance(event, str):
             event = Event(event, detail)
         check_type(event.type)
         if self._closing:
             raise EventTargetClosed("event target is closed")
-        if event.type not in self._peer:
+        if self.point_to_point and event.type not in self._peer:
             return False
-        frame = encode(Envelope(event.type, event.id, event.detail), self.max_frame)
-        try:
-            self.stream.write(frame)
-        except ConnectionError as exc:
-            raise EventTargetClosed(f"event stream is closed ({exc.__class__.__name__})") from None
+        if self._reader.done():
+            raise EventTargetClosed("event stream is closed")
+        self._send(encode(Envelope(event.type, event.id, event.detail), self.max_frame))
         return True
 
     dispatchEvent = dispatch_event
@@ -311,15 +314,30 @@ class EventTarget:
         return sent
 
     async def drain(self) -> None:
+        """Wait until the stream can take more (backpressure); raises if it broke."""
+        self._flush()
         await self.stream.drain()
 
     def _control(self, kind: str, type: str) -> None:
-        if self._closing or self._reader.done():
+        if not self._closing and not self._reader.done():
+            self._send(make_frame(kind, {"type": type}, max_frame=self.max_frame))
+
+    def _send(self, frame: bytes) -> None:
+        self._out.append(frame)
+        if self._flush_handle is None:
+            self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        if not self._out:
             return
+        out, self._out = self._out, []
         try:
-            self.stream.write(make_frame(kind, {"type": type}, max_frame=self.max_frame))
-        except ConnectionError:
-            pass  # the reader sees the closed stream and ends everything
+            self.stream.write(out[0] if len(out) == 1 else b"".join(out))
+        except Exception:  # closed under us: the reader sees it and ends everything
+            pass
 
     # -- receiving ----------------------------------------------------------------
 
@@ -349,6 +367,12 @@ class EventTarget:
                 if error is not None:
                     self._abort()
                     break
+            if error is None and not self._closing:
+                # The peer ended its side (EOF): nothing more will arrive, so end ours too
+                # (what is already written is flushed first). This is the close handshake.
+                self._closing = True
+                self._flush()
+                _close_gracefully(self.stream)
         finally:
             self.error = error
             self._finish(error)
@@ -413,6 +437,7 @@ class EventTarget:
         if self._closing:
             return
         self._closing = True
+        self._flush()
         _close_gracefully(self.stream)
         self._finish(None)
 
@@ -444,10 +469,14 @@ def _close_gracefully(stream: Stream) -> None:
     stream.close()
 
 
-def create_event_target(stream: Stream | tuple[asyncio.StreamReader, asyncio.StreamWriter],
-                        max_frame: int = DEFAULT_MAX_FRAME,
-                        queue_size: int = DEFAULT_QUEUE_SIZE) -> EventTarget:
-    """Wrap a duplex stream (or an asyncio reader/writer pair) as an :class:`EventTarget`."""
+def create_event_target(stream: Stream | tuple[asyncio.StreamReader, asyncio.StreamWriter], *,
+                        max_frame: int = DEFAULT_MAX_FRAME, queue_size: int = DEFAULT_QUEUE_SIZE,
+                        point_to_point: bool = True) -> EventTarget:
+    """Wrap a duplex stream (or an asyncio reader/writer pair) as an :class:`EventTarget`.
+
+    ``point_to_point=False`` sends every dispatched event whether or not the peer
+    subscribed to its type (for a hub that does not announce subscriptions).
+    """
     if isinstance(stream, tuple):
         stream = ReaderWriterStream(*stream)
-    return EventTarget(stream, max_frame, queue_size)
+    return EventTarget(stream, max_frame, queue_size, point_to_point)
