@@ -12,7 +12,6 @@ session, and with a pooled session (the cost of a second connect). Bounded: a fe
 from __future__ import annotations
 
 import argparse
-import asyncio
 import statistics
 import sys
 import tempfile

@@ -44,7 +44,6 @@ log = logging.getLogger("wraith.daemon")
 
 OPEN_TIMEOUT = 10.0
 ACCEPT_TIMEOUT = 30.0
-CLOSE_GRACE = 5.0
 ABORT_CODE = 4000
 SHUTDOWN_GRACE = 1.5
 FLUSH_TIMEOUT = 30.0
