@@ -102,3 +102,12 @@ async def test_streamlocal_channel_against_sshd(keys: Keys, tmp_path, procs) -> 
     assert await s.read(-1) == b"over a unix socket"
     s.close()
     srv.close()
+
+
+async def test_unreachable_server_code(keys: Keys) -> None:
+    from wraith_core.errors import ConnectError
+
+    with pytest.raises(ConnectError) as e:
+        await open_stream(ConnectOptions(server=f"127.0.0.1:{free_port()}", identity=str(keys.client),
+                                         accept_any_host_key=True), target="127.0.0.1:1")
+    assert e.value.code == "ECONNREFUSED"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import socket
 
 from ..errors import ConnectError
@@ -43,7 +44,8 @@ async def open_tcp_socket(options: ConnectOptions, host: str, port: int) -> sock
         infos = await asyncio.wait_for(
             loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), timeout)
     except (socket.gaierror, asyncio.TimeoutError) as exc:
-        raise ConnectError(f"cannot resolve {host}: {getattr(exc, 'strerror', None) or 'timed out'}") from None
+        raise ConnectError(f"cannot resolve {host}: {getattr(exc, 'strerror', None) or 'timed out'}",
+                           "EHOSTUNREACH") from None
     last: OSError | None = None
     for family, type_, proto, _, addr in infos:
         sock = socket.socket(family, type_, proto)
@@ -56,7 +58,16 @@ async def open_tcp_socket(options: ConnectOptions, host: str, port: int) -> sock
             sock.close()
             last = exc if isinstance(exc, OSError) else TimeoutError("connect timed out")
     reason = (getattr(last, "strerror", None) or str(last)) if last else "no address"
-    raise ConnectError(f"cannot connect to {host}:{port}: {reason}")
+    raise ConnectError(f"cannot connect to {host}:{port}: {reason}", _code_for(last))
+
+
+def _code_for(exc: BaseException | None) -> str:
+    """A stable error code for a failed connect, from the errno rather than the text."""
+    if isinstance(exc, TimeoutError):
+        return "ETIMEDOUT"
+    code = getattr(exc, "errno", None)
+    return {errno.ECONNREFUSED: "ECONNREFUSED", errno.ETIMEDOUT: "ETIMEDOUT",
+            errno.EHOSTUNREACH: "EHOSTUNREACH", errno.ENETUNREACH: "ENETUNREACH"}.get(code, "ECONNECT")
 
 
 class TCPAcceptor:
