@@ -44,8 +44,9 @@ class _Common:
     iroh_relay: str | None = None
     max_pktsize: int = DEFAULT_PKTSIZE
     window: int = DEFAULT_WINDOW
+    # asyncssh gives up after interval x (count_max + 1) without an answer: 15 s by default
     keepalive_interval: float = 5.0
-    keepalive_count_max: int = 3
+    keepalive_count_max: int = 2
     # SSH cipher preference (first match wins). AES-GCM first: asyncssh's chacha20-poly1305
     # builds several cipher contexts per packet, which dominates per-connection cost.
     ciphers: list[str] = field(default_factory=lambda: list(DEFAULT_CIPHERS))
