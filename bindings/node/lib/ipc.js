@@ -7,9 +7,9 @@ const { Encoder, Decoder } = require('@msgpack/msgpack');
 const { wraithError } = require('./errors');
 
 const MAX_MESSAGE = 16 * 1024 * 1024;
-// Data messages we send carry at most this many bytes (the doc asks for <= 1 MiB;
-// 256 KiB = the daemon's own chunk and the SSH packet size, measured no slower).
-const DATA_CHUNK = 256 * 1024;
+// Data messages we send carry at most this many bytes: the doc's limit, and what
+// the daemon sends too. (Measured: 1 MiB ~ 256 KiB > 64 KiB for upload speed.)
+const DATA_CHUNK = 1024 * 1024;
 
 const encoder = new Encoder({ ignoreUndefined: true });
 const decoder = new Decoder();
