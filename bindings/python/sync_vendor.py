@@ -2,6 +2,7 @@
 
 Run from the repository root after changing wraith_core/protocol/envelope.py or wraith_core/events.py:
     python3 bindings/python/sync_vendor.py [--from-git REV]
+    python3 bindings/python/sync_vendor.py --check     # exit 1 if the copies have drifted (run by the tests)
 """
 
 import subprocess
@@ -20,14 +21,29 @@ def read(src: str, rev: str | None) -> str:
     return (ROOT / src).read_text()
 
 
-def main() -> None:
-    rev = sys.argv[2] if len(sys.argv) > 2 and sys.argv[1] == "--from-git" else None
+def vendored(rev: str | None) -> dict[Path, str]:
     env = read("wraith_core/protocol/envelope.py", rev)
     ev = read("wraith_core/events.py", rev).replace("from .protocol.envelope import", "from ._envelope import")
     assert "from .errors import WraithError" in ev
-    (DEST / "_envelope.py").write_text(HEADER.format(src="protocol/envelope.py") + env)
-    (DEST / "eventtarget.py").write_text(HEADER.format(src="events.py") + ev)
-    print("synced", DEST / "_envelope.py", DEST / "eventtarget.py")
+    return {DEST / "_envelope.py": HEADER.format(src="protocol/envelope.py") + env,
+            DEST / "eventtarget.py": HEADER.format(src="events.py") + ev}
+
+
+def main() -> None:
+    args = sys.argv[1:]
+    if args and args[0] not in ("--from-git", "--check"):
+        sys.exit(__doc__)
+    rev = args[1] if len(args) > 1 and args[0] == "--from-git" else None
+    files = vendored(rev)
+    if args[:1] == ["--check"]:
+        stale = [str(p) for p, text in files.items() if p.read_text() != text]
+        if stale:
+            sys.exit("out of date (run python3 bindings/python/sync_vendor.py): " + ", ".join(stale))
+        print("vendored copies are up to date")
+        return
+    for path, text in files.items():
+        path.write_text(text)
+    print("synced", *files)
 
 
 if __name__ == "__main__":
