@@ -241,13 +241,17 @@ test('serve(): errors have codes (address in use, bad key), async iteration work
   });
   const server = await wraith.serve({ hostKey: fs.readFileSync(keys.host), authorizedKeys: fs.readFileSync(keys.authorizedKeys), listen: '127.0.0.1:0' });
   const c = await wraith.connect({ server: server.address, identity: keys.client, hostKey: keys.hostPub });
+  let accepted;
   for await (const { stream, info } of server) {
     assert.equal(info.keyFingerprint, fingerprint(keys.clientPub));
+    accepted = stream;
+    stream.resume(); // read the client's EOF too, so the stream can end cleanly
     stream.end('hi');
     break;
   }
   assert.equal((await h.drain(c)).bytes, 2);
   c.end();
+  await Promise.all([h.closed(c), h.closed(accepted)]);
   await server.close();
   assert.equal(server.closed, true);
 });
