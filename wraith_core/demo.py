@@ -16,7 +16,6 @@ from pathlib import Path
 from python_socks.async_.asyncio import Proxy
 from python_socks import ProxyType
 
-from .addr import parse_hostport
 from .client import WraithClient
 from .keys import generate_ed25519
 from .options import ConnectOptions, ServeOptions

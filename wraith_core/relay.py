@@ -39,10 +39,10 @@ class RelayEnd:
 
     __slots__ = (
         "transport", "peer", "_early", "_eof_in", "_eof_out", "_lost", "_clean",
-        "_paused_by", "_on_done", "_last", "_timer", "_close_pending", "_resuming",
+        "_paused_by", "_last", "_timer", "_close_pending", "_resuming",
     )
 
-    def __init__(self, on_done: Callable[[], None] | None = None) -> None:
+    def __init__(self) -> None:
         self.transport: Any = None
         self.peer: RelayEnd | None = None
         self._early: list[bytes] | None = None
@@ -51,15 +51,14 @@ class RelayEnd:
         self._lost = False
         self._clean = False       # lost after EOF both ways and without error
         self._paused_by = 0       # bit 1: waiting for peer, bit 2: peer's buffer full
-        self._on_done = on_done
         self._last = 0.0          # last activity once half-open (0: not half-open)
         self._timer: asyncio.TimerHandle | None = None
         self._close_pending = False
         self._resuming = False
 
     @staticmethod
-    def pair(on_done: Callable[[], None] | None = None) -> tuple[RelayEnd, RelayEnd]:
-        a, b = RelayEnd(on_done), RelayEnd()
+    def pair() -> tuple[RelayEnd, RelayEnd]:
+        a, b = RelayEnd(), RelayEnd()
         a.peer, b.peer = b, a
         return a, b
 
@@ -182,9 +181,6 @@ class RelayEnd:
                 peer._close()   # flushes what is still buffered, then closes
             else:
                 peer._abort()   # visible failure: RST / channel close, never silent truncation
-        cb, self._on_done = self._on_done, None
-        if cb is not None:
-            cb()
         if peer is not None and peer._lost:
             self.peer = peer.peer = None  # both sides gone: break the cycle
 
@@ -237,12 +233,6 @@ class RelayEnd:
         self._abort()
         if peer is not None:
             peer._abort()
-
-
-def attach_socket(end: RelayEnd, transport: asyncio.BaseTransport) -> None:
-    """Hand an already-connected socket transport (e.g. after a SOCKS handshake) to ``end``."""
-    transport.set_protocol(end)  # type: ignore[arg-type]
-    end.connection_made(transport)
 
 
 _LINGER_ZERO = struct.pack("ii", 1, 0)

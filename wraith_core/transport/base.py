@@ -17,9 +17,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from ..errors import UsageError
+
+if TYPE_CHECKING:
+    from ..options import ConnectOptions, ServeOptions
 
 ProtocolFactory = Callable[[], asyncio.BaseProtocol]
 
@@ -79,7 +82,7 @@ async def drain_transports(timeout: float = 5.0) -> None:
         await iroh.wait_idle(timeout)
 
 
-def make_connector(options: "ConnectOptions") -> Connector:  # noqa: F821
+def make_connector(options: ConnectOptions) -> Connector:
     kind = options.transport
     if kind == "tcp":
         from .tcp import TCPConnector
@@ -96,7 +99,7 @@ def make_connector(options: "ConnectOptions") -> Connector:  # noqa: F821
     raise UsageError(f"unknown transport {kind!r}")
 
 
-def make_acceptor(options: "ServeOptions") -> Acceptor:  # noqa: F821
+def make_acceptor(options: ServeOptions) -> Acceptor:
     kind = options.transport
     if kind == "tcp":
         from .tcp import TCPAcceptor
