@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from helpers import Keys, Proc, start_client, start_server, wraith
+from helpers import Keys, start_client, start_server, wraith
 from openssh import run
 
 

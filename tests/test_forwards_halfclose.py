@@ -6,9 +6,8 @@ import asyncio
 import hashlib
 import os
 
-import pytest
 
-from helpers import Keys, curl, free_port, sha, socks_connect, start_client, start_server, wait_for_log, wait_port
+from helpers import Keys, curl, free_port, sha, socks_connect, start_client, start_server, wait_for_log
 
 
 def test_local_and_remote_forwards(keys: Keys, files, tmp_path, procs) -> None:

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import socket
-import subprocess
-import time
 
 import pytest
 
-from helpers import HTTPFiles, Keys, Proc, curl, free_port, sha, start_client, start_server, wait_port
+from helpers import Keys, Proc, curl, free_port, sha, start_server, wait_port
 from openssh import run, ssh_base, start_sshd
 
 

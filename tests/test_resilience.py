@@ -11,8 +11,7 @@ import time
 import asyncssh
 import pytest
 
-from helpers import (Keys, Proc, curl, free_port, sha, socks_connect, start_client, start_server, wait_for_log,
-                     wait_port)
+from helpers import Keys, curl, free_port, sha, socks_connect, start_client, start_server, wait_for_log
 
 
 def _fetch_ok(socks: int, files, name: str = "small.bin") -> bool:
