@@ -52,6 +52,39 @@ def test_server_crash_and_restart_recovers(keys: Keys, tmp_path, procs, files) -
     assert "retry in" in client.log() and "Traceback" not in client.log()
 
 
+def test_session_lost_while_channels_open(keys: Keys, tmp_path, procs, files) -> None:
+    """SOCKS requests whose channels are still opening when the session dies get a
+    failure reply (not a hang, not a success), and the client carries on."""
+    port = free_port()
+    server, _ = start_server(keys, tmp_path, listen=f"127.0.0.1:{port}")
+    procs.append(server)
+    client, socks = start_client(keys, tmp_path, port)
+    procs.append(client)
+    assert _fetch_ok(socks, files)
+    server.signal(signal.SIGSTOP)  # CHANNEL_OPENs now go unanswered
+    pending = []
+    for _ in range(5):
+        s = socket.create_connection(("127.0.0.1", socks), timeout=10)
+        s.sendall(b"\x05\x01\x00\x05\x01\x00\x01\x7f\x00\x00\x01" + files.port.to_bytes(2, "big"))
+        assert s.recv(2) == b"\x05\x00"
+        pending.append(s)
+    time.sleep(0.5)
+    server.signal(signal.SIGKILL)
+    server.p.wait(5)
+    for s in pending:
+        reply = s.recv(10)
+        assert reply[:2] == b"\x05\x01", reply  # general failure, from the session's end
+        assert s.recv(10) == b""
+        s.close()
+    server2, _ = start_server(keys, tmp_path, listen=f"127.0.0.1:{port}", name="serve2")
+    procs.append(server2)
+    deadline = time.monotonic() + 40
+    while not _fetch_ok(socks, files):
+        assert time.monotonic() < deadline, client.log()[-2000:]
+        time.sleep(0.2)
+    assert "Traceback" not in client.log()
+
+
 def test_stopped_server_detected_by_keepalive(keys: Keys, tmp_path, procs, files) -> None:
     """SIGSTOP = connected but dead: default keepalives (every 5 s, dropped after 3 silent intervals) notice within ~15 s; SIGCONT recovers."""
     server, port = start_server(keys, tmp_path)

@@ -90,10 +90,10 @@ class RelayEnd:
         if hasattr(transport, "set_write_buffer_limits"):
             transport.set_write_buffer_limits(high=HIGH_WATER)
         peer = self.peer
-        if peer is None:
-            return
-        if peer.transport is None:
-            self._set_paused(1, True)  # hold bytes until the other side exists
+        if peer is None or peer.transport is None:
+            # The other side does not exist yet. Reading stays on (pausing and resuming
+            # a socket costs two system calls on every connection); bytes that arrive
+            # meanwhile are held by data_received, which pauses reading then.
             return
         # The other side was waiting for us: deliver what it held.
         early, peer._early = peer._early, None

@@ -8,13 +8,14 @@ Targets are never logged.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from typing import Any
 
 from .errors import ConnectError
 from .protocol.socks5 import ConnectRequest, HandshakeFailed, Reply, Socks5Server
 from .relay import RelayEnd, spawn
-from .ssh.channels import ChannelManager, ChannelOpenFailed
+from .ssh.channels import ChannelManager, ChannelOpenFailed, OpenDone
 
 log = logging.getLogger("wraith.socks")
 
@@ -55,7 +56,10 @@ class _SocksConn(asyncio.Protocol):
             if isinstance(event, ConnectRequest):
                 self._cancel_timer()
                 self._transport.pause_reading()
-                spawn(self._connect(event))
+                sock_end, chan_end = RelayEnd.pair()
+                done = functools.partial(self._opened, sock_end, chan_end)
+                if not self._listener.manager.start_open(chan_end, event.host, event.port, done):
+                    spawn(self._connect(event, chan_end, done))  # session down: wait for it
                 return
 
     def eof_received(self) -> bool:
@@ -75,20 +79,21 @@ class _SocksConn(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
 
-    async def _connect(self, req: ConnectRequest) -> None:
-        codec, transport = self._codec, self._transport
-        sock_end, chan_end = RelayEnd.pair()
+    async def _connect(self, req: ConnectRequest, chan_end: RelayEnd, done: OpenDone) -> None:
         try:
             await self._listener.manager.open_relay(chan_end, req.host, req.port)
         except ChannelOpenFailed as exc:
-            if not self._lost:
-                codec.reply(exc.reply)
-                transport.write(codec.data_to_send())
-                transport.close()
-            return
+            done(exc)
         except Exception:
+            done(ChannelOpenFailed("channel open failed", Reply.GENERAL_FAILURE))
+        else:
+            done(None)
+
+    def _opened(self, sock_end: RelayEnd, chan_end: RelayEnd, failure: ChannelOpenFailed | None) -> None:
+        codec, transport = self._codec, self._transport
+        if failure is not None:
             if not self._lost:
-                codec.reply(Reply.GENERAL_FAILURE)
+                codec.reply(failure.reply)
                 transport.write(codec.data_to_send())
                 transport.close()
             return

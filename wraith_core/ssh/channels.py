@@ -1,11 +1,26 @@
-"""Channel manager: direct-tcpip, streamlocal and tcpip-forward on the session."""
+"""Channel manager: direct-tcpip, streamlocal and tcpip-forward on the session.
+
+Opening a direct-tcpip channel is the per-connection hot path (every SOCKS
+request, every ``-L`` connection). asyncssh's ``create_connection`` drives it
+through a chain of coroutines, a future and a second task that starts
+reading; here the CHANNEL_OPEN is sent at once and the peer's answer is
+handled by a callback the moment it is read (``start_open``), on asyncssh's
+own channel object, so the channel then behaves exactly as one asyncssh
+opened. If asyncssh's internals are not what this expects, asyncssh's
+``create_connection`` is used instead.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import asyncssh
+from asyncssh.constants import MSG_CHANNEL_OPEN
+from asyncssh.packet import String, UInt32
 
 from ..addr import ForwardSpec
 from ..dial import DialError, dial, reply_for_reason
@@ -38,6 +53,65 @@ def _failure(exc: asyncssh.ChannelOpenError) -> ChannelOpenFailed:
     return ChannelOpenFailed(f"channel open failed: {exc.reason}", reply)
 
 
+OpenDone = Callable[[ChannelOpenFailed | None], None]
+
+# what start_open relies on in asyncssh's channel objects
+_CHANNEL_NAMES = ("_open_waiter", "_recv_chan", "_recv_window", "_recv_pktsize", "_recv_paused",
+                  "_flush_recv_buf", "_session", "process_open_confirmation", "set_extra_info")
+
+
+class _OpenWaiter:
+    """Stands in for the future asyncssh resolves when the peer answers our
+    CHANNEL_OPEN (``set_result`` / ``set_exception``): the answer is handled
+    right away, not by waking a task on the next loop pass."""
+
+    __slots__ = ("_callback",)
+
+    def __init__(self, callback: Callable[[Any, BaseException | None], None]) -> None:
+        self._callback: Callable[[Any, BaseException | None], None] | None = callback
+
+    def cancelled(self) -> bool:
+        return False
+
+    def set_result(self, packet: Any) -> None:
+        self._fire(packet, None)
+
+    def set_exception(self, exc: BaseException) -> None:
+        self._fire(None, exc)
+
+    def _fire(self, packet: Any, exc: BaseException | None) -> None:
+        callback, self._callback = self._callback, None
+        if callback is not None:
+            callback(packet, exc)
+
+
+def _opened(chan: Any, end: RelayEnd, done: OpenDone, packet: Any, exc: BaseException | None) -> None:
+    """The peer answered our CHANNEL_OPEN (runs inside asyncssh's packet handling: never raise)."""
+    failure: ChannelOpenFailed | None = None
+    if isinstance(exc, asyncssh.ChannelOpenError):
+        failure = _failure(exc)
+    elif exc is not None:
+        failure = ChannelOpenFailed(f"channel open failed: {exc}", Reply.GENERAL_FAILURE, "ESESSION")
+    elif packet is None or packet.get_remaining_payload():
+        # a forward channel's confirmation carries nothing more (asyncssh checks the same)
+        chan.close()
+        failure = ChannelOpenFailed("channel open failed: malformed confirmation", Reply.GENERAL_FAILURE)
+    try:
+        if failure is None:
+            # what asyncssh does once a forward channel is open: attach the session,
+            # start it, and start reading unless the session paused the channel
+            chan._session = end
+            end.connection_made(chan)
+            end.session_started()
+            if chan._recv_paused == "starting":
+                chan._recv_paused = False
+                chan._flush_recv_buf()
+        done(failure)
+    except Exception:
+        log.exception("channel open handler failed")
+        chan.abort()
+
+
 class ChannelManager:
     def __init__(self, session: Session) -> None:
         self.session = session
@@ -55,9 +129,45 @@ class ChannelManager:
         except ChannelError as exc:
             raise ChannelOpenFailed(str(exc), Reply.GENERAL_FAILURE, "ESESSION") from None
 
+    def start_open(self, end: RelayEnd, host: str, port: int, done: OpenDone) -> bool:
+        """Send a direct-tcpip CHANNEL_OPEN for ``host:port`` now; ``end`` runs on the
+        channel once it is open and ``done(None)`` is called, or ``done(failure)``.
+        False (nothing sent, ``done`` never called) when the session is down or
+        asyncssh's internals are unexpected: use :meth:`open_relay` then."""
+        conn = self.session.conn
+        if conn is None:
+            return False
+        opts = self.session.options
+        try:
+            chan: Any = conn.create_tcp_channel(window=opts.window, max_pktsize=opts.max_pktsize)
+        except asyncssh.ChannelOpenError:
+            return False  # the connection is closing; open_relay waits for the next one
+        if not all(hasattr(chan, name) for name in _CHANNEL_NAMES):
+            chan.close()
+            return False
+        chan.set_extra_info(peername=("", 0), local_peername=("", 0), remote_peername=(host, port))
+        chan._open_waiter = _OpenWaiter(functools.partial(_opened, chan, end, done))
+        conn.send_packet(MSG_CHANNEL_OPEN, String(b"direct-tcpip"), UInt32(chan._recv_chan),
+                         UInt32(chan._recv_window), UInt32(chan._recv_pktsize),
+                         String(host), UInt32(port), String(""), UInt32(0), handler=chan)
+        return True
+
     async def open_relay(self, end: RelayEnd, host: str, port: int) -> None:
         """Open a direct-tcpip channel to ``host:port`` running ``end``."""
         conn = await self._conn()
+        answer: asyncio.Future[ChannelOpenFailed | None] = asyncio.get_running_loop().create_future()
+
+        def done(failure: ChannelOpenFailed | None) -> None:
+            if not answer.done():
+                answer.set_result(failure)
+            elif failure is None:
+                end.abort()  # the caller gave up meanwhile: do not leave the channel open
+
+        if self.session.conn is conn and self.start_open(end, host, port, done):
+            failure = await answer
+            if failure is not None:
+                raise failure
+            return
         try:
             await conn.create_connection(lambda: end, host, port, **self._window)
         except asyncssh.ChannelOpenError as exc:
