@@ -43,3 +43,69 @@ def test_gcm_invocation_counter_wraps_at_64_bits() -> None:
     for _ in range(3):
         assert ours.encrypt_and_sign(b"\x00\x00\x00\x08", b"12345678") == \
             theirs.encrypt_and_sign(b"\x00\x00\x00\x08", b"12345678")
+
+
+class _Transport:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, list[bytes]]] = []
+
+    def write(self, data: bytes) -> None:
+        self.calls.append(("write", [data]))
+
+    def writelines(self, data: list[bytes]) -> None:
+        self.calls.append(("writelines", list(data)))
+
+
+class _Conn:
+    """The three asyncssh names the batching uses."""
+
+    def __init__(self) -> None:
+        self._transport: _Transport | None = _Transport()
+        self.received: list[bytes] = []
+
+    def _send(self, data: bytes) -> None:
+        raise AssertionError("replaced by the batching")
+
+    def _recv_data(self) -> None:
+        # answering a batch of received packets with several packets
+        self._send(b"close-reply")
+        self._send(b"window-adjust")
+
+
+def test_packets_sent_while_processing_received_bytes_go_out_in_one_write() -> None:
+    from wraith_core.ssh.speedups import _batch_sends
+
+    conn = _Conn()
+    _batch_sends(conn)
+    transport = conn._transport
+    assert transport is not None
+    conn._send(b"alone")  # outside a batch: written at once, as asyncssh does
+    conn._recv_data()
+    begin, end = conn.wraith_batch  # type: ignore[attr-defined]
+    begin()
+    conn._send(b"eof")
+    begin()  # nested: only the outermost end writes
+    conn._send(b"close")
+    end()
+    assert transport.calls[-1] == ("writelines", [b"close-reply", b"window-adjust"])
+    end()
+    assert transport.calls == [("write", [b"alone"]),
+                               ("writelines", [b"close-reply", b"window-adjust"]),
+                               ("writelines", [b"eof", b"close"])]
+
+
+def test_batched_packets_reach_the_transport_they_were_sent_on() -> None:
+    """asyncssh drops its transport reference when it force-closes (and aborts on the
+    next loop pass): packets queued before that still go out, like an immediate write."""
+    from wraith_core.ssh.speedups import _batch_sends
+
+    conn = _Conn()
+    _batch_sends(conn)
+    transport = conn._transport
+    begin, end = conn.wraith_batch  # type: ignore[attr-defined]
+    begin()
+    conn._send(b"disconnect")
+    conn._transport = None
+    conn._send(b"after close: dropped, as asyncssh's _send drops it")
+    end()
+    assert transport is not None and transport.calls == [("write", [b"disconnect"])]

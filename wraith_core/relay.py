@@ -129,8 +129,16 @@ class RelayEnd:
         self._eof_in = True
         peer = self.peer
         if peer is not None and peer.transport is not None and not peer._lost:
-            peer._send_eof()
-            self._maybe_done()
+            # EOF, then CLOSE if both directions are done: one write on an SSH connection
+            batch = getattr(peer.transport, "wraith_batch", None)
+            if batch is not None:
+                batch[0]()
+            try:
+                peer._send_eof()
+                self._maybe_done()
+            finally:
+                if batch is not None:
+                    batch[1]()
             if not peer._eof_in and self.half_open_timeout > 0 and not self._lost:
                 self._start_half_open_timer()
         return True  # keep our write side open: half-close

@@ -32,6 +32,13 @@ per-connection path (SOCKS connect, first byte, close) CPU time is latency.
    AEAD object lives as long as the key and the nonce counter is an integer
    (same RFC 5647 nonces, same bytes on the wire). The swap happens on the
    first packet after each key exchange.
+
+5. One write for a burst of packets. Packets sent while asyncssh processes
+   one batch of received bytes (a CLOSE answering a CLOSE, window adjusts),
+   or while the relay passes an end of stream on (EOF, then CLOSE when both
+   directions are done), go to the socket in one write at the end of that
+   step instead of one system call each — and the peer wakes up once, not
+   once per packet. Nothing waits for a later loop pass; order is kept.
 """
 
 from __future__ import annotations
@@ -59,6 +66,8 @@ _EMPTY_STRING = b"\x00\x00\x00\x00"
 def install(conn: Any) -> None:
     if _AEAD and hasattr(conn, "_send_encryption"):
         _skip_aead_ignores(conn)
+    if all(hasattr(conn, a) for a in ("_send", "_transport", "_recv_data")):
+        _batch_sends(conn)
     _quiet(conn)
     if all(hasattr(conn, a) for a in ("_reset_keepalive_timer", "_keepalive_timer_callback",
                                       "_keepalive_timer", "_keepalive_interval", "_auth_complete")):
@@ -68,6 +77,60 @@ def install(conn: Any) -> None:
 def install_channel(chan: Any) -> None:
     """The per-channel part (packet descriptions are built per channel too)."""
     _quiet_packets(chan)
+    conn = getattr(chan, "_conn", None)
+    batch = getattr(conn, "wraith_batch", None)
+    if batch is not None:
+        chan.wraith_batch = batch
+
+
+def _batch_sends(conn: Any) -> None:
+    pending: list[bytes] = []
+    target: list[Any] = [None]
+    depth = [0]
+
+    def send(data: bytes) -> None:
+        transport = conn._transport
+        if not transport:
+            return
+        if depth[0]:
+            target[0] = target[0] or transport
+            pending.append(data)
+            return
+        try:
+            transport.write(data)
+        except ConnectionError:  # pragma: no cover - as asyncssh's own _send
+            pass
+
+    def begin() -> None:
+        depth[0] += 1
+
+    def end() -> None:
+        depth[0] -= 1
+        if depth[0] or not pending:
+            return
+        transport, target[0] = target[0], None
+        data = pending[:]
+        pending.clear()
+        try:
+            if len(data) == 1:
+                transport.write(data[0])
+            else:
+                transport.writelines(data)
+        except ConnectionError:  # pragma: no cover - as asyncssh's own _send
+            pass
+
+    recv_data = conn._recv_data
+
+    def batched_recv_data() -> None:
+        begin()
+        try:
+            recv_data()
+        finally:
+            end()
+
+    conn._send = send
+    conn._recv_data = batched_recv_data
+    conn.wraith_batch = (begin, end)
 
 
 def _skip_aead_ignores(conn: Any) -> None:
