@@ -109,8 +109,10 @@ def test_target_that_speaks_first(tunnel) -> None:
     asyncio.run(main())
 
 
-def test_request_data_and_eof_in_one_go(tunnel) -> None:
-    """A client that pipelines greeting + request + payload + FIN before any reply still gets its answer."""
+@pytest.mark.parametrize("size", [5000, 3 << 20])
+def test_request_data_and_eof_in_one_go(tunnel, size: int) -> None:
+    """A client that pipelines greeting + request + payload + FIN before any reply still gets its
+    answer (3 MiB: more than the listener holds before the reply, so reading pauses and resumes)."""
     _, _, socks = tunnel
     import hashlib
     import threading
@@ -129,7 +131,7 @@ def test_request_data_and_eof_in_one_go(tunnel) -> None:
         conn.close()
 
     threading.Thread(target=target, daemon=True).start()
-    payload = b"x" * 5000
+    payload = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
     with socket.create_connection(("127.0.0.1", socks), timeout=10) as s:
         s.sendall(b"\x05\x01\x00" + b"\x05\x01\x00\x01\x7f\x00\x00\x01" + struct.pack(">H", port) + payload)
         s.shutdown(socket.SHUT_WR)

@@ -20,10 +20,12 @@ from .ssh.channels import ChannelManager, ChannelOpenFailed, OpenDone
 log = logging.getLogger("wraith.socks")
 
 HANDSHAKE_TIMEOUT = 30.0
+# Bytes a client may send after its request, before the reply; past this, reading pauses.
+HOLD_LIMIT = 64 * 1024
 
 
 class _SocksConn(asyncio.Protocol):
-    __slots__ = ("_listener", "_codec", "_transport", "_timer", "_lost", "_eof")
+    __slots__ = ("_listener", "_codec", "_transport", "_timer", "_lost", "_eof", "_waiting", "_paused")
 
     def __init__(self, listener: Socks5Listener) -> None:
         self._listener = listener
@@ -32,6 +34,8 @@ class _SocksConn(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._lost = False
         self._eof = False
+        self._waiting = False  # request received, channel opening
+        self._paused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport
@@ -44,6 +48,13 @@ class _SocksConn(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         codec = self._codec
         codec.receive_data(data)
+        if self._waiting:
+            # Bytes sent before our reply are held (most clients wait for the reply, so
+            # reading is paused only if a client sends a lot: no pause/resume per connection).
+            if not self._paused and len(codec.trailing_data) >= HOLD_LIMIT:
+                self._paused = True
+                self._transport.pause_reading()
+            return
         out = codec.data_to_send()
         if out:
             self._transport.write(out)
@@ -55,7 +66,10 @@ class _SocksConn(asyncio.Protocol):
                 return
             if isinstance(event, ConnectRequest):
                 self._cancel_timer()
-                self._transport.pause_reading()
+                self._waiting = True
+                if len(codec.trailing_data) >= HOLD_LIMIT:
+                    self._paused = True
+                    self._transport.pause_reading()
                 sock_end, chan_end = RelayEnd.pair()
                 done = functools.partial(self._opened, sock_end, chan_end)
                 if not self._listener.manager.start_open(chan_end, event.host, event.port, done):
@@ -106,7 +120,8 @@ class _SocksConn(asyncio.Protocol):
         trailing = codec.trailing_data
         transport.set_protocol(sock_end)
         sock_end.connection_made(transport)
-        transport.resume_reading()
+        if self._paused:
+            transport.resume_reading()
         if trailing:
             sock_end.data_received(trailing)
         if self._eof:
