@@ -1,9 +1,16 @@
-"""Process-wide speed settings: uvloop, and glibc malloc tuning.
+"""Process-wide speed settings: uvloop, glibc malloc tuning, the cyclic GC.
 
 asyncssh with 256 KiB packets allocates and frees large buffers constantly;
 without a top pad glibc grows and trims the heap on every cycle and the
 large packets become 2-3x slower (measured). ``M_TOP_PAD`` 64 MiB and an
 mmap threshold above the packet size keep those buffers in a warm heap.
+
+Each connection allocates a few hundred objects that live exactly as long
+as it does. With CPython's default first-generation threshold (700) the
+collector runs every couple of dozen connections, walks those live objects
+and promotes them, ~0.3 ms a run (measured: 132 collections, 45 ms, in
+3,000 SOCKS connections). At 20,000 most of them are already freed by
+reference counting when it runs: 5 collections in the same test.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
+import gc
 import os
 
 M_TRIM_THRESHOLD = -1
@@ -61,8 +69,17 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     return asyncio.new_event_loop()
 
 
+GC_THRESHOLD0 = 20_000
+
+
+def tune_gc() -> None:
+    _, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(GC_THRESHOLD0, gen1, gen2)
+
+
 def run(main: object) -> object:
     tune_malloc()
+    tune_gc()
     raise_fd_limit()
     loop = new_event_loop()
     try:
