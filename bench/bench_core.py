@@ -1,9 +1,11 @@
 """wraith connect -> wraith serve vs ssh -D -> sshd, side by side on loopback, default settings on both.
 
 Prints bulk throughput both directions (median of N runs of SIZE), SOCKS5 connect + first-byte latency
-(median, p99 of M) and the ratios wraith/OpenSSH. Usage:
+(median, p99 of M) and the ratios wraith/OpenSSH. The probes alternate between the two and are also
+split into rounds: the ratio of each round's medians is printed too, and their median, since on a
+shared machine the load drifts over a run and a round's two medians see the same load. Usage:
 
-    python3 bench/bench_core.py [--size-mib 512] [--runs 3] [--probes 200]
+    python3 bench/bench_core.py [--size-mib 512] [--runs 3] [--probes 200] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ def main() -> None:
     ap.add_argument("--size-mib", type=int, default=512)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--probes", type=int, default=200)
+    ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
     size = args.size_mib << 20
     tmp = Path(tempfile.mkdtemp(prefix="wraith-bench-"))
@@ -50,9 +53,17 @@ def main() -> None:
             for name, port in peers.items():
                 res[name]["down"].append(download(port, tport, size))
                 res[name]["up"].append(upload(port, tport, size))
-        for _ in range(args.probes):
-            for name, port in peers.items():
-                res[name]["lat"].append(connect_latency(port, tport))
+        round_ratios: list[float] = []
+        per_round = max(1, args.probes // args.rounds)
+        for rnd in range(args.rounds):
+            lat: dict[str, list[float]] = {k: [] for k in peers}
+            for _ in range(per_round if rnd < args.rounds - 1 else args.probes - per_round * rnd):
+                for name, port in peers.items():
+                    lat[name].append(connect_latency(port, tport))
+            for name in peers:
+                res[name]["lat"] += lat[name]
+            if lat["wraith"] and lat["openssh"]:
+                round_ratios.append(med(lat["wraith"]) / med(lat["openssh"]))
         print(f"# {args.runs} runs x {args.size_mib} MiB each way, {args.probes} connect probes, loopback")
         print(f"{'':10}{'down MB/s':>12}{'up MB/s':>12}{'conn med ms':>14}{'conn p99 ms':>14}")
         for name in peers:
@@ -63,6 +74,8 @@ def main() -> None:
         print(f"{'ratio':10}{med(w['down'])/med(o['down']):12.2f}{med(w['up'])/med(o['up']):12.2f}"
               f"{med(w['lat'])/med(o['lat']):14.2f}{pct(w['lat'], .99)/pct(o['lat'], .99):14.2f}")
         print("(throughput ratio = wraith/OpenSSH, higher is better; latency ratio: lower is better)")
+        print(f"connect latency ratio per round of {per_round} probes: "
+              + " ".join(f"{x:.2f}" for x in round_ratios) + f"  (median {med(round_ratios):.2f})")
     finally:
         for p in procs:
             p.stop()
