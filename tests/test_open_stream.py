@@ -111,3 +111,52 @@ async def test_unreachable_server_code(keys: Keys) -> None:
         await open_stream(ConnectOptions(server=f"127.0.0.1:{free_port()}", identity=str(keys.client),
                                          accept_any_host_key=True), target="127.0.0.1:1")
     assert e.value.code == "ECONNREFUSED"
+
+
+async def test_channel_answered_after_its_opener_gave_up_is_closed(keys: Keys, tmp_path, procs) -> None:
+    """A shared session (as the daemon's pool and the SOCKS listener use) whose channel open is
+    cancelled while the server is slow: when the confirmation does come, the channel is closed
+    at once rather than left open with nobody reading it."""
+    import signal
+
+    from wraith_core.duplex import DuplexStream
+    from wraith_core.ssh.channels import ChannelManager
+    from wraith_core.ssh.client import Session
+
+    p, port = start_server(keys, tmp_path)
+    procs.append(p)
+    accepted: list[asyncio.StreamReader] = []
+    ended = asyncio.Event()
+
+    async def target(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        accepted.append(r)
+        try:
+            await r.read()  # until the channel goes away (aborted: a reset)
+        except ConnectionResetError:
+            pass
+        ended.set()
+        w.close()
+
+    srv = await asyncio.start_server(target, "127.0.0.1", 0)
+    tport = srv.sockets[0].getsockname()[1]
+    session = Session(opts(keys, port), reconnect=False)
+    await session.start()
+    manager = ChannelManager(session)
+    try:
+        p.signal(signal.SIGSTOP)
+        opening = asyncio.ensure_future(manager.open_relay(DuplexStream(), "127.0.0.1", tport))  # type: ignore[arg-type]
+        await asyncio.sleep(0.3)
+        opening.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await opening
+        p.signal(signal.SIGCONT)
+        await asyncio.wait_for(ended.wait(), 10)  # the server dialed, then the channel was closed
+        assert len(accepted) == 1
+        # the session is still good for the next channel
+        s = DuplexStream()
+        await manager.open_relay(s, "127.0.0.1", tport)  # type: ignore[arg-type]
+        s.close()
+    finally:
+        p.signal(signal.SIGCONT)
+        await session.close()
+        srv.close()
