@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import msgpack
 import pytest
 from hypothesis import given, settings
@@ -139,3 +141,33 @@ def test_client_copy_of_codec_agrees() -> None:
     assert c.decode(ipc.encode(ipc.Error("EAUTH", "no"))) == {"type": "error", "code": "EAUTH", "message": "no"}
     with pytest.raises(c.ProtocolViolation):
         c.decode(b"\xc1")
+
+
+@pytest.mark.parametrize("size", [1, 255, 256, 65535, 65536, 1 << 20])
+def test_data_payload_fast_path_matches_the_decoder(size: int) -> None:
+    """The daemon reads data messages without a copy; what it reads is what decode() reads."""
+    payload = os.urandom(size)
+    raw = ipc.encode_data(payload)
+    view = ipc.data_payload(raw)
+    assert view is not None and bytes(view) == payload == ipc.decode_client(raw).data  # type: ignore[union-attr]
+
+
+@given(st.binary(max_size=64))
+def test_data_payload_never_accepts_what_the_decoder_refuses(raw: bytes) -> None:
+    for candidate in (raw, ipc.data_header(len(raw)) + raw, ipc.data_header(len(raw) + 1) + raw,
+                      ipc.data_header(len(raw)) + raw + b"\x00"):
+        view = ipc.data_payload(candidate)
+        if view is None:
+            continue
+        msg = ipc.decode_client(candidate)  # must not raise
+        assert isinstance(msg, ipc.Data) and msg.data == bytes(view)
+
+
+def test_data_payload_leaves_other_encodings_to_the_decoder() -> None:
+    import msgpack
+
+    reordered = msgpack.packb({"data": b"x", "type": "data"}, use_bin_type=True)
+    assert ipc.data_payload(reordered) is None and ipc.decode_client(reordered) == ipc.Data(b"x")
+    assert ipc.data_payload(ipc.data_header(0)) is None  # empty: the decoder refuses it
+    assert ipc.data_payload(ipc.EOF_BYTES) is None
+    assert ipc.data_payload(bytearray(ipc.encode_data(b"abc"))) is None  # only bytes take the fast path

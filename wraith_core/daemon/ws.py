@@ -31,7 +31,7 @@ from websockets.protocol import State
 from websockets.http11 import Request, Response
 
 from ..addr import parse_hostport
-from ..duplex import DuplexStream
+from ..duplex import DuplexStream, StreamClosedError
 from ..errors import WraithError
 from ..options import ConnectOptions, ServeOptions
 from ..protocol import ipc
@@ -450,6 +450,12 @@ class ChannelStream(DuplexStream):
         stream._buf = buf  # type: ignore[assignment]
         return stream  # type: ignore[return-value]
 
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        # asyncssh copies what it is given before write() returns: no bytes() copy first
+        if self._transport is None or self._closed.done():
+            raise StreamClosedError("stream is closed")
+        self._transport.write(data)
+
     def data_received(self, data: bytes, datatype: Any = None) -> None:
         self._buf += data
         self._wake_reader()
@@ -616,14 +622,17 @@ class _Pump:
         dead = False
         async for raw in ws:
             try:
-                msg = ipc.decode_client(raw)
+                payload: bytes | memoryview | None = ipc.data_payload(raw)  # the common case, no copy
+                msg = ipc.decode_client(raw) if payload is None else None
                 if isinstance(msg, ipc.Data):
+                    payload = msg.data
+                if payload is not None:
                     if self.client_eof:
                         raise ipc.IPCError("data after eof")
                     if dead:
                         continue
                     try:
-                        stream.write(msg.data)
+                        stream.write(payload)
                         await stream.drain()
                     except Exception:
                         dead = True  # the channel is gone; _down reports how it ended
@@ -635,6 +644,7 @@ class _Pump:
                     if not dead:
                         stream.write_eof()
                 else:
+                    assert msg is not None
                     raise ipc.IPCError(f"unexpected {msg.type!r} on an open stream")
             except ipc.IPCError as exc:
                 log.info("ipc: protocol error on a stream: %s", exc)

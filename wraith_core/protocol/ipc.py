@@ -112,6 +112,30 @@ def data_header(n: int) -> bytes:
     return _DATA_PREFIX + b"\xc6" + struct.pack(">I", n)
 
 
+def data_payload(raw: object) -> memoryview | None:
+    """The payload of a data message encoded as ``encode_data`` does (what both
+    bindings send), as a view into ``raw`` without a copy; None for anything else,
+    which then goes through :func:`decode` (and gets its full checks)."""
+    if type(raw) is not bytes or not raw.startswith(_DATA_PREFIX):
+        return None
+    at = len(_DATA_PREFIX)
+    if len(raw) < at + 2:
+        return None
+    kind = raw[at]
+    if kind == 0xC4:
+        start = at + 2
+    elif kind == 0xC5:
+        start = at + 3
+    elif kind == 0xC6:
+        start = at + 5
+    else:
+        return None
+    size = int.from_bytes(raw[at + 1 : start], "big")
+    if size == 0 or len(raw) != start + size or len(raw) > MAX_MESSAGE:
+        return None
+    return memoryview(raw)[start:]
+
+
 def encode_data(payload: bytes | bytearray | memoryview) -> bytes:
     """``{"type": "data", "data": payload}`` with a single copy of the payload."""
     return b"".join((data_header(len(payload)), payload))
