@@ -19,6 +19,16 @@ def _fetch_ok(socks: int, files, name: str = "small.bin") -> bool:
     return r.returncode == 0 and sha(r.stdout) == files.hashes[name]
 
 
+def _restart_and_wait(keys: Keys, tmp_path, procs, port: int, client, socks: int, files) -> None:
+    """Start the server again on ``port`` and wait until a fetch through the client works."""
+    server2, _ = start_server(keys, tmp_path, listen=f"127.0.0.1:{port}", name="serve2")
+    procs.append(server2)
+    deadline = time.monotonic() + 40
+    while not _fetch_ok(socks, files):
+        assert time.monotonic() < deadline, client.log()[-2000:]
+        time.sleep(0.2)
+
+
 def test_server_crash_and_restart_recovers(keys: Keys, tmp_path, procs, files) -> None:
     port = free_port()
     server, _ = start_server(keys, tmp_path, listen=f"127.0.0.1:{port}")
@@ -39,12 +49,7 @@ def test_server_crash_and_restart_recovers(keys: Keys, tmp_path, procs, files) -
     with socket.create_connection(("127.0.0.1", socks), timeout=2):
         pass
     restarted = time.monotonic()
-    server2, _ = start_server(keys, tmp_path, listen=f"127.0.0.1:{port}", name="serve2")
-    procs.append(server2)
-    deadline = time.monotonic() + 40
-    while not _fetch_ok(socks, files):
-        assert time.monotonic() < deadline, client.log()[-2000:]
-        time.sleep(0.2)
+    _restart_and_wait(keys, tmp_path, procs, port, client, socks, files)
     print(f"time to recover after restart: {time.monotonic() - restarted:.1f}s")
     wait_for_log(client, "remote forward up", count=2)
     r = curl(f"http://127.0.0.1:{rport}/big.bin")
@@ -76,12 +81,7 @@ def test_session_lost_while_channels_open(keys: Keys, tmp_path, procs, files) ->
         assert reply[:2] == b"\x05\x01", reply  # general failure, from the session's end
         assert s.recv(10) == b""
         s.close()
-    server2, _ = start_server(keys, tmp_path, listen=f"127.0.0.1:{port}", name="serve2")
-    procs.append(server2)
-    deadline = time.monotonic() + 40
-    while not _fetch_ok(socks, files):
-        assert time.monotonic() < deadline, client.log()[-2000:]
-        time.sleep(0.2)
+    _restart_and_wait(keys, tmp_path, procs, port, client, socks, files)
     assert "Traceback" not in client.log()
 
 
