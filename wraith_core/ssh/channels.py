@@ -94,9 +94,10 @@ def _opened(chan: Any, end: RelayEnd, done: OpenDone, packet: Any, exc: BaseExce
         failure = ChannelOpenFailed(f"channel open failed: {exc}", Reply.GENERAL_FAILURE, "ESESSION")
     elif packet is None or packet.get_remaining_payload():
         # a forward channel's confirmation carries nothing more (asyncssh checks the same)
-        chan.close()
         failure = ChannelOpenFailed("channel open failed: malformed confirmation", Reply.GENERAL_FAILURE)
     try:
+        if exc is None and failure is not None:
+            chan.close()
         if failure is None:
             # what asyncssh does once a forward channel is open: attach the session,
             # start it, and start reading unless the session paused the channel
