@@ -147,3 +147,80 @@ def test_lean_data_packets_decrypt_with_asyncssh() -> None:
     assert conn._rekey_bytes_sent == sum(int.from_bytes(w[:4], "big") for w in sent)
     conn._rekey_bytes_sent = conn._rekey_bytes  # a key exchange is due: asyncssh's path takes it
     assert not _send_data_lean(conn, (b"\x00" * 8,)) and len(sent) == 6
+
+
+async def test_bulk_data_across_key_exchanges() -> None:
+    """Real asyncssh connections (both ends with wraith's per-connection changes, AES-GCM)
+    re-keying every 256 KiB while 8 MiB go each way: every byte arrives, and each new
+    key gets the lean cipher too."""
+    import asyncio
+    import hashlib
+
+    import asyncssh
+
+    from wraith_core.ssh import conn_fixes
+    from wraith_core.ssh.speedups import _GCM
+
+    payload = os.urandom(8 << 20)
+    host_key = asyncssh.generate_private_key("ssh-ed25519")
+    client_key = asyncssh.generate_private_key("ssh-ed25519")
+    conns = []
+
+    async def target(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        data = await r.read()
+        w.write(hashlib.sha256(data).digest() + data)
+        await w.drain()
+        w.close()
+
+    class Server(asyncssh.SSHServer):
+        def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+            conn_fixes.install(conn)
+            conns.append(conn)
+
+        def begin_auth(self, username: str) -> bool:
+            return True
+
+        def public_key_auth_supported(self) -> bool:
+            return True
+
+        def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+            return True
+
+        def connection_requested(self, *args: object) -> bool:
+            return True  # asyncssh dials the target itself
+
+    class Client(asyncssh.SSHClient):
+        def connection_made(self, conn: asyncssh.SSHClientConnection) -> None:
+            conn_fixes.install(conn)
+            conns.append(conn)
+
+    srv = await asyncio.start_server(target, "127.0.0.1", 0)
+    tport = srv.sockets[0].getsockname()[1]
+    ssh = await asyncssh.listen("127.0.0.1", 0, server_host_keys=[host_key], server_factory=Server,
+                                encryption_algs=["aes128-gcm@openssh.com"], rekey_bytes=256 << 10)
+    port = ssh.sockets[0].getsockname()[1]
+    conn = await asyncssh.connect("127.0.0.1", port, known_hosts=None, client_keys=[client_key],
+                                  username="x", client_factory=Client, encryption_algs=["aes128-gcm@openssh.com"],
+                                  rekey_bytes=256 << 10)
+    keys_seen = set()
+    try:
+        reader, writer = await conn.open_connection("127.0.0.1", tport)
+        for i in range(0, len(payload), 1 << 20):
+            writer.write(payload[i : i + (1 << 20)])
+            await writer.drain()
+            keys_seen.add(id(conn._send_encryption))
+        writer.write_eof()
+        got = await asyncio.wait_for(reader.read(), 60)
+        assert got[:32] == hashlib.sha256(payload).digest() and got[32:] == payload
+        assert len(keys_seen) > 4  # the keys really changed during the transfer
+        # one more small exchange, so both ends have sent and received since the last key exchange
+        reader, writer = await conn.open_connection("127.0.0.1", tport)
+        writer.write(b"ping")
+        writer.write_eof()
+        assert await asyncio.wait_for(reader.read(), 10) == hashlib.sha256(b"ping").digest() + b"ping"
+        for c in conns:
+            assert type(c._send_encryption._cipher) is _GCM and type(c._recv_encryption._cipher) is _GCM
+    finally:
+        conn.close()
+        ssh.close()
+        srv.close()

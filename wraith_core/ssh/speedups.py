@@ -30,8 +30,8 @@ per-connection path (SOCKS connect, first byte, close) CPU time is latency.
 4. AES-GCM per packet. asyncssh builds a new AESGCM object (a key schedule)
    for every packet and re-parses the nonce from bytes each time. Here the
    AEAD object lives as long as the key and the nonce counter is an integer
-   (same RFC 5647 nonces, same bytes on the wire). The swap happens on the
-   first packet after each key exchange.
+   (same RFC 5647 nonces, same bytes on the wire). Each new key (after every
+   key exchange) is swapped in on the next packet sent or batch received.
 
 5. One write for a burst of packets. Packets sent while asyncssh processes
    one batch of received bytes (a CLOSE answering a CLOSE, window adjusts),
@@ -77,10 +77,19 @@ _EMPTY_STRING = b"\x00\x00\x00\x00"
 
 
 def install(conn: Any) -> None:
+    swap = _gcm_swapper(conn)
     if _AEAD and hasattr(conn, "_send_encryption"):
-        _skip_aead_ignores(conn)
+        _skip_aead_ignores(conn, swap)
     if all(hasattr(conn, a) for a in ("_send", "_transport", "_recv_data")):
         _batch_sends(conn)
+    if swap is not None and hasattr(conn, "_recv_data"):
+        recv_data = conn._recv_data
+
+        def swapping_recv_data() -> None:
+            swap()  # a key exchange may have just finished: new keys get the lean cipher
+            recv_data()
+
+        conn._recv_data = swapping_recv_data
     _quiet(conn)
     if all(hasattr(conn, a) for a in ("_reset_keepalive_timer", "_keepalive_timer_callback",
                                       "_keepalive_timer", "_keepalive_interval", "_auth_complete")):
@@ -146,9 +155,8 @@ def _batch_sends(conn: Any) -> None:
     conn.wraith_batch = (begin, end)
 
 
-def _skip_aead_ignores(conn: Any) -> None:
+def _skip_aead_ignores(conn: Any, swap: Any) -> None:
     original = conn.send_packet
-    swap = _gcm_swapper(conn)
     lean = all(hasattr(conn, a) for a in _LEAN_NAMES)
 
     def send_packet(pkttype: int, *args: bytes, handler: Any = None) -> None:
@@ -242,8 +250,8 @@ class _GCM:
 
 
 def _gcm_swapper(conn: Any) -> Any:
-    """A check, run per packet sent, that gives each new GCM key (after every key
-    exchange, in both directions) a ``_GCM`` in place of asyncssh's cipher."""
+    """A check, run per packet sent and per batch received, that gives each new GCM key
+    (after every key exchange, in both directions) a ``_GCM`` in place of asyncssh's cipher."""
     if GCMCipher is None or not all(hasattr(conn, a) for a in ("_send_encryption", "_recv_encryption")):
         return None
 
