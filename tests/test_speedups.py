@@ -224,3 +224,70 @@ async def test_bulk_data_across_key_exchanges() -> None:
         conn.close()
         ssh.close()
         srv.close()
+
+
+async def test_channel_write_copies_mutable_input_before_returning() -> None:
+    """Like asyncssh: bytes written from a bytearray (or a view of one) are taken as they
+    were at write() time, whatever the caller does with its buffer afterwards — also when
+    the channel's window is closed and the data waits."""
+    import asyncio
+    import hashlib
+
+    import asyncssh
+
+    from wraith_core.ssh import conn_fixes
+
+    host_key = asyncssh.generate_private_key("ssh-ed25519")
+    client_key = asyncssh.generate_private_key("ssh-ed25519")
+
+    async def target(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        data = await r.read()
+        w.write(hashlib.sha256(data).digest())
+        await w.drain()
+        w.close()
+
+    class Server(asyncssh.SSHServer):
+        def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+            conn_fixes.install(conn)
+
+        def begin_auth(self, username: str) -> bool:
+            return True
+
+        def public_key_auth_supported(self) -> bool:
+            return True
+
+        def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+            return True
+
+        def connection_requested(self, *args: object) -> bool:
+            return True
+
+    class Client(asyncssh.SSHClient):
+        def connection_made(self, conn: asyncssh.SSHClientConnection) -> None:
+            conn_fixes.install(conn)
+
+    srv = await asyncio.start_server(target, "127.0.0.1", 0)
+    tport = srv.sockets[0].getsockname()[1]
+    ssh = await asyncssh.listen("127.0.0.1", 0, server_host_keys=[host_key], server_factory=Server,
+                                encryption_algs=["aes128-gcm@openssh.com"])
+    port = ssh.sockets[0].getsockname()[1]
+    conn = await asyncssh.connect("127.0.0.1", port, known_hosts=None, client_keys=[client_key],
+                                  username="x", client_factory=Client, encryption_algs=["aes128-gcm@openssh.com"])
+    try:
+        reader, writer = await conn.open_connection("127.0.0.1", tport)
+        expected = hashlib.sha256()
+        buf = bytearray(os.urandom(3 << 20))  # more than one window: some of it has to wait
+        for _ in range(3):
+            writer.write(buf)
+            writer.write(memoryview(buf)[: 1 << 20])
+            expected.update(bytes(buf))
+            expected.update(bytes(buf[: 1 << 20]))
+            buf[:] = os.urandom(len(buf))  # scribble over it at once
+        writer.write(b"tail")  # immutable: kept as is
+        expected.update(b"tail")
+        writer.write_eof()
+        assert await asyncio.wait_for(reader.read(), 60) == expected.digest()
+    finally:
+        conn.close()
+        ssh.close()
+        srv.close()

@@ -40,13 +40,20 @@ per-connection path (SOCKS connect, first byte, close) CPU time is latency.
    step instead of one system call each — and the peer wakes up once, not
    once per packet. Nothing waits for a later loop pass; order is kept.
 
-6. Bulk data under AES-GCM. asyncssh copies a CHANNEL_DATA packet's bytes
+6. Bulk data under AES-GCM (with 7, the channel side). asyncssh copies a CHANNEL_DATA packet's bytes
    about eight times on the way out (joins, padding, ciphertext slices, MAC
    concatenation); for 256 KiB packets the copies cost more than the AES.
    In the plain state (keys exchanged, no compression, no key exchange due)
    the packet is assembled once and sealed straight into the buffer that is
    written, with asyncssh's sequence and rekey counters kept. Measured: bulk
    download through the tunnel +12 %, server CPU per byte -12 %.
+
+7. Channel writes of raw bytes. asyncssh copies written bytes into a
+   bytearray, cuts each packet off its front (a slice, then the rest moved
+   down) and joins the headers on. Immutable input is kept as it is and
+   packets are views into it; mutable input is still copied before write()
+   returns. Measured: daemon CPU per GiB uploaded -15 % (0.84-0.90 s vs
+   1.00-1.06 s, side by side).
 """
 
 from __future__ import annotations
@@ -56,7 +63,8 @@ import time
 from typing import Any
 
 try:
-    from asyncssh.constants import MSG_CHANNEL_DATA, MSG_IGNORE
+    from asyncssh.constants import MSG_CHANNEL_DATA, MSG_CHANNEL_EOF, MSG_CHANNEL_EXTENDED_DATA, MSG_IGNORE
+    from asyncssh.packet import String, UInt32
     from asyncssh.crypto.cipher import GCMCipher
     from asyncssh.encryption import ChachaEncryption, GCMEncryption
     from asyncssh.logging import SSHLogger
@@ -69,7 +77,7 @@ except ImportError:  # pragma: no cover - a future asyncssh without these names
     _AEAD = ()
     _ENCRYPT_INTO = False
     MSG_IGNORE = 2
-    MSG_CHANNEL_DATA = 94
+    MSG_CHANNEL_DATA, MSG_CHANNEL_EXTENDED_DATA, MSG_CHANNEL_EOF = 94, 95, 96
     SSHLogger = None  # type: ignore[assignment,misc]
     GCMCipher = None  # type: ignore[assignment,misc]
 
@@ -103,6 +111,77 @@ def install_channel(chan: Any) -> None:
     batch = getattr(conn, "wraith_batch", None)
     if batch is not None:
         chan.wraith_batch = batch
+    if (_AEAD and all(hasattr(chan, a) for a in _CHANNEL_SEND_NAMES)
+            and all(hasattr(conn, a) for a in _LEAN_NAMES)):
+        _lean_channel_writes(chan)
+
+
+# what _lean_channel_writes reads and updates on asyncssh's channel
+_CHANNEL_SEND_NAMES = ("write", "_flush_send_buf", "_send_buf", "_send_buf_len", "_send_window", "_send_pktsize",
+                       "_send_chan", "_send_state", "_encoding", "_conn", "_pause_resume_writing", "_close_send",
+                       "send_packet")
+
+
+def _lean_channel_writes(chan: Any) -> None:
+    """asyncssh's ``write`` and ``_flush_send_buf`` for raw bytes, without the copies:
+    asyncssh copies what it is given into a bytearray, cuts packets off its front
+    (slice, then move the rest down), and joins length and channel headers on —
+    four copies of every byte before the packet is even built. Here immutable
+    input is kept as it is, packets are views into it, and the data packet is
+    assembled once (``_send_data_lean``). Same window and buffer accounting,
+    same EOF/CLOSE handling, same flow control callbacks; text channels and
+    extended data keep asyncssh's own path."""
+    original_write = chan.write
+
+    def write(data: Any, datatype: Any = None) -> None:
+        if chan._encoding is not None or datatype is not None:
+            original_write(data, datatype)
+            return
+        if chan._send_state != "open":
+            raise BrokenPipeError("Channel not open for sending")
+        if not data:
+            return
+        if type(data) is bytes:
+            view = memoryview(data)
+        elif type(data) is memoryview and type(data.obj) is bytes and data.ndim == 1 and data.itemsize == 1:
+            view = data  # a view into immutable bytes: nothing can change under us
+        else:
+            view = memoryview(bytes(data))  # mutable input: copy before returning, as asyncssh does
+        chan._send_buf.append((view, None))
+        chan._send_buf_len += len(view)
+        chan._flush_send_buf()
+
+    def flush_send_buf() -> None:
+        send_buf = chan._send_buf
+        while send_buf and chan._send_window:
+            pktsize = min(chan._send_window, chan._send_pktsize)
+            buf, datatype = send_buf[0]
+            view = buf if type(buf) is memoryview else memoryview(buf)
+            if len(view) > pktsize:
+                data = view[:pktsize]
+                send_buf[0] = (view[pktsize:], datatype)
+            else:
+                data = view
+                del send_buf[0]
+            size = len(data)
+            chan._send_buf_len -= size
+            chan._send_window -= size
+            if datatype is not None:
+                chan.send_packet(MSG_CHANNEL_EXTENDED_DATA, UInt32(datatype), String(data))
+            elif chan._send_chan is not None and not (
+                    chan._conn is not None
+                    and _send_data_lean(chan._conn, (UInt32(chan._send_chan) + UInt32(size), data))):
+                chan.send_packet(MSG_CHANNEL_DATA, String(data))
+        chan._pause_resume_writing()
+        if not send_buf:
+            if chan._send_state == "eof_pending":
+                chan.send_packet(MSG_CHANNEL_EOF)
+                chan._send_state = "eof"
+            elif chan._send_state == "close_pending":
+                chan._close_send()
+
+    chan.write = write
+    chan._flush_send_buf = flush_send_buf
 
 
 def _batch_sends(conn: Any) -> None:
@@ -178,7 +257,7 @@ _LEAN_NAMES = ("_send_encryption", "_compressor", "_kex_complete", "_auth_comple
                "_send_seq", "_send")
 
 
-def _send_data_lean(conn: Any, args: tuple[bytes, ...]) -> bool:
+def _send_data_lean(conn: Any, parts: tuple[Any, ...]) -> bool:
     """Send a CHANNEL_DATA packet the way asyncssh's ``send_packet`` does, with the
     plaintext assembled once and sealed straight into the buffer that is written
     (asyncssh copies a data packet's bytes about eight times on the way out).
@@ -192,8 +271,7 @@ def _send_data_lean(conn: Any, args: tuple[bytes, ...]) -> bool:
     if conn._rekey_bytes_sent >= conn._rekey_bytes or (
             conn._rekey_seconds and time.monotonic() >= conn._rekey_time):
         return False  # asyncssh starts the key exchange from its own path
-    body = args[0] if len(args) == 1 else b"".join(args)
-    size = 1 + len(body)  # message type + body
+    size = 1 + sum(map(len, parts))  # message type + body
     blocksize = conn._send_blocksize
     padlen = -(conn._send_enchdrlen + size) % blocksize
     if padlen < 4:
@@ -202,8 +280,11 @@ def _send_data_lean(conn: Any, args: tuple[bytes, ...]) -> bool:
     plain = bytearray(pktlen)
     plain[0] = padlen
     plain[1] = MSG_CHANNEL_DATA
-    plain[2 : 1 + size] = body
-    plain[1 + size :] = os.urandom(padlen)
+    at = 2
+    for part in parts:
+        plain[at : at + len(part)] = part
+        at += len(part)
+    plain[at:] = os.urandom(padlen)
     wire = bytearray(4 + pktlen + 16)
     header = pktlen.to_bytes(4, "big")
     wire[:4] = header
