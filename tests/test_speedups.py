@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import hashlib
 import os
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from asyncssh.crypto.cipher import GCMCipher
 
@@ -149,26 +154,19 @@ def test_lean_data_packets_decrypt_with_asyncssh() -> None:
     assert not _send_data_lean(conn, (b"\x00" * 8,)) and len(sent) == 6
 
 
-async def test_bulk_data_across_key_exchanges() -> None:
-    """Real asyncssh connections (both ends with wraith's per-connection changes, AES-GCM)
-    re-keying every 256 KiB while 8 MiB go each way: every byte arrives, and each new
-    key gets the lean cipher too."""
-    import asyncio
-    import hashlib
-
+@contextlib.asynccontextmanager
+async def _tunnel_pair(reply: Callable[[bytes], bytes], **ssh_opts: Any) -> AsyncIterator[tuple[Any, int, list]]:
+    """An asyncssh server and client on loopback, both with wraith's per-connection changes
+    (``conn_fixes.install``) and AES-GCM, and a target that answers ``reply(all it read)``.
+    Yields the client connection, the target port and both connections."""
     import asyncssh
 
     from wraith_core.ssh import conn_fixes
-    from wraith_core.ssh.speedups import _GCM
 
-    payload = os.urandom(8 << 20)
-    host_key = asyncssh.generate_private_key("ssh-ed25519")
-    client_key = asyncssh.generate_private_key("ssh-ed25519")
-    conns = []
+    conns: list[Any] = []
 
     async def target(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        data = await r.read()
-        w.write(hashlib.sha256(data).digest() + data)
+        w.write(reply(await r.read()))
         await w.drain()
         w.close()
 
@@ -194,16 +192,32 @@ async def test_bulk_data_across_key_exchanges() -> None:
             conn_fixes.install(conn)
             conns.append(conn)
 
+    algs = ["aes128-gcm@openssh.com"]
     srv = await asyncio.start_server(target, "127.0.0.1", 0)
-    tport = srv.sockets[0].getsockname()[1]
-    ssh = await asyncssh.listen("127.0.0.1", 0, server_host_keys=[host_key], server_factory=Server,
-                                encryption_algs=["aes128-gcm@openssh.com"], rekey_bytes=256 << 10)
-    port = ssh.sockets[0].getsockname()[1]
-    conn = await asyncssh.connect("127.0.0.1", port, known_hosts=None, client_keys=[client_key],
-                                  username="x", client_factory=Client, encryption_algs=["aes128-gcm@openssh.com"],
-                                  rekey_bytes=256 << 10)
-    keys_seen = set()
+    ssh = await asyncssh.listen("127.0.0.1", 0, server_host_keys=[asyncssh.generate_private_key("ssh-ed25519")],
+                                server_factory=Server, encryption_algs=algs, **ssh_opts)
+    conn = await asyncssh.connect("127.0.0.1", ssh.sockets[0].getsockname()[1], known_hosts=None,
+                                  client_keys=[asyncssh.generate_private_key("ssh-ed25519")], username="x",
+                                  client_factory=Client, encryption_algs=algs, **ssh_opts)
     try:
+        yield conn, srv.sockets[0].getsockname()[1], conns
+    finally:
+        conn.close()
+        ssh.close()
+        srv.close()
+
+
+def _digest_then_data(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest() + data
+
+
+async def test_bulk_data_across_key_exchanges() -> None:
+    """Real asyncssh connections (both ends with wraith's per-connection changes, AES-GCM)
+    re-keying every 256 KiB while 8 MiB go each way: every byte arrives, and each new
+    key gets the lean cipher too."""
+    payload = os.urandom(8 << 20)
+    async with _tunnel_pair(_digest_then_data, rekey_bytes=256 << 10) as (conn, tport, conns):
+        keys_seen = set()
         reader, writer = await conn.open_connection("127.0.0.1", tport)
         for i in range(0, len(payload), 1 << 20):
             writer.write(payload[i : i + (1 << 20)])
@@ -217,63 +231,16 @@ async def test_bulk_data_across_key_exchanges() -> None:
         reader, writer = await conn.open_connection("127.0.0.1", tport)
         writer.write(b"ping")
         writer.write_eof()
-        assert await asyncio.wait_for(reader.read(), 10) == hashlib.sha256(b"ping").digest() + b"ping"
+        assert await asyncio.wait_for(reader.read(), 10) == _digest_then_data(b"ping")
         for c in conns:
             assert type(c._send_encryption._cipher) is _GCM and type(c._recv_encryption._cipher) is _GCM
-    finally:
-        conn.close()
-        ssh.close()
-        srv.close()
 
 
 async def test_channel_write_copies_mutable_input_before_returning() -> None:
     """Like asyncssh: bytes written from a bytearray (or a view of one) are taken as they
     were at write() time, whatever the caller does with its buffer afterwards — also when
     the channel's window is closed and the data waits."""
-    import asyncio
-    import hashlib
-
-    import asyncssh
-
-    from wraith_core.ssh import conn_fixes
-
-    host_key = asyncssh.generate_private_key("ssh-ed25519")
-    client_key = asyncssh.generate_private_key("ssh-ed25519")
-
-    async def target(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        data = await r.read()
-        w.write(hashlib.sha256(data).digest())
-        await w.drain()
-        w.close()
-
-    class Server(asyncssh.SSHServer):
-        def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
-            conn_fixes.install(conn)
-
-        def begin_auth(self, username: str) -> bool:
-            return True
-
-        def public_key_auth_supported(self) -> bool:
-            return True
-
-        def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
-            return True
-
-        def connection_requested(self, *args: object) -> bool:
-            return True
-
-    class Client(asyncssh.SSHClient):
-        def connection_made(self, conn: asyncssh.SSHClientConnection) -> None:
-            conn_fixes.install(conn)
-
-    srv = await asyncio.start_server(target, "127.0.0.1", 0)
-    tport = srv.sockets[0].getsockname()[1]
-    ssh = await asyncssh.listen("127.0.0.1", 0, server_host_keys=[host_key], server_factory=Server,
-                                encryption_algs=["aes128-gcm@openssh.com"])
-    port = ssh.sockets[0].getsockname()[1]
-    conn = await asyncssh.connect("127.0.0.1", port, known_hosts=None, client_keys=[client_key],
-                                  username="x", client_factory=Client, encryption_algs=["aes128-gcm@openssh.com"])
-    try:
+    async with _tunnel_pair(lambda data: hashlib.sha256(data).digest()) as (conn, tport, _):
         reader, writer = await conn.open_connection("127.0.0.1", tport)
         expected = hashlib.sha256()
         buf = bytearray(os.urandom(3 << 20))  # more than one window: some of it has to wait
@@ -287,7 +254,3 @@ async def test_channel_write_copies_mutable_input_before_returning() -> None:
         expected.update(b"tail")
         writer.write_eof()
         assert await asyncio.wait_for(reader.read(), 60) == expected.digest()
-    finally:
-        conn.close()
-        ssh.close()
-        srv.close()
