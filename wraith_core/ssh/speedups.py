@@ -40,9 +40,10 @@ per-connection path (SOCKS connect, first byte, close) CPU time is latency.
    step instead of one system call each — and the peer wakes up once, not
    once per packet. Nothing waits for a later loop pass; order is kept.
 
-6. Bulk data under AES-GCM (with 7, the channel side). asyncssh copies a CHANNEL_DATA packet's bytes
-   about eight times on the way out (joins, padding, ciphertext slices, MAC
-   concatenation); for 256 KiB packets the copies cost more than the AES.
+6. Bulk data under AES-GCM (item 7 is the channel side). asyncssh copies a
+   CHANNEL_DATA packet's bytes about eight times on the way out (joins,
+   padding, ciphertext slices, MAC concatenation); for 256 KiB packets the
+   copies cost more than the AES.
    In the plain state (keys exchanged, no compression, no key exchange due)
    the packet is assembled once and sealed straight into the buffer that is
    written, with asyncssh's sequence and rekey counters kept. Measured: bulk
@@ -87,7 +88,7 @@ _EMPTY_STRING = b"\x00\x00\x00\x00"
 def install(conn: Any) -> None:
     swap = _gcm_swapper(conn)
     if _AEAD and hasattr(conn, "_send_encryption"):
-        _skip_aead_ignores(conn, swap)
+        _lean_send_packet(conn, swap)
     if all(hasattr(conn, a) for a in ("_send", "_transport", "_recv_data")):
         _batch_sends(conn)
     if swap is not None and hasattr(conn, "_recv_data"):
@@ -234,7 +235,9 @@ def _batch_sends(conn: Any) -> None:
     conn.wraith_batch = (begin, end)
 
 
-def _skip_aead_ignores(conn: Any, swap: Any) -> None:
+def _lean_send_packet(conn: Any, swap: Any) -> None:
+    """``send_packet`` with items 1, 4 and 6: new GCM keys swapped in, empty ignores
+    dropped under AEAD, CHANNEL_DATA by the lean path when it applies."""
     original = conn.send_packet
     lean = all(hasattr(conn, a) for a in _LEAN_NAMES)
 
