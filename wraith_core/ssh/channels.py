@@ -29,6 +29,7 @@ from ..errors import ChannelError
 from ..protocol.socks5 import Reply
 from ..relay import RelayEnd
 from .client import Session
+from .internals import has_names
 
 log = logging.getLogger("wraith.channels")
 
@@ -143,7 +144,7 @@ class ChannelManager:
             chan: Any = conn.create_tcp_channel(window=opts.window, max_pktsize=opts.max_pktsize)
         except asyncssh.ChannelOpenError:
             return False  # the connection is closing; open_relay waits for the next one
-        if not all(hasattr(chan, name) for name in _CHANNEL_NAMES):
+        if not has_names(chan, _CHANNEL_NAMES):
             chan.close()
             return False
         chan.set_extra_info(peername=("", 0), local_peername=("", 0), remote_peername=(host, port))

@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 from . import speedups
+from .internals import has_names
 
 _CHANNEL_ATTRS = ("_flush_recv_buf", "_recv_state", "_recv_buf", "_session")
 
@@ -36,7 +37,7 @@ def _fixing_channels(create: Any) -> Any:
     def create_channel(*args: Any, **kwargs: Any) -> Any:
         chan = create(*args, **kwargs)
         speedups.install_channel(chan)
-        if all(hasattr(chan, a) for a in _CHANNEL_ATTRS):
+        if has_names(chan, _CHANNEL_ATTRS):
             _keep_eof_before_close(chan)
         return chan
 

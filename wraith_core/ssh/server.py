@@ -30,7 +30,7 @@ from ..duplex import DuplexStream
 from ..options import ServeOptions
 from ..relay import AcceptedEnd, RelayEnd
 from ..transport.base import Acceptor, TransportInfo, make_acceptor, transport_info
-from . import conn_fixes
+from . import conn_fixes, target_open
 from .tunnel import AcceptorTunnel
 
 log = logging.getLogger("wraith.server")
@@ -189,6 +189,12 @@ class _ServerConn(asyncssh.SSHServer):
                                             "Reserved destination")
         chan = self._conn.create_tcp_channel(window=runner.options.window,
                                              max_pktsize=runner.options.max_pktsize)
+        if runner.proxy is None:
+            address = target_open.numeric_address(dest_host, dest_port)
+            if address is not None:
+                chan_end = target_open.install(chan, address, runner.options.connect_timeout)
+                if chan_end is not None:
+                    return chan, chan_end  # connects and confirms by callback
         return chan, self._open_target(dest_host, dest_port)
 
     def _control_channel(self) -> tuple[Any, DuplexStream]:

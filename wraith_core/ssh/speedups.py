@@ -63,6 +63,8 @@ import os
 import time
 from typing import Any
 
+from .internals import has_names
+
 try:
     from asyncssh.constants import MSG_CHANNEL_DATA, MSG_CHANNEL_EOF, MSG_CHANNEL_EXTENDED_DATA, MSG_IGNORE
     from asyncssh.packet import String, UInt32
@@ -112,8 +114,7 @@ def install_channel(chan: Any) -> None:
     batch = getattr(conn, "wraith_batch", None)
     if batch is not None:
         chan.wraith_batch = batch
-    if (_AEAD and all(hasattr(chan, a) for a in _CHANNEL_SEND_NAMES)
-            and all(hasattr(conn, a) for a in _LEAN_NAMES)):
+    if _AEAD and has_names(chan, _CHANNEL_SEND_NAMES) and has_names(conn, _LEAN_NAMES):
         _lean_channel_writes(chan)
 
 
@@ -339,11 +340,17 @@ def _gcm_swapper(conn: Any) -> Any:
     if GCMCipher is None or not all(hasattr(conn, a) for a in ("_send_encryption", "_recv_encryption")):
         return None
 
+    seen: list[Any] = [None, None]  # the encryption objects already handled
+
     def swap() -> None:
-        for enc in (conn._send_encryption, conn._recv_encryption):
+        send_enc, recv_enc = conn._send_encryption, conn._recv_encryption
+        if send_enc is seen[0] and recv_enc is seen[1]:
+            return  # no key exchange since the last check (a new key is a new object)
+        for enc in (send_enc, recv_enc):
             cipher = getattr(enc, "_cipher", None)
             if type(cipher) is GCMCipher and hasattr(cipher, "_key") and hasattr(cipher, "_iv"):
                 enc._cipher = _GCM(cipher._key, cipher._iv)
+        seen[0], seen[1] = send_enc, recv_enc
 
     return swap
 
