@@ -116,12 +116,12 @@ def test_batched_packets_reach_the_transport_they_were_sent_on() -> None:
     assert transport is not None and transport.calls == [("write", [b"disconnect"])]
 
 
-def test_lean_data_packets_decrypt_with_asyncssh() -> None:
-    """CHANNEL_DATA packets from the lean path are what asyncssh's receiver expects:
-    length, padding rule, message, sequence and rekey accounting."""
+def test_lean_packets_decrypt_with_asyncssh() -> None:
+    """Packets from the lean path are what asyncssh's receiver expects: length, padding
+    rule, message type, body, sequence and rekey accounting."""
     from asyncssh.encryption import GCMEncryption
 
-    from wraith_core.ssh.speedups import _send_data_lean
+    from wraith_core.ssh.speedups import _send_lean
 
     key, iv = os.urandom(16), os.urandom(12)
     sent: list[bytes] = []
@@ -138,20 +138,23 @@ def test_lean_data_packets_decrypt_with_asyncssh() -> None:
 
     conn = Conn()
     receiver = GCMEncryption(GCMCipher("aes128-gcm", key, iv))
-    for size in (1, 15, 16, 17, 1000, 262144):
-        body = (5).to_bytes(4, "big") + size.to_bytes(4, "big") + os.urandom(size)  # recipient + string
-        assert _send_data_lean(conn, (body,))
+    cases = [(94, (5).to_bytes(4, "big") + size.to_bytes(4, "big") + os.urandom(size))  # CHANNEL_DATA
+             for size in (1, 15, 16, 17, 1000, 262144)]
+    cases += [(96, (5).to_bytes(4, "big")), (97, (9).to_bytes(4, "big")),  # EOF, CLOSE
+              (91, os.urandom(16)), (80, b"\x00\x00\x00\x05hello\x01")]  # OPEN_CONFIRMATION, GLOBAL_REQUEST
+    for pkttype, body in cases:
+        assert _send_lean(conn, pkttype, (body[:3], body[3:]))
         wire = sent[-1]
         pktlen = int.from_bytes(wire[:4], "big")
         assert len(wire) == 4 + pktlen + 16 and pktlen % 16 == 0  # AES-GCM: length not padded
         plain = receiver.decrypt_packet(0, wire[:16], wire[16:4 + pktlen], 4, wire[4 + pktlen:])
         assert plain is not None
         padlen = plain[0]
-        assert 4 <= padlen < 4 + 16 and plain[1] == 94 and plain[2 : len(plain) - padlen] == body
-    assert conn._send_seq == 7 + 6
+        assert 4 <= padlen < 4 + 16 and plain[1] == pkttype and plain[2 : len(plain) - padlen] == body
+    assert conn._send_seq == 7 + len(cases)
     assert conn._rekey_bytes_sent == sum(int.from_bytes(w[:4], "big") for w in sent)
     conn._rekey_bytes_sent = conn._rekey_bytes  # a key exchange is due: asyncssh's path takes it
-    assert not _send_data_lean(conn, (b"\x00" * 8,)) and len(sent) == 6
+    assert not _send_lean(conn, 94, (b"\x00" * 8,)) and len(sent) == len(cases)
 
 
 @contextlib.asynccontextmanager
@@ -211,10 +214,25 @@ def _digest_then_data(data: bytes) -> bytes:
     return hashlib.sha256(data).digest() + data
 
 
-async def test_bulk_data_across_key_exchanges() -> None:
+async def test_bulk_data_across_key_exchanges(monkeypatch: Any) -> None:
     """Real asyncssh connections (both ends with wraith's per-connection changes, AES-GCM)
-    re-keying every 256 KiB while 8 MiB go each way: every byte arrives, and each new
-    key gets the lean cipher too."""
+    re-keying every 256 KiB while 8 MiB go each way: every byte arrives, each new key
+    gets the lean cipher too, and the lean receive loop (lean_recv) carries the channel
+    packets while asyncssh's path takes the key exchanges in between."""
+    from wraith_core.ssh import lean_recv
+
+    lean_packets = [0]
+    rewinds = [0]
+    original_loop = lean_recv._lean_loop
+
+    def counting_loop(conn: Any, cipher: Any) -> bool:
+        seq = conn._recv_seq
+        done = original_loop(conn, cipher)
+        lean_packets[0] += (conn._recv_seq - seq) & 0xFFFF_FFFF
+        rewinds[0] += not done
+        return done
+
+    monkeypatch.setattr(lean_recv, "_lean_loop", counting_loop)
     payload = os.urandom(8 << 20)
     async with _tunnel_pair(_digest_then_data, rekey_bytes=256 << 10) as (conn, tport, conns):
         keys_seen = set()
@@ -234,6 +252,7 @@ async def test_bulk_data_across_key_exchanges() -> None:
         assert await asyncio.wait_for(reader.read(), 10) == _digest_then_data(b"ping")
         for c in conns:
             assert type(c._send_encryption._cipher) is _GCM and type(c._recv_encryption._cipher) is _GCM
+        assert lean_packets[0] > 10 and rewinds[0] > 4  # both paths were used
 
 
 async def test_channel_write_copies_mutable_input_before_returning() -> None:

@@ -63,10 +63,12 @@ import os
 import time
 from typing import Any
 
+from . import lean_recv
 from .internals import has_names
 
 try:
-    from asyncssh.constants import MSG_CHANNEL_DATA, MSG_CHANNEL_EOF, MSG_CHANNEL_EXTENDED_DATA, MSG_IGNORE
+    from asyncssh.constants import (MSG_CHANNEL_DATA, MSG_CHANNEL_EOF, MSG_CHANNEL_EXTENDED_DATA, MSG_IGNORE,
+                                    MSG_USERAUTH_LAST)
     from asyncssh.packet import String, UInt32
     from asyncssh.crypto.cipher import GCMCipher
     from asyncssh.encryption import ChachaEncryption, GCMEncryption
@@ -80,6 +82,7 @@ except ImportError:  # pragma: no cover - a future asyncssh without these names
     _AEAD = ()
     _ENCRYPT_INTO = False
     MSG_IGNORE = 2
+    MSG_USERAUTH_LAST = 79
     MSG_CHANNEL_DATA, MSG_CHANNEL_EXTENDED_DATA, MSG_CHANNEL_EOF = 94, 95, 96
     SSHLogger = None  # type: ignore[assignment,misc]
     GCMCipher = None  # type: ignore[assignment,misc]
@@ -89,6 +92,8 @@ _EMPTY_STRING = b"\x00\x00\x00\x00"
 
 def install(conn: Any) -> None:
     swap = _gcm_swapper(conn)
+    if swap is not None:
+        lean_recv.install(conn, _GCM)  # innermost: the wrappers below go around it
     if _AEAD and hasattr(conn, "_send_encryption"):
         _lean_send_packet(conn, swap)
     if all(hasattr(conn, a) for a in ("_send", "_transport", "_recv_data")):
@@ -130,7 +135,7 @@ def _lean_channel_writes(chan: Any) -> None:
     (slice, then move the rest down), and joins length and channel headers on —
     four copies of every byte before the packet is even built. Here immutable
     input is kept as it is, packets are views into it, and the data packet is
-    assembled once (``_send_data_lean``). Same window and buffer accounting,
+    assembled once (``_send_lean``). Same window and buffer accounting,
     same EOF/CLOSE handling, same flow control callbacks; text channels and
     extended data keep asyncssh's own path."""
     original_write = chan.write
@@ -172,7 +177,7 @@ def _lean_channel_writes(chan: Any) -> None:
                 chan.send_packet(MSG_CHANNEL_EXTENDED_DATA, UInt32(datatype), String(data))
             elif chan._send_chan is not None and not (
                     chan._conn is not None
-                    and _send_data_lean(chan._conn, (UInt32(chan._send_chan) + UInt32(size), data))):
+                    and _send_lean(chan._conn, MSG_CHANNEL_DATA, (UInt32(chan._send_chan) + UInt32(size), data))):
                 chan.send_packet(MSG_CHANNEL_DATA, String(data))
         chan._pause_resume_writing()
         if not send_buf:
@@ -248,23 +253,24 @@ def _lean_send_packet(conn: Any, swap: Any) -> None:
         if (pkttype == MSG_IGNORE and args == (_EMPTY_STRING,)
                 and isinstance(conn._send_encryption, _AEAD)):
             return
-        if pkttype == MSG_CHANNEL_DATA and lean and _send_data_lean(conn, args):
+        if pkttype > MSG_USERAUTH_LAST and lean and _send_lean(conn, pkttype, args):
             return
         original(pkttype, *args, handler=handler)
 
     conn.send_packet = send_packet
 
 
-# what _send_data_lean reads and updates on asyncssh's connection
+# what _send_lean reads and updates on asyncssh's connection
 _LEAN_NAMES = ("_send_encryption", "_compressor", "_kex_complete", "_auth_complete", "_rekey_bytes",
                "_rekey_bytes_sent", "_rekey_seconds", "_rekey_time", "_send_enchdrlen", "_send_blocksize",
                "_send_seq", "_send")
 
 
-def _send_data_lean(conn: Any, parts: tuple[Any, ...]) -> bool:
-    """Send a CHANNEL_DATA packet the way asyncssh's ``send_packet`` does, with the
-    plaintext assembled once and sealed straight into the buffer that is written
-    (asyncssh copies a data packet's bytes about eight times on the way out).
+def _send_lean(conn: Any, pkttype: int, parts: tuple[Any, ...]) -> bool:
+    """Send a connection-layer packet (channel messages, global requests) the way
+    asyncssh's ``send_packet`` does, with the plaintext assembled once and sealed
+    straight into the buffer that is written (asyncssh copies a data packet's bytes
+    about eight times on the way out, and builds every packet in several steps).
     False, and nothing sent, whenever the connection is not in the plain state
     this covers (other cipher, compression, key exchange due or running,
     packet-level debugging): asyncssh's own path handles those."""
@@ -283,12 +289,12 @@ def _send_data_lean(conn: Any, parts: tuple[Any, ...]) -> bool:
     pktlen = 1 + size + padlen
     plain = bytearray(pktlen)
     plain[0] = padlen
-    plain[1] = MSG_CHANNEL_DATA
+    plain[1] = pkttype
     at = 2
     for part in parts:
         plain[at : at + len(part)] = part
         at += len(part)
-    plain[at:] = os.urandom(padlen)
+    plain[at:] = _padding(padlen)
     wire = bytearray(4 + pktlen + 16)
     header = pktlen.to_bytes(4, "big")
     wire[:4] = header
@@ -297,6 +303,20 @@ def _send_data_lean(conn: Any, parts: tuple[Any, ...]) -> bool:
     conn._send_seq = (conn._send_seq + 1) & 0xFFFF_FFFF
     conn._rekey_bytes_sent += pktlen
     return True
+
+
+_pad_pool = [b"", 0]  # random bytes from the OS, and how many of them are used
+
+
+def _padding(n: int) -> bytes:
+    """``n`` fresh random bytes for packet padding, from a pool refilled 4 KiB at a time
+    (asyncssh asks the OS for each packet's few bytes: a system call per packet)."""
+    pool, used = _pad_pool
+    if used + n > len(pool):
+        pool, used = os.urandom(4096), 0
+        _pad_pool[0] = pool
+    _pad_pool[1] = used + n
+    return pool[used:used + n]
 
 
 class _GCM:
@@ -325,6 +345,17 @@ class _GCM:
             self._aead.encrypt_into(self._nonce(), data, header, out)
         else:  # pragma: no cover - cryptography before encrypt_into
             out[:] = self._aead.encrypt(self._nonce(), bytes(data), header)
+
+    def open(self, header: Any, sealed: Any) -> bytes | None:
+        """Plaintext of ``sealed`` (ciphertext and tag, contiguous), or None for a bad tag."""
+        try:
+            return self._aead.decrypt(self._nonce(), sealed, header)
+        except InvalidTag:
+            return None
+
+    def rewind(self) -> None:
+        """Undo the last nonce step (a packet decrypted only to look at its type)."""
+        self._counter = (self._counter - 1) & 0xFFFF_FFFF_FFFF_FFFF
 
     def verify_and_decrypt(self, header: bytes, data: bytes, mac: bytes) -> bytes | None:
         nonce = self._nonce()  # the counter moves on even for a bad packet, as in asyncssh

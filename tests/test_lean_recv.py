@@ -1,0 +1,183 @@
+"""The lean receive loop (ssh/lean_recv.py) against packets sealed the way the lean sender
+and asyncssh seal them: channel packets reach the same handlers with the same sequence
+numbers, anything else is left to asyncssh's path with the nonce in step, and every bad
+packet ends the connection with asyncssh's own error."""
+
+from __future__ import annotations
+
+import os
+import types
+from typing import Any
+
+import pytest
+from asyncssh.connection import SSHConnection
+from asyncssh.constants import DISC_MAC_ERROR, DISC_PROTOCOL_ERROR
+from asyncssh.encryption import GCMEncryption
+
+from wraith_core.ssh import lean_recv
+from wraith_core.ssh.speedups import _GCM, _send_lean
+
+KEY, IV = os.urandom(16), os.urandom(12)
+DATA, EOF, CONFIRM, GLOBAL_REQUEST = 94, 96, 91, 80
+
+
+class _Sender:
+    """The sending side: whatever _send_lean writes."""
+
+    def __init__(self) -> None:
+        self._send_encryption = GCMEncryption(_GCM(KEY, IV))  # type: ignore[arg-type]
+        self._compressor = None
+        self._kex_complete = self._auth_complete = True
+        self._rekey_bytes, self._rekey_bytes_sent, self._rekey_seconds, self._rekey_time = 1 << 30, 0, 0, 0.0
+        self._send_enchdrlen, self._send_blocksize, self._send_seq = 1, 16, 3
+        self.wire = b""
+
+    def _send(self, data: bytes) -> None:
+        self.wire += bytes(data)
+
+    def packet(self, pkttype: int, body: bytes) -> bytes:
+        before = len(self.wire)
+        assert _send_lean(self, pkttype, (body,))
+        return self.wire[before:]
+
+
+class _Chan:
+    def __init__(self, events: list[Any]) -> None:
+        self.events = events
+
+    def process_packet(self, pkttype: int, seq: int, packet: Any) -> bool:
+        self.events.append(("chan", pkttype, seq, packet.get_remaining_payload()))
+        return True
+
+
+class _Receiver:
+    """The attributes of asyncssh's connection the lean loop uses; asyncssh's own
+    ``_recv_data`` is recorded instead of run."""
+
+    def __init__(self) -> None:
+        self.events: list[Any] = []
+        self._recv_encryption = GCMEncryption(_GCM(KEY, IV))  # type: ignore[arg-type]
+        self._recv_blocksize = self._recv_macsize = 16
+        self._decompressor = None
+        self._auth_complete = True
+        self._auth_final = False
+        self._inpbuf = b""
+        self._recv_seq = 3
+        self._max_recv_pktlen = 300_000
+        self._channels = {5: _Chan(self.events)}
+        self._transport: object | None = object()
+        self._recv_handler = types.MethodType(SSHConnection._recv_pkthdr, self)
+
+    def _recv_data(self) -> None:
+        self.events.append(("asyncssh", self._inpbuf))
+
+    def _reset_keepalive_timer(self) -> None:
+        pass
+
+    def _send_disconnect(self, code: int, reason: str, lang: str) -> None:
+        self.events.append(("disconnect", code, reason))
+
+    def _force_close(self, exc: Exception) -> None:
+        self._transport = None
+        self._inpbuf = b""
+
+    def internal_error(self) -> None:
+        self.events.append(("internal error",))
+
+    def process_packet(self, pkttype: int, seq: int, packet: Any) -> bool:
+        self.events.append(("conn", pkttype, seq, packet.get_remaining_payload()))
+        return True
+
+    def feed(self, data: bytes) -> None:
+        self._inpbuf += data  # as asyncssh's data_received
+        self._recv_data()
+
+
+def _receiver() -> _Receiver:
+    conn = _Receiver()
+    lean_recv.install(conn, _GCM)
+    assert conn._recv_data.__name__ == "recv_data"  # installed
+    return conn
+
+
+CHAN5 = (5).to_bytes(4, "big")
+
+
+def test_channel_packets_in_order_across_reads() -> None:
+    tx, rx = _Sender(), _receiver()
+    body = CHAN5 + (100_000).to_bytes(4, "big") + os.urandom(100_000)
+    wire = tx.packet(CONFIRM, b"\x00\x00\x00\x07" + CHAN5 + b"\x00\x20\x00\x00\x00\x00\x80\x00")
+    wire += tx.packet(DATA, body) + tx.packet(EOF, CHAN5)
+    for i in range(0, len(wire), 7000):  # arrives in pieces, packets split across reads
+        rx.feed(wire[i:i + 7000])
+    assert rx.events == [
+        ("conn", CONFIRM, 3, b"\x00\x00\x00\x07" + CHAN5 + b"\x00\x20\x00\x00\x00\x00\x80\x00"),
+        ("chan", DATA, 4, body[4:]),
+        ("chan", EOF, 5, b""),
+    ]
+    assert rx._recv_seq == 6 and rx._inpbuf == b"" and rx._auth_final
+
+
+def test_other_packets_go_to_asyncssh_with_the_nonce_in_step() -> None:
+    tx, rx = _Sender(), _receiver()
+    eof = tx.packet(EOF, CHAN5)
+    request = tx.packet(GLOBAL_REQUEST, b"\x00\x00\x00\x05hello\x01")
+    rx.feed(eof + request)
+    assert rx.events[0] == ("chan", EOF, 3, b"")
+    assert rx.events[1] == ("asyncssh", request)  # left at the front, unconsumed
+    # asyncssh's own decryptor, with the cipher the lean loop used, opens it: nonce in step
+    plain = rx._recv_encryption.decrypt_packet(4, request[:16], request[16:-16], 4, request[-16:])
+    assert plain is not None and plain[1] == GLOBAL_REQUEST
+
+
+def _disconnect_of(rx: _Receiver, wire: bytes) -> tuple[int, str]:
+    rx.feed(wire)
+    got = [e for e in rx.events if e[0] == "disconnect"]
+    assert len(got) == 1 and rx._transport is None
+    return got[0][1], got[0][2]
+
+
+def test_bad_tag_is_asyncssh_mac_error() -> None:
+    tx, rx = _Sender(), _receiver()
+    wire = bytearray(tx.packet(DATA, CHAN5 + b"\x00\x00\x00\x02hi"))
+    wire[-1] ^= 1
+    assert _disconnect_of(rx, bytes(wire)) == (DISC_MAC_ERROR, "MAC verification failed")
+    assert not [e for e in rx.events if e[0] == "chan"]
+
+
+@pytest.mark.parametrize("case", ["oversized", "unknown channel", "short channel message", "truncated data"])
+def test_bad_packets_are_asyncssh_protocol_errors(case: str) -> None:
+    tx, rx = _Sender(), _receiver()
+    if case == "oversized":
+        wire = (400_000).to_bytes(4, "big") + bytes(64)
+        expected = "Max packet size exceeded"
+    elif case == "unknown channel":
+        wire = tx.packet(EOF, (6).to_bytes(4, "big"))
+        expected = "Invalid channel number 6 received"
+    elif case == "short channel message":
+        wire = tx.packet(EOF, b"\x00\x05")
+        expected = "Incomplete channel request received"
+    else:  # the handler's own decoding fails: asyncssh's PacketDecodeError becomes a protocol error
+        rx._channels[5] = SSHConnection.__new__(SSHConnection)  # type: ignore[assignment]
+        rx._channels[5].process_packet = _raise_decode_error  # type: ignore[method-assign]
+        wire = tx.packet(DATA, CHAN5 + b"\x00\x00\x00\x09hi")
+        expected = "Incomplete packet"
+    assert _disconnect_of(rx, wire) == (DISC_PROTOCOL_ERROR, expected)
+
+
+def _raise_decode_error(*_args: object) -> bool:
+    from asyncssh.packet import PacketDecodeError
+
+    raise PacketDecodeError("Incomplete packet")
+
+
+def test_not_used_outside_its_state() -> None:
+    tx, rx = _Sender(), _receiver()
+    rx._recv_handler = lambda: False  # asyncssh is waiting for an async packet handler
+    wire = tx.packet(EOF, CHAN5)
+    rx.feed(wire)
+    assert rx.events == [("asyncssh", wire)]
+    rx2 = _receiver()
+    rx2._auth_complete = False
+    rx2.feed(wire)
+    assert rx2.events == [("asyncssh", wire)]

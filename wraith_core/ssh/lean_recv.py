@@ -1,0 +1,129 @@
+"""Receiving channel packets without asyncssh's generic packet loop.
+
+Under AES-GCM, once the session is authenticated, almost every packet is a
+channel message: an open, its confirmation or failure, data, window
+adjustments, EOF, close. asyncssh reads each through a general state machine
+(header, then body; the input buffer copied twice per packet; the ciphertext
+and tag joined again; every check for key exchange and authentication states;
+packet logging; an ``isawaitable`` test on the handler's result). Here those
+packets are decrypted in place from the input buffer and handed to the same
+asyncssh handlers (the connection's for opens, the channel's for the rest),
+with the same sequence numbers and the same errors: a bad tag is asyncssh's
+``MACError``, an oversized packet, bad padding or an unknown channel its
+``ProtocolError`` — all ending the connection as asyncssh's own loop does.
+
+Any other packet (global requests, key exchange, ...), another cipher, a
+decompressor, or packet-level debugging: the packet goes through asyncssh's own
+path (after a decrypt here, the nonce counter is stepped back first).
+Installed per connection, as an instance attribute, like ``speedups``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .internals import has_names
+
+try:
+    from asyncssh.connection import SSHConnection
+    from asyncssh.constants import (MSG_CHANNEL_CLOSE, MSG_CHANNEL_OPEN, MSG_CHANNEL_OPEN_FAILURE,
+                                    MSG_CHANNEL_WINDOW_ADJUST)
+    from asyncssh.logging import SSHLogger
+    from asyncssh.misc import DisconnectError, MACError, ProtocolError
+    from asyncssh.packet import PacketDecodeError, SSHPacket
+
+    _PKTHDR: Any = SSHConnection._recv_pkthdr
+    if not all(hasattr(SSHPacket(b""), n) for n in ("_idx", "_len")):  # pragma: no cover
+        _PKTHDR = None
+except ImportError:  # pragma: no cover - a future asyncssh without these names
+    _PKTHDR = None
+
+# what the lean loop reads and updates on asyncssh's connection
+_NAMES = ("_recv_data", "_recv_handler", "_recv_encryption", "_recv_blocksize", "_recv_macsize", "_decompressor",
+          "_auth_complete", "_inpbuf", "_recv_seq", "_max_recv_pktlen", "_channels", "_transport", "_auth_final",
+          "_reset_keepalive_timer", "_send_disconnect", "_force_close", "internal_error", "process_packet")
+
+_TAG = 16
+
+
+def install(conn: Any, gcm_type: type) -> None:
+    """Take over ``conn._recv_data`` for channel packets under ``gcm_type`` (speedups' AES-GCM)."""
+    if _PKTHDR is None or not has_names(conn, _NAMES):
+        return
+    original = conn._recv_data
+
+    def recv_data() -> None:
+        cipher = getattr(conn._recv_encryption, "_cipher", None)
+        if (type(cipher) is not gcm_type or getattr(conn._recv_handler, "__func__", None) is not _PKTHDR
+                or not conn._auth_complete or conn._decompressor is not None or conn._recv_macsize != _TAG
+                or SSHLogger._debug_level >= 3):
+            original()
+            return
+        conn._reset_keepalive_timer()
+        try:
+            handled_all = _lean_loop(conn, cipher)
+        except DisconnectError as exc:
+            conn._send_disconnect(exc.code, exc.reason, exc.lang)
+            conn._force_close(exc)
+            return
+        except Exception:
+            conn.internal_error()
+            return
+        if not handled_all and conn._transport and conn._inpbuf:
+            original()  # the packet at the front is not one of ours: asyncssh's path
+
+    conn._recv_data = recv_data
+
+
+def _lean_loop(conn: Any, cipher: Any) -> bool:
+    """Process whole channel packets from the input buffer. False when stopped at a
+    packet asyncssh must handle (left unconsumed at the front of the buffer)."""
+    buf = conn._inpbuf
+    view = memoryview(buf)
+    size = len(buf)
+    pos = 0
+    try:
+        while size - pos >= 4 + _TAG:
+            pktlen = int.from_bytes(view[pos:pos + 4], "big")
+            if pktlen > conn._max_recv_pktlen:
+                raise ProtocolError("Max packet size exceeded")
+            end = pos + 4 + pktlen + _TAG
+            if end > size:
+                break
+            plain = cipher.open(view[pos:pos + 4], view[pos + 4:end])
+            if plain is None:
+                raise MACError("MAC verification failed")
+            padlen = plain[0]
+            if padlen + 2 > len(plain):  # no room for a message type (asyncssh fails later)
+                raise ProtocolError("Invalid packet padding")
+            pkttype = plain[1]
+            if not MSG_CHANNEL_OPEN <= pkttype <= MSG_CHANNEL_CLOSE:
+                cipher.rewind()  # not decrypted, as far as asyncssh's path is concerned
+                return False
+            pos = end
+            seq = conn._recv_seq
+            packet = SSHPacket(plain[1:len(plain) - padlen])
+            packet._idx = 1  # past the message type
+            if pkttype >= MSG_CHANNEL_WINDOW_ADJUST:
+                if packet._len < 5:
+                    raise ProtocolError("Incomplete channel request received")
+                recv_chan = int.from_bytes(plain[2:6], "big")
+                packet._idx = 5
+                handler = conn._channels.get(recv_chan)
+                if handler is None:
+                    raise ProtocolError(f"Invalid channel number {recv_chan} received")
+            else:  # an open, its confirmation or its failure: the connection's handlers
+                assert pkttype <= MSG_CHANNEL_OPEN_FAILURE
+                handler = conn
+            try:
+                handler.process_packet(pkttype, seq, packet)  # all of these are handled, synchronously
+            except PacketDecodeError as exc:
+                raise ProtocolError(str(exc)) from None
+            conn._auth_final = True
+            if not conn._transport:
+                return True  # the connection closed meanwhile (asyncssh dropped its input)
+            conn._recv_seq = (seq + 1) & 0xFFFF_FFFF
+        return True
+    finally:
+        if pos and conn._transport:
+            conn._inpbuf = buf[pos:]
