@@ -114,6 +114,26 @@ def _opened(chan: Any, end: RelayEnd, done: OpenDone, packet: Any, exc: BaseExce
         chan.abort()
 
 
+# asyncssh numbers a new channel with the first free number from ``_next_recv_chan``
+# (``add_channel``). Knowing it in advance lets the CHANNEL_OPEN go out before the
+# channel object is built — that construction then overlaps the server's work. Every
+# open checks the number it got; the first one builds first and checks before sending.
+_PREDICT_NAMES = ("_next_recv_chan", "_channels", "_transport", "abort")
+_prediction_checked = [False]
+
+
+def _next_channel_number(conn: Any) -> int:
+    number, channels = conn._next_recv_chan, conn._channels
+    while number in channels:
+        number = (number + 1) & 0xFFFF_FFFF
+    return int(number)
+
+
+def _send_open(conn: Any, number: int, window: int, pktsize: int, host: str, port: int) -> None:
+    conn.send_packet(MSG_CHANNEL_OPEN, String(b"direct-tcpip"), UInt32(number), UInt32(window),
+                     UInt32(pktsize), String(host), UInt32(port), String(""), UInt32(0))
+
+
 class ChannelManager:
     def __init__(self, session: Session) -> None:
         self.session = session
@@ -137,21 +157,32 @@ class ChannelManager:
         False (nothing sent, ``done`` never called) when the session is down or
         asyncssh's internals are unexpected: use :meth:`open_relay` then."""
         conn = self.session.conn
-        if conn is None:
+        if conn is None or not has_names(conn, _PREDICT_NAMES) or not conn._transport:
             return False
         opts = self.session.options
+        window, pktsize = opts.window, opts.max_pktsize
+        number = _next_channel_number(conn)
+        early = _prediction_checked[0]
+        if early:  # the packet first, the channel object while the server works on it
+            _send_open(conn, number, window, pktsize, host, port)
         try:
-            chan: Any = conn.create_tcp_channel(window=opts.window, max_pktsize=opts.max_pktsize)
+            chan: Any = conn.create_tcp_channel(window=window, max_pktsize=pktsize)
         except asyncssh.ChannelOpenError:
+            if early:  # cannot happen: the transport was checked above and nothing ran since
+                conn.abort()
             return False  # the connection is closing; open_relay waits for the next one
-        if not has_names(chan, _CHANNEL_NAMES):
+        if (not has_names(chan, _CHANNEL_NAMES) or chan._recv_chan != number
+                or (chan._recv_window, chan._recv_pktsize) != (window, pktsize)):
             chan.close()
+            if early:  # an OPEN went out for a number that is not this channel's: never leave that
+                log.error("channel number prediction failed: closing the session")
+                conn.abort()
             return False
         chan.set_extra_info(peername=("", 0), local_peername=("", 0), remote_peername=(host, port))
         chan._open_waiter = _OpenWaiter(functools.partial(_opened, chan, end, done))
-        conn.send_packet(MSG_CHANNEL_OPEN, String(b"direct-tcpip"), UInt32(chan._recv_chan),
-                         UInt32(chan._recv_window), UInt32(chan._recv_pktsize),
-                         String(host), UInt32(port), String(""), UInt32(0), handler=chan)
+        if not early:  # the first open: the prediction held, so later opens send first
+            _send_open(conn, number, window, pktsize, host, port)
+            _prediction_checked[0] = True
         return True
 
     async def open_relay(self, end: RelayEnd, host: str, port: int) -> None:
