@@ -140,3 +140,72 @@ async def test_session_gone_while_connecting(keys: Keys, server: WraithServer) -
     finally:
         lst.close()
         filler.close()
+
+
+async def test_refused_targets_leave_no_channels_behind(keys: Keys, server: WraithServer) -> None:
+    lst = socket.socket()
+    lst.bind(("127.0.0.1", 0))
+    port = lst.getsockname()[1]
+    lst.close()  # nothing listens there: refused at once
+    from wraith_core.client import WraithClient
+
+    client = WraithClient(opts(keys, server))  # one session for all the opens
+    await client.start()
+    try:
+        for _ in range(30):
+            with pytest.raises(ChannelError) as e:
+                await client.channels.open_stream("127.0.0.1", port)
+            assert e.value.code == "ECONNREFUSED"
+        (conn,) = [c._conn for c in server.runner.conns]
+        assert conn._channels == {}  # a failed connect never built an asyncssh channel
+    finally:
+        await client.close()
+
+
+class _FakeConn:
+    """What _PendingChannel uses of asyncssh's connection; create_tcp_channel numbers
+    channels off by ``skew`` from asyncssh's rule."""
+
+    def __init__(self, skew: int) -> None:
+        self._transport = object()
+        self._next_recv_chan = 0
+        self._channels: dict[int, object] = {}
+        self.skew = skew
+        self.log: list[object] = []
+
+    def send_channel_open_confirmation(self, send_chan: int, number: int, window: int, pktsize: int) -> None:
+        self.log.append(("confirm", number))
+
+    def send_channel_open_failure(self, send_chan: int, code: int, reason: str, lang: str) -> None:
+        self.log.append(("failure", reason))
+
+    def create_tcp_channel(self, window: int, max_pktsize: int) -> object:
+        self.log.append("create")
+        chan = type("Chan", (), {"_recv_chan": self._next_recv_chan + self.skew, "_recv_window": window,
+                                 "_recv_pktsize": max_pktsize, "_cleanup": lambda self: None})()
+        self._next_recv_chan += 1
+        return chan
+
+    def abort(self) -> None:
+        self.log.append("abort")
+
+
+@pytest.mark.parametrize("checked", [False, True])
+async def test_wrong_channel_number_prediction(checked: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cannot happen with asyncssh as it is; if it did: before the first check, the open
+    fails cleanly; after it, a confirmation went out for the wrong number, so the session
+    is closed rather than let that number reach another channel."""
+    monkeypatch.setattr(target_open, "_prediction_checked", [checked])
+    lst = socket.socket()
+    lst.bind(("127.0.0.1", 0))
+    lst.listen(8)
+    conn = _FakeConn(skew=1)
+    pending = target_open.pending_channel(conn, (socket.AF_INET, lst.getsockname()), 5.0, 1 << 20, 1 << 15)
+    assert pending is not None
+    chan, _end = pending
+    chan.process_open(7, 1 << 20, 1 << 15, _end)
+    if checked:
+        assert conn.log == [("confirm", 0), "create", "abort"]
+    else:
+        assert conn.log == ["create", ("failure", "Connection failed")]
+    lst.close()

@@ -29,7 +29,7 @@ from ..errors import ChannelError
 from ..protocol.socks5 import Reply
 from ..relay import RelayEnd
 from .client import Session
-from .internals import has_names
+from .internals import has_names, next_channel_number, release
 
 log = logging.getLogger("wraith.channels")
 
@@ -122,13 +122,6 @@ _PREDICT_NAMES = ("_next_recv_chan", "_channels", "_transport", "abort")
 _prediction_checked = [False]
 
 
-def _next_channel_number(conn: Any) -> int:
-    number, channels = conn._next_recv_chan, conn._channels
-    while number in channels:
-        number = (number + 1) & 0xFFFF_FFFF
-    return int(number)
-
-
 def _send_open(conn: Any, number: int, window: int, pktsize: int, host: str, port: int) -> None:
     conn.send_packet(MSG_CHANNEL_OPEN, String(b"direct-tcpip"), UInt32(number), UInt32(window),
                      UInt32(pktsize), String(host), UInt32(port), String(""), UInt32(0))
@@ -161,7 +154,7 @@ class ChannelManager:
             return False
         opts = self.session.options
         window, pktsize = opts.window, opts.max_pktsize
-        number = _next_channel_number(conn)
+        number = next_channel_number(conn)
         early = _prediction_checked[0]
         if early:  # the packet first, the channel object while the server works on it
             _send_open(conn, number, window, pktsize, host, port)
@@ -173,7 +166,7 @@ class ChannelManager:
             return False  # the connection is closing; open_relay waits for the next one
         if (not has_names(chan, _CHANNEL_NAMES) or chan._recv_chan != number
                 or (chan._recv_window, chan._recv_pktsize) != (window, pktsize)):
-            chan.close()
+            release(chan)
             if early:  # an OPEN went out for a number that is not this channel's: never leave that
                 log.error("channel number prediction failed: closing the session")
                 conn.abort()

@@ -187,14 +187,15 @@ class _ServerConn(asyncssh.SSHServer):
                 return self._control_channel()
             raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
                                             "Reserved destination")
-        chan = self._conn.create_tcp_channel(window=runner.options.window,
-                                             max_pktsize=runner.options.max_pktsize)
+        opts = runner.options
         if runner.proxy is None:
             address = target_open.numeric_address(dest_host, dest_port)
             if address is not None:
-                chan_end = target_open.install(chan, address, runner.options.connect_timeout)
-                if chan_end is not None:
-                    return chan, chan_end  # connects and confirms by callback
+                pending = target_open.pending_channel(self._conn, address, opts.connect_timeout,
+                                                      opts.window, opts.max_pktsize)
+                if pending is not None:
+                    return pending  # connects, confirms, then builds the channel: by callback
+        chan = self._conn.create_tcp_channel(window=opts.window, max_pktsize=opts.max_pktsize)
         return chan, self._open_target(dest_host, dest_port)
 
     def _control_channel(self) -> tuple[Any, DuplexStream]:

@@ -1,19 +1,20 @@
 """Server side of a direct-tcpip open, by callback, for targets given as IP addresses.
 
-asyncssh answers a CHANNEL_OPEN from a task: it awaits the session coroutine
-(our dial: ``loop.create_connection``, which builds the socket's transport
-before it returns), then sends the confirmation a loop pass later. That is
-the longest step of a SOCKS connect on the server. Here the connect starts
-from the open itself, the confirmation goes out the moment the socket reports
-connected, and the socket's transport is built afterwards — while the
-confirmation travels to the client and its application, so off the critical
-path. Bytes that arrive from the channel meanwhile are held by the relay
-(and bytes the target sends wait in the kernel).
+asyncssh answers a CHANNEL_OPEN from a task: it builds the channel, awaits the
+session coroutine (our dial: ``loop.create_connection``, which builds the
+socket's transport before it returns), then sends the confirmation a loop pass
+later. That is the longest step of a SOCKS connect on the server. Here
+``connection_requested`` hands asyncssh a stand-in for the channel whose
+``process_open`` starts the connect; the confirmation goes out the moment the
+socket reports connected (at once for a loopback target), and only then are
+asyncssh's channel object (its number predicted, then checked) and the
+socket's transport built — while the confirmation travels to the client and
+its application, so off the critical path. Bytes that arrive from the channel
+meanwhile are held by the relay (and bytes the target sends wait in the
+kernel). A failed connect needs no channel object at all.
 
-Installed as ``process_open`` on our own channel object (an instance
-attribute, as in ``conn_fixes``). Host names (DNS) and targets reached
-through ``--proxy`` keep the dial task; so does a channel whose asyncssh
-internals are not what this expects.
+Host names (DNS) and targets reached through ``--proxy`` keep the dial task;
+so does a connection whose asyncssh internals are not what this expects.
 """
 
 from __future__ import annotations
@@ -30,15 +31,17 @@ from asyncssh.constants import DEFAULT_LANG
 
 from ..dial import TIMED_OUT, reason_for_oserror
 from ..relay import RelayEnd, spawn
-from .internals import has_names
+from .internals import has_names, next_channel_number, release
 
 log = logging.getLogger("wraith.server")
 
-# what the callback open uses on asyncssh's channel and connection objects
-_CHANNEL_NAMES = ("process_open", "_send_chan", "_send_window", "_send_pktsize", "_recv_chan", "_recv_window",
-                  "_recv_pktsize", "_send_state", "_recv_state", "_session", "_conn", "_cleanup",
-                  "resume_reading", "_wrap_session")
-_CONN_NAMES = ("send_channel_open_confirmation", "send_channel_open_failure")
+# what the callback open uses on asyncssh's connection and on the channel it then builds
+_CONN_NAMES = ("send_channel_open_confirmation", "send_channel_open_failure", "create_tcp_channel", "_transport",
+               "_next_recv_chan", "_channels", "abort")
+_CHANNEL_NAMES = ("_send_chan", "_send_window", "_send_pktsize", "_recv_chan", "_recv_window", "_recv_pktsize",
+                  "_send_state", "_recv_state", "_session", "_wrap_session", "resume_reading",
+                  "set_inbound_peer_names", "_cleanup")
+_prediction_checked = [False]  # as the client's: the first confirmation builds the channel first
 
 Address = tuple[int, Any]  # (address family, socket address)
 
@@ -58,43 +61,46 @@ def numeric_address(host: str, port: int) -> Address | None:
     return None
 
 
-def install(chan: Any, address: Address, timeout: float) -> RelayEnd | None:
-    """Make ``chan`` connect to ``address`` when asyncssh processes the open. Returns the
-    channel's relay end (hand it to asyncssh as the session), or None when asyncssh's
-    channel is not what this expects (use the dial task then)."""
-    conn = getattr(chan, "_conn", None)
-    if not has_names(chan, _CHANNEL_NAMES) or not has_names(conn, _CONN_NAMES):
+def pending_channel(conn: Any, address: Address, timeout: float, window: int,
+                    pktsize: int) -> tuple[Any, RelayEnd] | None:
+    """What ``connection_requested`` returns for an IP-address target: a stand-in for the
+    channel, whose ``process_open`` (called by asyncssh) connects, and the channel's relay
+    end as the session. None when asyncssh's connection is not what this expects."""
+    if not has_names(conn, _CONN_NAMES):
         return None
     target, chan_end = RelayEnd.pair()
-    opener = _TargetConnect(chan, conn, target, chan_end, address, timeout)
-    chan.process_open = opener.process_open
-    return chan_end
+    return _PendingChannel(conn, target, chan_end, address, timeout, window, pktsize), chan_end
 
 
-class _TargetConnect:
-    """One target connect in flight for one channel."""
+class _PendingChannel:
+    """A direct-tcpip open whose target connect is in flight. asyncssh's channel object is
+    built only once the confirmation has gone out (its number is known in advance); a
+    failed connect needs no channel at all, only the open-failure message."""
 
-    __slots__ = ("chan", "conn", "target", "chan_end", "address", "timeout", "sock", "timer", "loop")
+    __slots__ = ("conn", "target", "chan_end", "address", "timeout", "window", "pktsize", "names",
+                 "send", "sock", "timer", "loop")
 
-    def __init__(self, chan: Any, conn: Any, target: RelayEnd, chan_end: RelayEnd,
-                 address: Address, timeout: float) -> None:
-        self.chan = chan
+    def __init__(self, conn: Any, target: RelayEnd, chan_end: RelayEnd, address: Address, timeout: float,
+                 window: int, pktsize: int) -> None:
         self.conn = conn
         self.target = target
         self.chan_end = chan_end
         self.address = address
         self.timeout = timeout
+        self.window = window
+        self.pktsize = pktsize
+        self.names: tuple[Any, ...] = ()
+        self.send = (0, 0, 0)  # the peer's channel number, window and packet size
         self.sock: socket.socket | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
 
+    def set_inbound_peer_names(self, *names: Any) -> None:
+        self.names = names  # for the channel, once it exists
+
     def process_open(self, send_chan: int, send_window: int, send_pktsize: int, session: Any) -> None:
         """asyncssh's ``SSHChannel.process_open``, without the task: start the connect."""
-        chan = self.chan
-        chan._send_chan = send_chan
-        chan._send_window = send_window
-        chan._send_pktsize = send_pktsize
-        del chan.process_open  # one use; and no reference cycle through the instance
+        self.send = (send_chan, send_window, send_pktsize)
         family, sockaddr = self.address
         try:
             sock = socket.socket(family, socket.SOCK_STREAM)
@@ -171,26 +177,48 @@ class _TargetConnect:
             self.sock = None
 
     def _fail(self, reason: str) -> None:
-        chan = self.chan
-        try:
-            if chan._conn is not None:
-                self.conn.send_channel_open_failure(chan._send_chan, asyncssh.OPEN_CONNECT_FAILED, reason, DEFAULT_LANG)
-            asyncio.get_running_loop().call_soon(chan._cleanup)
-        except Exception:
-            log.exception("channel open failure could not be sent")
+        if self.conn._transport:
+            self.conn.send_channel_open_failure(self.send[0], asyncssh.OPEN_CONNECT_FAILED, reason, DEFAULT_LANG)
 
     def _connected(self) -> None:
-        """Confirm the channel now; give the socket its transport afterwards."""
-        chan, sock, chan_end = self.chan, self.sock, self.chan_end
+        """Confirm now; build the channel right after; give the socket its transport later."""
+        conn, sock, chan_end = self.conn, self.sock, self.chan_end
         assert sock is not None
-        if chan._conn is None:  # the SSH connection went away meanwhile
-            self._close_sock()
+        self.sock = None
+        if not conn._transport:  # the SSH connection went away meanwhile
+            sock.close()
+            return
+        send_chan, send_window, send_pktsize = self.send
+        window, pktsize = self.window, self.pktsize
+        number = next_channel_number(conn)
+        early = _prediction_checked[0]
+        if early:
+            conn.send_channel_open_confirmation(send_chan, number, window, pktsize)
+        chan: Any = None
+        try:
+            chan = conn.create_tcp_channel(window=window, max_pktsize=pktsize)
+            ok = (has_names(chan, _CHANNEL_NAMES) and chan._recv_chan == number
+                  and (chan._recv_window, chan._recv_pktsize) == (window, pktsize))
+        except Exception:  # asyncssh.ChannelOpenError cannot happen here: the transport is up
+            ok = False
+        if not ok:
+            sock.close()
+            if chan is not None:
+                release(chan)
+            if early:  # a confirmation went out for a number that is not this channel's
+                log.error("channel number prediction failed: closing the session")
+                conn.abort()
+            else:
+                self._fail("Connection failed")
             return
         try:
-            # what asyncssh's _finish_open_request does for a forward channel
+            # what asyncssh's process_open and _finish_open_request do for a forward channel
+            chan._send_chan, chan._send_window, chan._send_pktsize = send_chan, send_window, send_pktsize
+            chan.set_inbound_peer_names(*self.names)
             wrapped, chan._session = chan._wrap_session(chan_end)
-            self.conn.send_channel_open_confirmation(chan._send_chan, chan._recv_chan,
-                                                     chan._recv_window, chan._recv_pktsize)
+            if not early:  # the first open: the prediction held, so later ones confirm first
+                conn.send_channel_open_confirmation(send_chan, number, window, pktsize)
+                _prediction_checked[0] = True
             chan._send_state = "open"
             chan._recv_state = "open"
             chan_end.connection_made(wrapped)
@@ -198,10 +226,9 @@ class _TargetConnect:
             chan.resume_reading()
         except Exception:
             log.exception("channel open confirmation failed")
-            self._close_sock()
+            sock.close()
             chan.abort()
             return
-        self.sock = None
         spawn(_attach(self.target, chan_end, sock))
 
 
