@@ -181,3 +181,63 @@ def test_not_used_outside_its_state() -> None:
     rx2._auth_complete = False
     rx2.feed(wire)
     assert rx2.events == [("asyncssh", wire)]
+
+
+class _Session:
+    def __init__(self) -> None:
+        self.got: list[bytes] = []
+
+    def data_received(self, data: bytes, datatype: object) -> None:
+        self.got.append(data)
+
+
+def _real_channel(rx: _Receiver, window: int) -> Any:
+    """asyncssh's own SSHTCPChannel on the fake connection, open, with a recording session."""
+    from asyncssh.channel import SSHTCPChannel
+    from asyncssh.logging import logger
+
+    sent: list[tuple[int, bytes]] = []
+    rx.logger = logger  # type: ignore[attr-defined]
+    rx.add_channel = lambda chan: 5  # type: ignore[attr-defined]
+    rx.send_packet = lambda pkttype, *args, handler=None: sent.append((pkttype, b"".join(args)))  # type: ignore[attr-defined]
+    chan = SSHTCPChannel(rx, None, None, "strict", window, 1 << 15)  # type: ignore[arg-type]  # no loop needed here
+    chan._send_chan, chan._send_state, chan._recv_state, chan._recv_paused = 9, "open", "open", False
+    chan._session = _Session()
+    chan.sent = sent
+    rx._channels[5] = chan
+    return chan
+
+
+def test_data_to_an_asyncssh_channel_window_and_adjust() -> None:
+    tx, rx = _Sender(), _receiver()
+    chan = _real_channel(rx, window=1000)
+    first, second = os.urandom(400), os.urandom(300)
+    rx.feed(tx.packet(DATA, CHAN5 + (400).to_bytes(4, "big") + first))
+    assert chan._session.got == [first] and chan._recv_window == 600 and chan.sent == []
+    rx.feed(tx.packet(DATA, CHAN5 + (300).to_bytes(4, "big") + second))
+    # asyncssh's _deliver_data: 300 left is below half the window, so it is topped up
+    assert chan._session.got == [first, second] and chan._recv_window == 1000
+    assert chan.sent == [(93, (9).to_bytes(4, "big") + (700).to_bytes(4, "big"))]  # WINDOW_ADJUST 700
+    assert rx._recv_seq == 5
+
+
+def test_data_paused_channel_goes_through_asyncssh() -> None:
+    tx, rx = _Sender(), _receiver()
+    chan = _real_channel(rx, window=1000)
+    chan._recv_paused = True
+    rx.feed(tx.packet(DATA, CHAN5 + (3).to_bytes(4, "big") + b"abc"))
+    assert chan._session.got == [] and chan._recv_buf == [(b"abc", None)] and chan._recv_window == 997
+
+
+@pytest.mark.parametrize("case", ["window exceeded", "length past the end", "bytes after the data"])
+def test_bad_data_packets(case: str) -> None:
+    tx, rx = _Sender(), _receiver()
+    chan = _real_channel(rx, window=100)
+    if case == "window exceeded":
+        body, expected = CHAN5 + (200).to_bytes(4, "big") + bytes(200), "Window exceeded"
+    elif case == "length past the end":
+        body, expected = CHAN5 + (50).to_bytes(4, "big") + bytes(10), "Incomplete packet"
+    else:
+        body, expected = CHAN5 + (5).to_bytes(4, "big") + bytes(9), "Unexpected data at end of packet"
+    assert _disconnect_of(rx, tx.packet(DATA, body)) == (DISC_PROTOCOL_ERROR, expected)
+    assert chan._session.got == []

@@ -26,13 +26,15 @@ from .internals import has_names
 
 try:
     from asyncssh.connection import SSHConnection
-    from asyncssh.constants import (MSG_CHANNEL_CLOSE, MSG_CHANNEL_OPEN, MSG_CHANNEL_OPEN_FAILURE,
+    from asyncssh.channel import SSHChannel
+    from asyncssh.constants import (MSG_CHANNEL_CLOSE, MSG_CHANNEL_DATA, MSG_CHANNEL_OPEN, MSG_CHANNEL_OPEN_FAILURE,
                                     MSG_CHANNEL_WINDOW_ADJUST)
     from asyncssh.logging import SSHLogger
     from asyncssh.misc import DisconnectError, MACError, ProtocolError
     from asyncssh.packet import PacketDecodeError, SSHPacket
 
     _PKTHDR: Any = SSHConnection._recv_pkthdr
+    _PROCESS_DATA: Any = SSHChannel._packet_handlers.get(MSG_CHANNEL_DATA)
     if not all(hasattr(SSHPacket(b""), n) for n in ("_idx", "_len")):  # pragma: no cover
         _PKTHDR = None
 except ImportError:  # pragma: no cover - a future asyncssh without these names
@@ -115,10 +117,11 @@ def _lean_loop(conn: Any, cipher: Any) -> bool:
             else:  # an open, its confirmation or its failure: the connection's handlers
                 assert pkttype <= MSG_CHANNEL_OPEN_FAILURE
                 handler = conn
-            try:
-                handler.process_packet(pkttype, seq, packet)  # all of these are handled, synchronously
-            except PacketDecodeError as exc:
-                raise ProtocolError(str(exc)) from None
+            if pkttype != MSG_CHANNEL_DATA or not _data(handler, plain, len(plain) - padlen):
+                try:
+                    handler.process_packet(pkttype, seq, packet)  # all of these are handled, synchronously
+                except PacketDecodeError as exc:
+                    raise ProtocolError(str(exc)) from None
             conn._auth_final = True
             if not conn._transport:
                 return True  # the connection closed meanwhile (asyncssh dropped its input)
@@ -127,3 +130,22 @@ def _lean_loop(conn: Any, cipher: Any) -> bool:
     finally:
         if pos and conn._transport:
             conn._inpbuf = buf[pos:]
+
+
+def _data(chan: Any, plain: bytes, end: int) -> bool:
+    """asyncssh's ``_process_data`` and ``_accept_data`` for the common case — an open
+    bytes channel that is reading — without the packet object: the same checks, the
+    same window accounting, delivered through asyncssh's ``_deliver_data`` (which also
+    sends the window adjustments). False: let asyncssh's handler take the packet."""
+    if (getattr(type(chan), "_packet_handlers", {}).get(MSG_CHANNEL_DATA) is not _PROCESS_DATA
+            or chan._recv_state != "open" or chan._recv_paused or chan._encoding is not None or end < 10):
+        return False
+    datalen = int.from_bytes(plain[6:10], "big")  # after padding length, type, channel number
+    if 10 + datalen != end:
+        return False  # malformed: asyncssh's decoding raises the right error
+    if datalen > chan._recv_window:
+        raise ProtocolError("Window exceeded")
+    if datalen and chan._send_state not in ("close_pending", "closed"):
+        chan._recv_window -= datalen
+        chan._deliver_data(plain[10:end], None)
+    return True
