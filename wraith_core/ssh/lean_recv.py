@@ -104,20 +104,22 @@ def _lean_loop(conn: Any, cipher: Any) -> bool:
                 return False
             pos = end
             seq = conn._recv_seq
-            packet = SSHPacket(plain[1:len(plain) - padlen])
-            packet._idx = 1  # past the message type
+            body_end = len(plain) - padlen  # the payload is plain[1:body_end]
             if pkttype >= MSG_CHANNEL_WINDOW_ADJUST:
-                if packet._len < 5:
+                if body_end < 6:
                     raise ProtocolError("Incomplete channel request received")
                 recv_chan = int.from_bytes(plain[2:6], "big")
-                packet._idx = 5
                 handler = conn._channels.get(recv_chan)
                 if handler is None:
                     raise ProtocolError(f"Invalid channel number {recv_chan} received")
+                start = 5  # past the message type and the channel number
             else:  # an open, its confirmation or its failure: the connection's handlers
                 assert pkttype <= MSG_CHANNEL_OPEN_FAILURE
                 handler = conn
-            if pkttype != MSG_CHANNEL_DATA or not _data(handler, plain, len(plain) - padlen):
+                start = 1
+            if pkttype != MSG_CHANNEL_DATA or not _data(handler, plain, body_end):
+                packet = SSHPacket(plain[1:body_end])
+                packet._idx = start
                 try:
                     handler.process_packet(pkttype, seq, packet)  # all of these are handled, synchronously
                 except PacketDecodeError as exc:
