@@ -105,3 +105,23 @@ def test_wraith_connect_sshd_wrong_known_host_refused(keys, tmp_path, procs) -> 
 
     wait_for_log(p, "host key verification failed")
     assert "session up" not in p.log()
+
+
+def test_wraith_connect_against_sshd_rekeying_often(keys, files, tmp_path, procs) -> None:
+    """sshd re-keys every 256 KiB while 8 MiB files come through wraith connect: wraith's lean
+    AES-GCM receive and send (ssh/lean_recv.py, ssh/speedups.py) stay in step with OpenSSH's
+    packets and its key exchanges, in the middle of data."""
+    sshd, port = start_sshd(keys, tmp_path, ["RekeyLimit 256K", "Ciphers aes128-gcm@openssh.com,aes256-gcm@openssh.com"])
+    procs.append(sshd)
+    kh = tmp_path / "known_hosts"
+    pub = keys.host_pub.read_text().split()
+    kh.write_text(f"[127.0.0.1]:{port} {pub[0]} {pub[1]}\n")
+    p = Proc(["python3", "-m", "wraith_core", "connect", "--server", f"root@127.0.0.1:{port}",
+              "--identity", str(keys.client), "--known-hosts", str(kh), "--socks5", "127.0.0.1:0"],
+             tmp_path / "connect.log", ready=r"socks5 listening .*:(\d+)$")
+    procs.append(p)
+    socks = int(p.match.group(1))  # type: ignore[union-attr]
+    for _ in range(3):
+        r = curl("--socks5-hostname", f"127.0.0.1:{socks}", files.url("big.bin", "localhost"))
+        assert r.returncode == 0 and sha(r.stdout) == files.hashes["big.bin"], r.stderr
+    assert "session up" in p.log() and "error" not in p.log().lower()
