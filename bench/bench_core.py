@@ -15,10 +15,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import connect_latency, download, med, pct, start_target, upload
+from common import connect_latency, download, med, pct, start_openssh_socks, start_target, upload
 
-from helpers import Keys, Proc, free_port, start_client, start_server, wait_port  # noqa: E402
-from openssh import ssh_base, start_sshd  # noqa: E402
+from helpers import Keys, Proc, start_client, start_server  # noqa: E402
 
 
 def main() -> None:
@@ -38,12 +37,8 @@ def main() -> None:
         procs.append(server)
         client, wsocks = start_client(keys, tmp, sport)
         procs.append(client)
-        sshd, dport = start_sshd(keys, tmp)
-        procs.append(sshd)
-        osocks = free_port()
-        ssh = Proc(ssh_base(keys, dport, tmp) + ["-N", "-D", f"127.0.0.1:{osocks}", "root@127.0.0.1"], tmp / "ssh.log")
-        procs.append(ssh)
-        wait_port("127.0.0.1", osocks)
+        openssh, osocks = start_openssh_socks(keys, tmp)
+        procs += openssh
         peers = {"wraith": wsocks, "openssh": osocks}
         # warm-up
         for port in peers.values():

@@ -19,10 +19,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import connect_latency, med, pct, start_target
+from common import connect_latency, med, pct, start_openssh_socks, start_target
 
-from helpers import Keys, Proc, free_port, start_client, start_server, wait_port  # noqa: E402
-from openssh import ssh_base, start_sshd  # noqa: E402
+from helpers import Keys, Proc, free_port, start_client, start_server  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -47,12 +46,8 @@ def main() -> None:
     plain: list[subprocess.Popen[bytes]] = []
     target, tport = start_target()
     try:
-        sshd, dport = start_sshd(keys, tmp)
-        procs.append(sshd)
-        osocks = free_port()
-        ssh = Proc(ssh_base(keys, dport, tmp) + ["-N", "-D", f"127.0.0.1:{osocks}", "root@127.0.0.1"], tmp / "ssh.log")
-        procs.append(ssh)
-        wait_port("127.0.0.1", osocks)
+        openssh, osocks = start_openssh_socks(keys, tmp)
+        procs += openssh
         server, sport = start_server(keys, tmp)
         client, wsocks = start_client(keys, tmp, sport)
         procs += [server, client]

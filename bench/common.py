@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
@@ -72,6 +73,26 @@ def start_target() -> tuple[subprocess.Popen[bytes], int]:
     p = subprocess.Popen([sys.executable, __file__, "target", str(port)], stdout=subprocess.PIPE)
     assert p.stdout is not None and p.stdout.readline().strip() == b"ready"
     return p, port
+
+
+def start_openssh_socks(keys: Any, tmp: Path) -> tuple[list[Any], int]:
+    """A private sshd on loopback and ``ssh -D`` to it, default settings: the two
+    processes (to stop) and the SOCKS5 port."""
+    from helpers import Proc, free_port, wait_port
+    from openssh import ssh_base, start_sshd
+
+    sshd, dport = start_sshd(keys, tmp)
+    procs = [sshd]
+    try:
+        socks = free_port()
+        procs.append(Proc(ssh_base(keys, dport, tmp) + ["-N", "-D", f"127.0.0.1:{socks}", "root@127.0.0.1"],
+                          tmp / "ssh.log"))
+        wait_port("127.0.0.1", socks)
+    except BaseException:
+        for p in procs:
+            p.stop()
+        raise
+    return procs, socks
 
 
 def socks_open(socks_port: int, host: str, port: int) -> socket.socket:
