@@ -287,14 +287,8 @@ def _send_lean(conn: Any, pkttype: int, parts: tuple[Any, ...]) -> bool:
     if padlen < 4:
         padlen += blocksize
     pktlen = 1 + size + padlen
-    plain = bytearray(pktlen)
-    plain[0] = padlen
-    plain[1] = pkttype
-    at = 2
-    for part in parts:
-        plain[at : at + len(part)] = part
-        at += len(part)
-    plain[at:] = _padding(padlen)
+    # one join: a single copy, into memory that is not zero-filled first
+    plain = b"".join((bytes((padlen, pkttype)), *parts, _padding(padlen)))
     wire = bytearray(4 + pktlen + 16)
     header = pktlen.to_bytes(4, "big")
     wire[:4] = header
@@ -339,7 +333,7 @@ class _GCM:
         sealed = self._aead.encrypt(self._nonce(), data, header)
         return header + sealed[:-16], sealed[-16:]
 
-    def seal_into(self, header: bytes, data: bytearray, out: memoryview) -> None:
+    def seal_into(self, header: bytes, data: bytes | bytearray, out: memoryview) -> None:
         """Ciphertext and tag of ``data`` into ``out`` (``len(data) + 16`` bytes)."""
         if _ENCRYPT_INTO:
             self._aead.encrypt_into(self._nonce(), data, header, out)
