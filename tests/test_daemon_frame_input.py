@@ -1,4 +1,5 @@
-"""The daemon's chunked input buffer for websockets' frame reader (daemon/ws.py _FrameInput):
+"""The chunked input buffer for websockets' frame reader (protocol/frame_input.py), used by the
+daemon and the Python client:
 the same bytes as websockets' own bytearray for every operation, and whole frames (masked,
 split anywhere, with control frames between) parsed exactly as before."""
 
@@ -13,7 +14,7 @@ from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
-from wraith_core.daemon.ws import _FrameInput
+from wraith_core.protocol.frame_input import FrameInput, chunked_frame_input
 
 # (operation, size): 0 append n random bytes, 1 take n from the front, 2 take all, 3 find
 OPS = st.lists(st.tuples(st.integers(0, 3), st.integers(0, 300)), max_size=80)
@@ -22,7 +23,7 @@ OPS = st.lists(st.tuples(st.integers(0, 3), st.integers(0, 300)), max_size=80)
 @settings(max_examples=300, deadline=None)
 @given(initial=st.binary(max_size=20), ops=OPS)
 def test_same_as_bytearray(initial: bytes, ops: list[tuple[int, int]]) -> None:
-    ref, buf = bytearray(initial), _FrameInput(initial)
+    ref, buf = bytearray(initial), FrameInput(initial)
     for op, n in ops:
         if op == 0:
             data = os.urandom(n)
@@ -46,7 +47,7 @@ def _parser(chunked: bool) -> ServerProtocol:
     p.state = State.OPEN  # past the handshake: frames from here on
     p.parser = p.parse()
     if chunked:
-        p.reader.buffer = _FrameInput(p.reader.buffer)  # type: ignore[assignment]
+        p.reader.buffer = FrameInput(p.reader.buffer)  # type: ignore[assignment]
     next(p.parser)
     return p
 
@@ -79,12 +80,10 @@ async def test_installed_on_a_real_connection() -> None:
     from websockets.asyncio.client import connect
     from websockets.asyncio.server import serve
 
-    from wraith_core.daemon.ws import _chunked_frame_input
-
     seen: list[object] = []
 
     async def handler(ws) -> None:  # type: ignore[no-untyped-def]
-        _chunked_frame_input(ws)
+        chunked_frame_input(ws)
         seen.append(type(ws.protocol.reader.buffer))
         async for msg in ws:
             await ws.send(str(len(msg)))
@@ -95,4 +94,4 @@ async def test_installed_on_a_real_connection() -> None:
             for size in (1, 70_000, 3 << 20):
                 await client.send(os.urandom(size))
                 assert await asyncio.wait_for(client.recv(), 10) == str(size)
-    assert seen == [_FrameInput]
+    assert seen == [FrameInput]

@@ -1,6 +1,8 @@
-"""Copy the pubsub framing + event target from wraith_core into wraith_client (no SSH imports).
+"""Copy the pubsub framing, the event target and the WebSocket frame input from wraith_core into
+wraith_client (no SSH imports).
 
-Run from the repository root after changing wraith_core/protocol/envelope.py or wraith_core/events.py:
+Run from the repository root after changing wraith_core/protocol/envelope.py, protocol/frame_input.py
+or wraith_core/events.py:
     python3 bindings/python/sync_vendor.py [--from-git REV]
     python3 bindings/python/sync_vendor.py --check     # exit 1 if the copies have drifted (run by the tests)
 """
@@ -25,8 +27,10 @@ def vendored(rev: str | None) -> dict[Path, str]:
     env = read("wraith_core/protocol/envelope.py", rev)
     ev = read("wraith_core/events.py", rev).replace("from .protocol.envelope import", "from ._envelope import")
     assert "from .errors import WraithError" in ev
+    frames = read("wraith_core/protocol/frame_input.py", rev)
     return {DEST / "_envelope.py": HEADER.format(src="protocol/envelope.py") + env,
-            DEST / "eventtarget.py": HEADER.format(src="events.py") + ev}
+            DEST / "eventtarget.py": HEADER.format(src="events.py") + ev,
+            DEST / "_frame_input.py": HEADER.format(src="protocol/frame_input.py") + frames}
 
 
 def main() -> None:

@@ -28,7 +28,6 @@ from typing import Any
 from websockets.asyncio.server import Server, ServerConnection, serve, unix_serve
 from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
-from websockets.streams import StreamReader
 from websockets.http11 import Request, Response
 
 from ..addr import parse_hostport
@@ -36,6 +35,7 @@ from ..duplex import DuplexStream, StreamClosedError
 from ..errors import WraithError
 from ..options import ConnectOptions, ServeOptions
 from ..protocol import ipc
+from ..protocol.frame_input import chunked_frame_input
 from .errors import map_error
 from .events import EventBus, Feed
 from .paths import WsEndpoint, private_umask
@@ -76,84 +76,6 @@ def _deepen_socket_buffers(ws: ServerConnection) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
     except OSError:
         pass
-
-
-class _FrameInput:
-    """The input buffer of websockets' frame reader (``StreamReader.buffer``), kept as
-    the chunks the socket delivered: appending costs no copy, and a frame's bytes are
-    joined once when the parser takes them. (websockets' bytearray copies every byte in,
-    grows by reallocation — a 1 MiB data message arrives in several reads — and copies
-    each frame out again: ~15 % of the daemon's CPU on uploads.) Supports exactly what
-    ``StreamReader`` does with its buffer: ``+=``, ``len``, truth, ``[:n]``, ``[:]``,
-    ``del [:n]``, ``del [:]`` and ``find``."""
-
-    __slots__ = ("chunks", "offset", "size")
-
-    def __init__(self, initial: bytes | bytearray) -> None:
-        self.chunks: collections.deque[bytes] = collections.deque()
-        self.offset = 0  # bytes of chunks[0] already taken
-        self.size = 0  # bytes not yet taken
-        self += initial
-
-    def __len__(self) -> int:
-        return self.size
-
-    def __bool__(self) -> bool:
-        return self.size > 0
-
-    def __iadd__(self, data: bytes | bytearray) -> _FrameInput:
-        if data:
-            self.chunks.append(data if type(data) is bytes else bytes(data))
-            self.size += len(data)
-        return self
-
-    def _end(self, key: slice) -> int:
-        if key.start not in (None, 0) or key.step not in (None, 1):
-            raise TypeError("only slices from the start")
-        return self.size if key.stop is None else max(0, min(key.stop, self.size))
-
-    def __getitem__(self, key: slice) -> bytes:
-        n = self._end(key)
-        if n == 0:
-            return b""
-        chunks, offset = self.chunks, self.offset
-        first = chunks[0]
-        if len(first) - offset >= n:
-            return first if (offset == 0 and len(first) == n) else first[offset:offset + n]
-        out, left = [first[offset:]], n - (len(first) - offset)
-        for i in range(1, len(chunks)):
-            chunk = chunks[i]
-            if len(chunk) >= left:
-                out.append(chunk if len(chunk) == left else chunk[:left])
-                break
-            out.append(chunk)
-            left -= len(chunk)
-        return b"".join(out)
-
-    def __delitem__(self, key: slice) -> None:
-        left = self._end(key)
-        self.size -= left
-        chunks = self.chunks
-        while left:
-            avail = len(chunks[0]) - self.offset
-            if avail <= left:
-                chunks.popleft()
-                self.offset = 0
-                left -= avail
-            else:
-                self.offset += left
-                left = 0
-
-    def find(self, sub: bytes, start: int = 0) -> int:
-        return self[:].find(sub, start)  # only HTTP lines use it: not on the hot path
-
-
-def _chunked_frame_input(ws: ServerConnection) -> None:
-    """Swap websockets' frame input buffer for a ``_FrameInput`` (see there); left as it is
-    if websockets' reader is not the one this was written against."""
-    reader = getattr(ws.protocol, "reader", None)
-    if type(reader) is StreamReader and type(getattr(reader, "buffer", None)) is bytearray:
-        reader.buffer = _FrameInput(reader.buffer)  # type: ignore[assignment]
 
 
 def _peer_uid(connection: ServerConnection) -> int | None:
@@ -251,7 +173,7 @@ class IPCServer:
 
     async def _handle(self, ws: ServerConnection) -> None:
         _deepen_socket_buffers(ws)
-        _chunked_frame_input(ws)
+        chunked_frame_input(ws)
         self.connections.add(ws)
         try:
             await self._handle_one(ws)

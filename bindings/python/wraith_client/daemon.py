@@ -27,6 +27,7 @@ from websockets.asyncio.client import ClientConnection, connect, unix_connect
 from websockets.exceptions import InvalidStatus, WebSocketException
 
 from . import _ipc
+from ._frame_input import chunked_frame_input
 from .errors import DaemonError
 
 READY_TIMEOUT = 20.0
@@ -67,6 +68,7 @@ class Endpoint:
                 headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
                 ws = await connect(f"ws://{hostport}/", additional_headers=headers, **WS_SETTINGS)
             _deepen_socket_buffers(ws)
+            chunked_frame_input(ws)
             return ws
         except InvalidStatus as exc:
             status = exc.response.status_code
