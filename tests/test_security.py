@@ -31,6 +31,46 @@ def test_password_and_kbdint_refused(keys: Keys, tmp_path, procs) -> None:
     asyncio.run(with_password())
 
 
+def test_password_tries_that_ignore_the_method_list_are_logged_and_counted(
+        keys: Keys, tmp_path, procs, monkeypatch) -> None:
+    """A brute-forcer does not read the offered method list: its password and
+    keyboard-interactive requests are reject lines for fail2ban and count toward
+    --max-auth-attempts like bad keys."""
+    from asyncssh.connection import SSHClientConnection
+    from asyncssh.packet import Boolean, String
+
+    server, port = start_server(keys, tmp_path, "--max-auth-attempts", "2")
+    procs.append(server)
+    sent = []
+
+    def try_next_auth(self: SSHClientConnection, *, next_method: bool = False) -> None:
+        if not sent:  # after the server answered "none" with "publickey" only
+            for method, rest in [(b"password", Boolean(False) + String("hunter2-secret")),
+                                 (b"keyboard-interactive", String("") + String(""))]:
+                self.send_packet(50, String("root"), String("ssh-connection"), String(method), rest)
+                sent.append(method)
+        # then no method left: asyncssh's client gives up (or the server disconnects first)
+
+    monkeypatch.setattr(SSHClientConnection, "try_next_auth", try_next_auth)
+
+    async def brute() -> None:
+        conn = await asyncssh.connect("127.0.0.1", port, username="root", client_keys=None, known_hosts=None,
+                                      agent_path=None, config=None, login_timeout=10)
+        conn.close()
+
+    with pytest.raises((asyncssh.Error, ConnectionError, asyncio.TimeoutError)):
+        asyncio.run(asyncio.wait_for(brute(), 15))
+    assert len(sent) == 2
+    wait_for_log(server, "auth limit reached remote_addr=127.0.0.1 attempts=2")
+    lines = [ln for ln in server.log().splitlines() if "result=reject" in ln]
+    assert [re.search(r"method=(\S+)", ln).group(1) for ln in lines] == [  # type: ignore[union-attr]
+        "password", "keyboard-interactive"]
+    for ln in lines:
+        assert re.search(r"INFO auth attempt remote_addr=127\.0\.0\.1 user=root key_fingerprint=none "
+                         r"method=\S+ result=reject$", ln), ln
+    assert "hunter2" not in server.log()  # the password itself is never logged
+
+
 def test_unknown_key_refused_and_logged(keys: Keys, tmp_path, procs) -> None:
     from wraith_core.keys import fingerprint, generate_ed25519, load_private_key
 
@@ -62,6 +102,9 @@ def test_fail2ban_filter_matches_reject_line(keys: Keys, tmp_path, procs) -> Non
     m = rx.search(line)
     assert m and m.group("host") == "203.0.113.50"
     assert not rx.search(line.replace("reject", "accept"))
+    password = line.replace("key_fingerprint=SHA256:abc", "key_fingerprint=none method=password")
+    m = rx.search(password)
+    assert m and m.group("host") == "203.0.113.50"
 
 
 def test_wrong_host_key_pin_refused(keys: Keys, tmp_path, procs) -> None:

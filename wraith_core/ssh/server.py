@@ -1,8 +1,10 @@
 """The SSH server: public-key auth policy, limits, channel routing.
 
 * auth: public keys (and OpenSSH user certificates) only; every attempt is
-  one log line ``auth attempt remote_addr=… user=… key_fingerprint=… result=…``;
-  ``max_auth_attempts`` failures end the connection;
+  one log line ``auth attempt remote_addr=… user=… key_fingerprint=… result=…``
+  (requests for other methods, e.g. passwords, are rejects with
+  ``key_fingerprint=none method=…``); ``max_auth_attempts`` failures of any
+  method end the connection;
 * ``direct-tcpip``: ``wraith-*`` destinations are reserved and never dialed
   (``wraith-control:0`` goes to the control handler); other targets are
   dialed first and the channel is confirmed only once the target is
@@ -31,11 +33,15 @@ from ..options import ServeOptions
 from ..relay import AcceptedEnd, RelayEnd
 from ..transport.base import Acceptor, TransportInfo, make_acceptor, transport_info
 from . import conn_fixes, target_open
+from .internals import has_names
 from .tunnel import AcceptorTunnel
 
 log = logging.getLogger("wraith.server")
 
 CONTROL_HOST = "wraith-control"
+_USERAUTH_NAMES = ("_finish_userauth", "_auth_complete")
+_OTHER_METHODS = {m.encode(): m for m in ("password", "keyboard-interactive", "hostbased",
+                                          "gssapi-with-mic", "gssapi-keyex")}
 RESERVED_PREFIX = "wraith-"
 
 
@@ -129,6 +135,27 @@ class _ServerConn(asyncssh.SSHServer):
             return ok
 
         conn.validate_public_key = validate_public_key  # type: ignore[method-assign]
+        if has_names(conn, _USERAUTH_NAMES):
+            self._count_other_methods(conn)
+        else:  # pragma: no cover - only if asyncssh renames these
+            log.warning("password/keyboard-interactive attempts are not counted (asyncssh internals changed)")
+
+    def _count_other_methods(self, conn: asyncssh.SSHServerConnection) -> None:
+        """Requests for any method but ``none`` and ``publickey`` (password,
+        keyboard-interactive, …) are refused by asyncssh without asking us: a client
+        that ignores the offered method list would get unlimited, unlogged tries.
+        Each one is logged as a reject and counts toward ``max_auth_attempts``."""
+        original = conn._finish_userauth  # type: ignore[attr-defined]
+
+        async def finish_userauth(begin_auth: bool, method: bytes, packet: Any) -> None:
+            await original(begin_auth, method, packet)
+            if method in (b"none", b"publickey") or conn._auth_complete:  # type: ignore[attr-defined]
+                return
+            log.info("auth attempt remote_addr=%s user=%s key_fingerprint=none method=%s result=reject",
+                     self._info.remote_addr, _safe(self._user), _OTHER_METHODS.get(method, "other"))
+            self._auth_failed()
+
+        conn._finish_userauth = finish_userauth  # type: ignore[attr-defined]
 
     def connection_lost(self, exc: Exception | None) -> None:
         runner = self._runner
