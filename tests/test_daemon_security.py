@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import os
 import shutil
+import socket
 import stat
 import subprocess
 import tempfile
@@ -62,6 +63,49 @@ def test_permissions_and_discovery_file(tmp_path, procs) -> None:
     # clean exit removes the discovery file and the sockets
     assert not (xdg / "wraith" / "daemon.json").exists()
     assert not (xdg / "wraith" / "daemon.sock").exists()
+
+
+def test_a_named_directory_is_never_loosened_or_tightened(tmp_path) -> None:
+    """--dir /tmp (or /etc) must not chmod a shared directory: a named directory that
+    is not 0700 is refused, and left as it was."""
+    d = tmp_path / "shared"
+    d.mkdir()
+    os.chmod(d, 0o755)
+    r = subprocess.run(wraith("daemon", "--dir", str(d)), capture_output=True, timeout=20)
+    err = r.stderr.decode()
+    assert r.returncode != 0 and "mode 0755, not 0700" in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1
+    assert mode(d) == 0o755 and not list(d.iterdir())
+
+
+def test_endpoints_never_replace_a_file_or_a_live_socket(tmp_path, procs) -> None:
+    """--ws unix:PATH / --events ipc://PATH remove only a dead daemon's socket: a
+    regular file is refused and kept, a live daemon's socket is refused."""
+    precious = tmp_path / "notes.txt"
+    precious.write_text("keep me")
+    for flag, value in (("--ws", f"unix:{precious}"), ("--events", f"ipc://{precious}")):
+        r = subprocess.run(wraith("daemon", "--dir", str(tmp_path / "d1"), flag, value),
+                           capture_output=True, timeout=20)
+        err = r.stderr.decode()
+        assert r.returncode != 0 and "is not a socket" in err and "Traceback" not in err, err
+        assert precious.read_text() == "keep me"
+    p, info = start_daemon(tmp_path)
+    procs.append(p)
+    live = info["events"][len("ipc://"):]
+    for flag, value in (("--ws", info["ws"]), ("--events", info["events"])):
+        r = subprocess.run(wraith("daemon", "--dir", str(tmp_path / "d2"), flag, value),
+                           capture_output=True, timeout=20)
+        err = r.stderr.decode()
+        assert r.returncode != 0 and "already listening" in err and "Traceback" not in err, err
+    assert stat.S_ISSOCK(os.lstat(live).st_mode)
+    # a dead daemon's leftover socket is replaced
+    dead = tmp_path / "dead.sock"
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(dead))
+    s.close()
+    q, qinfo = start_daemon(tmp_path, "--events", f"ipc://{dead}", name="q")
+    procs.append(q)
+    assert qinfo["events"] == f"ipc://{dead}" and stat.S_ISSOCK(os.lstat(dead).st_mode)
 
 
 def test_refuses_a_directory_of_another_user(tmp_path) -> None:

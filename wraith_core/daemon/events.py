@@ -60,7 +60,7 @@ class EventBus:
 
             raise WraithError("ZeroMQ events need pyzmq: pip install 'wraith[daemon]' "
                               "(or start with --events none)", "EDAEMON") from None
-        from .paths import private_umask
+        from .paths import clear_stale_socket, private_umask
 
         self._ctx = zmq.Context.instance()
         pub = self._ctx.socket(zmq.PUB)
@@ -68,9 +68,7 @@ class EventBus:
         pub.setsockopt(zmq.LINGER, 0)
         endpoint = self.zmq_endpoint
         if endpoint.startswith("ipc://"):
-            path = endpoint[6:]
-            if os.path.exists(path):
-                os.unlink(path)
+            clear_stale_socket(endpoint[6:])
         try:
             with private_umask():
                 pub.bind(endpoint)

@@ -47,7 +47,7 @@ class Daemon:
         cfg = self.config
         endpoint = paths.parse_ws(cfg.ws) if cfg.ws else None
         events = paths.check_events(cfg.events) if cfg.events is not None else "default"
-        paths.secure_dir(self.dir)
+        paths.secure_dir(self.dir, tighten=not cfg.dir)
         if endpoint is None:
             endpoint = paths.WsEndpoint("unix", path=str(self.dir / "daemon.sock"))
         if events == "default":

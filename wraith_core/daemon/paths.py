@@ -6,6 +6,7 @@ import ipaddress
 import json
 import os
 import secrets
+import socket
 import stat
 import tempfile
 from contextlib import contextmanager
@@ -25,8 +26,12 @@ def default_dir() -> Path:
     return Path(f"/tmp/wraith-{os.getuid()}")
 
 
-def secure_dir(path: Path) -> Path:
-    """Create ``path`` 0700 (or check an existing one is ours and not a symlink), force 0700."""
+def secure_dir(path: Path, tighten: bool = False) -> Path:
+    """Create ``path`` 0700, or check an existing one: ours, not a symlink, 0700.
+
+    An existing directory with wider permissions is made 0700 only if ``tighten``
+    (our default directory, which only wraith uses); a directory the user named
+    is refused instead — ``--dir /tmp`` must not change /tmp."""
     path = Path(path)
     try:
         os.mkdir(path, 0o700)
@@ -39,9 +44,35 @@ def secure_dir(path: Path) -> Path:
         raise WraithError(f"daemon directory {path} is not a directory (symlink?); refusing it", "EDAEMON")
     if st.st_uid != os.getuid():
         raise WraithError(f"daemon directory {path} belongs to uid {st.st_uid}, not us; refusing it", "EDAEMON")
-    if stat.S_IMODE(st.st_mode) != 0o700:
+    mode = stat.S_IMODE(st.st_mode)
+    if mode != 0o700:
+        if not tighten:
+            raise WraithError(f"daemon directory {path} is mode {mode:04o}, not 0700: give a private directory "
+                              f"(or chmod 700 it); refusing it", "EDAEMON")
         os.chmod(path, 0o700)
     return path
+
+
+def clear_stale_socket(path: str) -> None:
+    """Make room for a Unix socket at ``path``: remove a socket left by a daemon that
+    died; refuse if a daemon still answers there, or if ``path`` is not a socket
+    (a user's file is never removed)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise WraithError(f"{path} exists and is not a socket; refusing to replace it", "EDAEMON")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.settimeout(1)
+        s.connect(path)
+    except OSError:
+        os.unlink(path)  # nobody home: a leftover of a daemon that died
+        return
+    finally:
+        s.close()
+    raise WraithError(f"another daemon is already listening on {path}", "EDAEMON")
 
 
 @contextmanager

@@ -38,7 +38,7 @@ from ..protocol import ipc
 from ..protocol.frame_input import chunked_frame_input
 from .errors import map_error
 from .events import EventBus, Feed
-from .paths import WsEndpoint, private_umask
+from .paths import WsEndpoint, clear_stale_socket, private_umask
 from .pool import SessionPool
 
 log = logging.getLogger("wraith.daemon")
@@ -115,7 +115,7 @@ class IPCServer:
         ep = self.endpoint
         kw = dict(WS_SETTINGS, process_request=self._check_request, server_header=None)
         if ep.kind == "unix":
-            _clear_stale_socket(ep.path)
+            clear_stale_socket(ep.path)
             with private_umask():
                 self.server = await unix_serve(self._handle, ep.path, **kw)
             os.chmod(ep.path, 0o600)
@@ -163,7 +163,7 @@ class IPCServer:
                     await asyncio.wait_for(self.server.wait_closed(), 3)
                 except asyncio.TimeoutError:
                     pass
-        if self.endpoint.kind == "unix":
+        if self.endpoint.kind == "unix" and self.server is not None:  # only a socket we bound
             try:
                 os.unlink(self.endpoint.path)
             except OSError:
@@ -721,18 +721,3 @@ async def _fail(ws: ServerConnection, code: str, message: str, close_code: int) 
         await ws.close(close_code, code)
     except Exception:
         pass
-
-
-def _clear_stale_socket(path: str) -> None:
-    if not os.path.exists(path):
-        return
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        s.settimeout(1)
-        s.connect(path)
-    except OSError:
-        os.unlink(path)  # nobody home: a leftover of a daemon that died
-        return
-    finally:
-        s.close()
-    raise WraithError(f"another daemon is already listening on {path}", "EDAEMON")
