@@ -138,6 +138,26 @@ def test_subscription_payload() -> None:
             subscription_type(Envelope(SUBSCRIBE, "1", bad))
 
 
+def test_binary_payload_is_base64_as_in_node() -> None:
+    """SPEC §7: binary data in payloads is base64 — byte for byte what the Node adapter sends."""
+    import base64
+    import subprocess
+    from pathlib import Path
+
+    blob = bytes(range(256)) * 3
+    payload = {"blob": blob, "parts": [bytearray(b"\x00\xff"), memoryview(b"abc")], "n": 1}
+    f = encode(Envelope("bin", "id7", payload))
+    (ev, _) = decode_all(f)
+    assert ev.payload == {"blob": base64.b64encode(blob).decode(), "parts": ["AP8=", "YWJj"], "n": 1}
+    node = subprocess.run(
+        ["node", "-e", "const {encodeFrame} = require('./lib/framing');"
+         "const blob = Buffer.alloc(768); for (let i = 0; i < 768; i++) blob[i] = i % 256;"
+         "process.stdout.write(encodeFrame({type: 'bin', id: 'id7', payload: {blob,"
+         " parts: [Uint8Array.from([0, 255]), Buffer.from('abc')], n: 1}}).toString('base64'))"],
+        cwd=Path(__file__).parent.parent / "bindings" / "node", capture_output=True, timeout=30, check=True)
+    assert base64.b64decode(node.stdout) == f
+
+
 def test_encode_rejects_non_json() -> None:
     with pytest.raises(EnvelopeError):
         encode(Envelope("a", "1", {1, 2}))

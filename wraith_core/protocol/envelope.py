@@ -30,6 +30,7 @@ are reserved for control messages.
 
 from __future__ import annotations
 
+import base64
 import json
 import struct
 import uuid
@@ -92,10 +93,17 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+def _binary(value: Any) -> str:
+    """Binary data in payloads travels as base64 (SPEC §7; the Node adapter does the same)."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return base64.b64encode(value).decode("ascii")
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
 def encode_body(type: str, id: str, payload: Any) -> bytes:
     try:
         return json.dumps({"type": type, "id": id, "payload": payload}, ensure_ascii=False,
-                          separators=(",", ":"), allow_nan=False).encode("utf-8")
+                          separators=(",", ":"), allow_nan=False, default=_binary).encode("utf-8")
     except (TypeError, ValueError, RecursionError) as exc:
         raise EnvelopeError("not-json", f"payload is not JSON-serialisable: {exc}") from None
 
