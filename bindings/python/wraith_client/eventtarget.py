@@ -292,7 +292,8 @@ class EventTarget:
     # -- sending ------------------------------------------------------------------
 
     def dispatch_event(self, event: Event | str, detail: Any = None) -> bool:
-        """Send ``event`` (or ``type``, ``detail``) if the peer subscribed to its type; True if sent."""
+        """Send ``event`` (or ``type``, ``detail``) if the peer subscribed to its type; True if sent.
+        ``detail`` must be JSON; bytes in it go as base64 strings (as in the Node adapter)."""
         if isinstance(event, str):
             event = Event(event, detail)
         check_type(event.type)
