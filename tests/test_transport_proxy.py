@@ -217,6 +217,32 @@ async def test_http_connect_keeps_bytes_after_reply(split: bool) -> None:
         srv.close()
 
 
+@pytest.mark.parametrize("code,want", [(5, 5), (4, 4), (3, 3), (2, 1), (1, 1)])
+async def test_socks_proxy_failure_codes_reach_the_client(code: int, want: int) -> None:
+    """The proxy's SOCKS5 reply for the target becomes the reason text that the client maps
+    back to the same reply code (refused, host and network unreachable); others: general."""
+    from wraith_core.addr import parse_proxy
+    from wraith_core.dial import DialError, dial, reply_for_reason
+
+    async def fake(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await r.readexactly(3)
+        w.write(b"\x05\x00")
+        head = await r.readexactly(5)
+        await r.readexactly(head[4] + 2)
+        w.write(bytes([5, code, 0, 1, 0, 0, 0, 0, 0, 0]))
+        await w.drain()
+        w.close()
+
+    srv = await asyncio.start_server(fake, "127.0.0.1", 0)
+    port = srv.sockets[0].getsockname()[1]
+    try:
+        with pytest.raises(DialError) as info:
+            await dial(asyncio.Protocol(), "db.internal", 5432, 5, parse_proxy(f"socks5://127.0.0.1:{port}"))
+        assert reply_for_reason(info.value.reason) == want, info.value.reason
+    finally:
+        srv.close()
+
+
 async def test_http_connect_failure_replies() -> None:
     from wraith_core.addr import parse_proxy
     from wraith_core.transport.proxy import ProxyDialError, dial_via_proxy

@@ -79,7 +79,7 @@ async def dial(protocol: asyncio.BaseProtocol, host: str, port: int, timeout: fl
             sock = await dial_via_proxy(proxy, host, port, timeout)
         except ProxyDialError as exc:
             raise DialError({"refused": REFUSED, "unreachable": HOST_UNREACHABLE,
-                             "timeout": TIMED_OUT}.get(exc.reason, PROXY_FAILED)) from None
+                             "net-unreachable": NET_UNREACHABLE, "timeout": TIMED_OUT}.get(exc.reason, PROXY_FAILED)) from None
         transport, _ = await loop.create_connection(lambda: protocol, sock=sock)
         return transport
     try:

@@ -53,7 +53,7 @@ async def dial_via_proxy(proxy: ProxyURL, host: str, port: int, timeout: float) 
     except ProxyError as exc:
         code = getattr(exc, "error_code", None)
         # SOCKS5 reply codes (RFC 1928) reported by the proxy for the target
-        reason = {5: "refused", 4: "unreachable", 3: "unreachable"}.get(code, "proxy") if isinstance(code, int) else "proxy"
+        reason = {5: "refused", 4: "unreachable", 3: "net-unreachable"}.get(code, "proxy") if isinstance(code, int) else "proxy"
         raise ProxyDialError(f"proxy refused the connection: {exc}", reason) from None
     except OSError as exc:
         raise ProxyDialError(f"proxy failure: {exc}", "proxy") from None
