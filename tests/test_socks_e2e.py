@@ -141,3 +141,24 @@ def test_request_data_and_eof_in_one_go(tunnel, size: int) -> None:
     assert got[:12] == b"\x05\x00" + b"\x05\x00\x00\x01" + bytes(6)
     assert got[12:] == hashlib.sha256(payload).digest()
     lsock.close()
+
+
+def test_socks5_auth_with_curl(keys: Keys, tmp_path, procs, files: HTTPFiles) -> None:
+    """--socks5-auth (RFC 1929): curl with the right user:pass gets through; a wrong password
+    or no credentials gets no tunnel; the password is never logged."""
+    server, sport = start_server(keys, tmp_path)
+    procs.append(server)
+    client, socks = start_client(keys, tmp_path, sport, "--socks5-auth", "alice:s3cret-pw")
+    procs.append(client)
+    r = curl("--socks5-hostname", f"127.0.0.1:{socks}", "--proxy-user", "alice:s3cret-pw",
+             files.url("small.bin", "localhost"))
+    assert r.returncode == 0, r.stderr
+    assert sha(r.stdout) == files.hashes["small.bin"]
+    for extra in (["--proxy-user", "alice:wrong"], ["--proxy-user", "bob:s3cret-pw"], []):
+        r = curl("--socks5-hostname", f"127.0.0.1:{socks}", *extra, files.url("small.bin", "localhost"))
+        assert r.returncode != 0 and not r.stdout, (extra, r.stderr)
+    # the listener still works after the refusals
+    r = curl("--socks5-hostname", f"127.0.0.1:{socks}", "--proxy-user", "alice:s3cret-pw",
+             files.url("small.bin", "localhost"))
+    assert sha(r.stdout) == files.hashes["small.bin"]
+    assert "s3cret" not in client.log() and "s3cret" not in server.log()
