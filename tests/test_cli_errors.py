@@ -35,11 +35,18 @@ def test_pem_key_refused_with_conversion_hint(keys: Keys, tmp_path) -> None:
     subprocess.run(["ssh-keygen", "-q", "-t", "rsa", "-b", "2048", "-m", "PEM", "-N", "", "-f", str(pem)], check=True)
     assert pem.read_text().startswith("-----BEGIN RSA PRIVATE KEY-----")
     one_line_error(["serve", "--key", str(pem), "--authorized-keys", str(keys.authorized)],
-                   "PEM", "OpenSSH", "ssh-keygen -p -f")
+                   "PEM", "OpenSSH", f"ssh-keygen -p -N '' -f {pem}")
     pk8 = tmp_path / "pk8"
     subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-m", "PKCS8", "-N", "", "-f", str(pk8)], check=True)
     one_line_error(["connect", "--server", "127.0.0.1:1", "--identity", str(pk8), "--accept-any-host-key"],
-                   "PEM/PKCS#8")
+                   "PEM/PKCS#8", f"ssh-keygen -p -N '' -f {pk8}")
+    # the suggested command does the job
+    from wraith_core.keys import load_private_key
+
+    for path in (pem, pk8):
+        subprocess.run(["ssh-keygen", "-q", "-p", "-N", "", "-f", str(path)], check=True, capture_output=True)
+        assert path.read_text().startswith("-----BEGIN OPENSSH PRIVATE KEY-----")
+        load_private_key(str(path))
 
 
 def test_ssh_keygen_keys_work(tmp_path, procs, files) -> None:

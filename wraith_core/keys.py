@@ -7,6 +7,7 @@ refused with a message that names the conversion command.
 from __future__ import annotations
 
 import os
+import shlex
 from pathlib import Path
 
 import asyncssh
@@ -54,9 +55,10 @@ def load_private_key(value: KeyInput, what: str = "private key") -> asyncssh.SSH
     data, label = read_key_input(value, what)
     stripped = data.strip()
     if any(stripped.startswith(m) for m in _PEM_MARKERS):
+        keyfile = "KEYFILE" if label.startswith("<inline") else shlex.quote(label)
         raise KeyError_(
             f"{label}: PEM/PKCS#8 keys are not supported; wraith takes OpenSSH-format keys "
-            f"(-----BEGIN OPENSSH PRIVATE KEY-----). Convert it with: ssh-keygen -p -f KEYFILE"
+            f"(-----BEGIN OPENSSH PRIVATE KEY-----). Convert it in place with: ssh-keygen -p -N '' -f {keyfile}"
         )
     if not stripped.startswith(_OPENSSH_PRIVATE):
         raise KeyError_(
