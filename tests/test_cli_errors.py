@@ -72,6 +72,8 @@ def test_bad_flags_and_combinations(keys: Keys) -> None:
     one_line_error(["connect", "--server", "127.0.0.1:1", "--identity", str(keys.client), "--accept-any-host-key",
                     "--proxy", "ftp://x:1"], "--proxy")
     one_line_error(["serve", "--key", str(keys.host)], "authorized-keys")
+    one_line_error(["connect", "--peer", "abc", "--identity", str(keys.client), "--accept-any-host-key"],
+                   "--transport iroh")
 
 
 def test_listen_port_in_use(keys: Keys, tmp_path, procs) -> None:

@@ -102,6 +102,8 @@ class ConnectOptions(_Common):
         if self.transport == "iroh":
             if not self.peer:
                 raise UsageError("--transport iroh needs --peer ENDPOINT_ID_OR_TICKET")
+        elif self.peer:
+            raise UsageError("--peer is for the iroh transport: add --transport iroh")
         elif not self.server:
             raise UsageError("--server HOST:PORT is required (or set WRAITH_SERVER)")
         if self.identity is None:
