@@ -192,6 +192,15 @@ def test_reserved_destinations_never_dialed(keys: Keys, tmp_path, procs, files) 
         writer.write(b"GET /small.bin HTTP/1.0\r\n\r\n")
         body = (await asyncio.wait_for(reader.read(), 10)).split(b"\r\n\r\n", 1)[1]
         assert sha(body) == files.hashes["small.bin"]
+        # a raw SSH client may spell the name so that the resolver (IDNA) or a proxy would
+        # still look up wraith-*: fullwidth letters, zero-width and soft-hyphen characters
+        async with asyncssh.connect("127.0.0.1", sport, username="root", client_keys=[str(keys.client)],
+                                    known_hosts=None, agent_path=None, config=None) as conn:
+            for host in ("\uff57\uff52\uff41\uff49\uff54\uff48-control", "w\u200braith-control",
+                         "wr\u00adaith-x", "WRAITH\u200d-y", "\uff37raith-x"):
+                with pytest.raises(asyncssh.ChannelOpenError) as info:
+                    await conn.open_connection(host, 80)
+                assert info.value.code == asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, host
         srv.close()
 
     asyncio.run(main())

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import unicodedata
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,6 +44,26 @@ _USERAUTH_NAMES = ("_finish_userauth", "_auth_complete")
 _OTHER_METHODS = {m.encode(): m for m in ("password", "keyboard-interactive", "hostbased",
                                           "gssapi-with-mic", "gssapi-keyex")}
 RESERVED_PREFIX = "wraith-"
+
+
+def is_reserved(host: str) -> bool:
+    """Whether ``host`` names a reserved ``wraith-*`` destination — in any spelling the
+    resolver would turn into one: the resolver is handed the IDNA form, which maps
+    fullwidth letters to ASCII and drops zero-width characters (``ｗｒａｉｔｈ-control``
+    and ``w\u200braith-control`` both look up ``wraith-control``). A proxy may
+    normalise with other rules, so the NFKC case fold without format characters is
+    checked too."""
+    if host.lower().startswith(RESERVED_PREFIX):
+        return True
+    if host.isascii():
+        return False
+    try:
+        if host.encode("idna").decode("ascii").lower().startswith(RESERVED_PREFIX):
+            return True
+    except UnicodeError:
+        pass  # not resolvable by us; the fold below still decides
+    folded = "".join(c for c in unicodedata.normalize("NFKC", host) if unicodedata.category(c) != "Cf")
+    return unicodedata.normalize("NFKC", folded.casefold()).startswith(RESERVED_PREFIX)
 
 
 @dataclass(frozen=True)
@@ -209,7 +230,7 @@ class _ServerConn(asyncssh.SSHServer):
     def connection_requested(self, dest_host: str, dest_port: int, orig_host: str, orig_port: int) -> Any:
         runner = self._runner
         assert self._conn is not None
-        if dest_host.lower().startswith(RESERVED_PREFIX):
+        if is_reserved(dest_host):
             if dest_host.lower() == CONTROL_HOST and dest_port == 0 and runner.on_control is not None:
                 return self._control_channel()
             raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
