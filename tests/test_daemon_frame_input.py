@@ -17,7 +17,7 @@ from websockets.server import ServerProtocol
 from wraith_core.protocol.frame_input import FrameInput, chunked_frame_input
 
 # (operation, size): 0 append n random bytes, 1 take n from the front, 2 take all, 3 find
-OPS = st.lists(st.tuples(st.integers(0, 3), st.integers(0, 300)), max_size=80)
+OPS = st.lists(st.tuples(st.integers(0, 3), st.integers(0, 300) | st.integers(3000, 9000)), max_size=80)
 
 
 @settings(max_examples=300, deadline=None)
@@ -40,6 +40,20 @@ def test_same_as_bytearray(initial: bytes, ops: list[tuple[int, int]]) -> None:
         else:
             assert buf.find(b"\n", n % 7) == ref.find(b"\n", n % 7)
         assert len(buf) == len(ref) and bool(buf) == bool(ref)
+
+
+def test_a_dripping_peer_costs_no_more_than_its_bytes() -> None:
+    """1-byte reads join the last chunk (a chunk per byte would cost ~40 bytes per byte)."""
+    buf, ref = FrameInput(), bytearray()
+    for i in range(100_000):
+        b = bytes([i & 0xFF])
+        buf += b
+        ref += b
+    assert len(buf.chunks) <= 100_000 // 4096 + 1
+    buf += os.urandom(70_000)  # a big read stays its own chunk
+    buf += b"x"
+    assert len(buf.chunks) <= 100_000 // 4096 + 3
+    assert buf[:100_000] == bytes(ref)
 
 
 def _parser(chunked: bool) -> ServerProtocol:

@@ -20,6 +20,9 @@ import collections
 from typing import Any
 
 
+SMALL = 4096  # reads shorter than this are joined to a short last chunk
+
+
 class FrameInput:
     """A bytes buffer made of whole chunks: ``+=``, ``len``, truth, ``[:n]``, ``[:]``,
     ``del [:n]``, ``del [:]`` and ``find``, as websockets' reader uses a bytearray."""
@@ -40,7 +43,13 @@ class FrameInput:
 
     def __iadd__(self, data: bytes | bytearray) -> FrameInput:
         if data:
-            self.chunks.append(data if type(data) is bytes else bytes(data))
+            chunks = self.chunks
+            if chunks and len(data) < SMALL and len(chunks[-1]) < SMALL:
+                # small reads (a peer dripping bytes) join the last chunk: a chunk costs
+                # ~40 bytes of bookkeeping, so 1-byte chunks would cost 40x the data
+                chunks[-1] += data
+            else:
+                chunks.append(data if type(data) is bytes else bytes(data))
             self.size += len(data)
         return self
 
