@@ -145,6 +145,33 @@ def test_bad_tag_is_asyncssh_mac_error() -> None:
     assert not [e for e in rx.events if e[0] == "chan"]
 
 
+def test_zero_padding_is_refused_as_asyncssh_would() -> None:
+    """asyncssh takes the payload as ``[1:-padding]``: with no padding that is empty and the
+    packet fails; the lean loop refuses it too (never delivers its bytes)."""
+    rx = _receiver()
+    plain = bytes([0, EOF]) + CHAN5 + bytes(10)  # 16 bytes: a whole block, padding length 0
+    header = len(plain).to_bytes(4, "big")
+    sealed, tag = _GCM(KEY, IV).encrypt_and_sign(header, plain)  # header + ciphertext, tag
+    assert _disconnect_of(rx, sealed + tag) == (DISC_PROTOCOL_ERROR, "Invalid packet padding")
+    assert not [e for e in rx.events if e[0] == "chan"]
+
+
+def test_a_channel_class_with_its_own_data_handling_gets_asyncssh_s_path() -> None:
+    """A channel subclass that overrides ``_accept_data`` (asyncssh's TUN channel strips a
+    header there) is not fed by the lean shortcut."""
+    from asyncssh.channel import SSHTCPChannel
+
+    class _Own(SSHTCPChannel):  # type: ignore[type-arg]
+        def _accept_data(self, data: bytes, datatype: Any = None) -> None:
+            self._session.data_received(b"own:" + data, datatype)
+
+    tx, rx = _Sender(), _receiver()
+    chan = _real_channel(rx, window=1000)
+    chan.__class__ = _Own
+    rx.feed(tx.packet(DATA, CHAN5 + (3).to_bytes(4, "big") + b"abc"))
+    assert chan._session.got == [b"own:abc"]
+
+
 @pytest.mark.parametrize("case", ["oversized", "unknown channel", "short channel message", "truncated data"])
 def test_bad_packets_are_asyncssh_protocol_errors(case: str) -> None:
     tx, rx = _Sender(), _receiver()

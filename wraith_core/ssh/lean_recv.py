@@ -35,6 +35,7 @@ try:
 
     _PKTHDR: Any = SSHConnection._recv_pkthdr
     _PROCESS_DATA: Any = SSHChannel._packet_handlers.get(MSG_CHANNEL_DATA)
+    _ACCEPT_DATA: Any = SSHChannel._accept_data
     if not all(hasattr(SSHPacket(b""), n) for n in ("_idx", "_len")):  # pragma: no cover
         _PKTHDR = None
 except ImportError:  # pragma: no cover - a future asyncssh without these names
@@ -96,8 +97,8 @@ def _lean_loop(conn: Any, cipher: Any) -> bool:
             if plain is None:
                 raise MACError("MAC verification failed")
             padlen = plain[0]
-            if padlen + 2 > len(plain):  # no room for a message type (asyncssh fails later)
-                raise ProtocolError("Invalid packet padding")
+            if not padlen or padlen + 2 > len(plain):  # no room for a message type (asyncssh fails
+                raise ProtocolError("Invalid packet padding")  # later; zero padding too: [1:-0] is empty)
             pkttype = plain[1]
             if not MSG_CHANNEL_OPEN <= pkttype <= MSG_CHANNEL_CLOSE:
                 cipher.rewind()  # not decrypted, as far as asyncssh's path is concerned
@@ -134,13 +135,25 @@ def _lean_loop(conn: Any, cipher: Any) -> bool:
             conn._inpbuf = buf[pos:]
 
 
+_LEAN_TYPES: dict[type, bool] = {}
+
+
+def _lean_type(cls: type) -> bool:
+    """A channel class whose data handling is asyncssh's own (a subclass that overrides
+    it, like asyncssh's TUN channel stripping a header in ``_accept_data``, is not)."""
+    return (getattr(cls, "_packet_handlers", {}).get(MSG_CHANNEL_DATA) is _PROCESS_DATA
+            and getattr(cls, "_accept_data", None) is _ACCEPT_DATA)
+
+
 def _data(chan: Any, plain: bytes, end: int) -> bool:
     """asyncssh's ``_process_data`` and ``_accept_data`` for the common case — an open
     bytes channel that is reading — without the packet object: the same checks, the
     same window accounting, delivered through asyncssh's ``_deliver_data`` (which also
     sends the window adjustments). False: let asyncssh's handler take the packet."""
-    if (getattr(type(chan), "_packet_handlers", {}).get(MSG_CHANNEL_DATA) is not _PROCESS_DATA
-            or chan._recv_state != "open" or chan._recv_paused or chan._encoding is not None or end < 10):
+    lean = _LEAN_TYPES.get(type(chan))
+    if lean is None:
+        lean = _LEAN_TYPES[type(chan)] = _lean_type(type(chan))
+    if not lean or chan._recv_state != "open" or chan._recv_paused or chan._encoding is not None or end < 10:
         return False
     datalen = int.from_bytes(plain[6:10], "big")  # after padding length, type, channel number
     if 10 + datalen != end:
