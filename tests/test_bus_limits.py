@@ -114,3 +114,71 @@ async def test_hub_close_ends_members(hub_opts: tuple[Hub, ConnectOptions]) -> N
     late = await open_stream(opts)  # a closed hub refuses newcomers: the stream is reset
     with pytest.raises(ConnectionError):
         await asyncio.wait_for(late.read(), 10)
+
+
+async def _hub_server(keys: Keys, hub: Hub) -> tuple[object, ConnectOptions]:
+    server = await serve(ServeOptions(key=str(keys.host), authorized_keys=str(keys.authorized),
+                                      listen="127.0.0.1:0"), on_connection=hub.add)
+    opts = ConnectOptions(server=server.addresses()[0], identity=str(keys.client), host_key=str(keys.host_pub),
+                          socks5=None, user="carol")
+    return server, opts
+
+
+async def test_a_type_that_is_not_text_closes_only_that_stream(keys: Keys, caplog: pytest.LogCaptureFixture) -> None:
+    """A JSON escape can make a lone surrogate: such a type is refused when subscribed (it
+    could never be announced), the stream closes, and it leaves no subscription behind."""
+    import json
+    import struct
+
+    caplog.set_level(logging.INFO, logger="wraith.bus")
+    hub = Hub()
+    server, opts = await _hub_server(keys, hub)
+    try:
+        evil = Raw(await open_stream(opts))
+        await evil.sub("t0", "t1")
+        body = json.dumps({"type": SUBSCRIBE, "id": "x", "payload": {"type": chr(0xD800)}}).encode()
+        assert b"\\ud800" in body
+        await evil.write(struct.pack(">I", len(body)) + body)
+        await evil.wait_closed_by_peer()
+        assert closed_lines(caplog)[-1].endswith("reason=bad-envelope")
+        newcomer = Raw(await open_stream(opts))
+        await newcomer.barrier()
+        assert [t for _, t in newcomer.control if not t.startswith("ping-")] == []
+        assert hub.subscriber_count("t0") == 0 and hub.member_count == 1
+    finally:
+        await server.close()  # type: ignore[attr-defined]
+        await hub.close()
+
+
+async def test_newcomers_hear_a_big_hub_without_using_their_queue(keys: Keys) -> None:
+    """The join snapshot (one __subscribe per type wanted) is made by the newcomer's writer,
+    not queued: a hub wanting more types than a member's queue holds does not drop
+    newcomers as slow consumers. Distinct types per hub are capped."""
+    hub = Hub(max_frame=MAX_FRAME, queue_limit=64 * 1024, max_types=3000)
+    server, opts = await _hub_server(keys, hub)
+    try:
+        many = [f"{i:04d}-" + "t" * 200 for i in range(2900)]  # ~0.7 MB of announcements
+        owners = [Raw(await open_stream(opts)) for _ in range(2)]
+        for i in range(0, len(many), 50):  # members read what the hub announces, as they must
+            owner = owners[(i // 50) % 2]
+            for t in many[i:i + 50]:
+                await owner.send(SUBSCRIBE, {"type": t})
+            for o in owners:
+                await o.barrier()
+        assert sum(1 for t in many if hub.subscriber_count(t)) == len(many)
+        newcomers = [Raw(await open_stream(opts)) for _ in range(3)]
+        for n in newcomers:
+            await n.sub("chat")
+            await n.wait_control(SUBSCRIBE, many[-1])
+            assert {t for k, t in n.control if k == SUBSCRIBE} >= set(many)
+        assert hub.subscriber_count("chat") == 3 and hub.member_count == 5
+        # past max_types, a new type is refused (that stream closes), known types still work
+        greedy = Raw(await open_stream(opts))
+        await greedy.sub(many[0])
+        for i in range(200):
+            await greedy.send(SUBSCRIBE, {"type": f"new-{i}"})
+        await greedy.wait_closed_by_peer()
+        assert hub.subscriber_count(many[0]) == 1 and len(hub._subs) <= 3000
+    finally:
+        await server.close()  # type: ignore[attr-defined]
+        await hub.close()

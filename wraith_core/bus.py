@@ -11,11 +11,13 @@ Every control stream joins one :class:`Hub`. Frames are the envelope framing of
   anyone on the hub wants. When a type gains its first subscriber the hub
   sends ``__subscribe T`` to all members; when it loses its last one,
   ``__unsubscribe T``; a new member first receives ``__subscribe`` for every
-  type currently wanted. So an event-target adapter that only sends types its
+  type currently wanted (made by its writer as it goes, so a hub with many
+  types costs a newcomer neither memory nor its queue allowance). So an event-target adapter that only sends types its
   peer subscribed to (point-to-point semantics) works unchanged against the
   hub, and nobody publishes events that no one will receive.
 * A frame over ``max_frame``, invalid UTF-8/JSON, a bad envelope or control
-  payload, more than ``max_subscriptions`` types, or EOF in the middle of a
+  payload, more than ``max_subscriptions`` types (or a new type when the hub
+  already routes ``max_types``), or EOF in the middle of a
   frame closes THAT stream only, with one log line naming the peer address,
   user and reason — never payloads, types or destinations.
 
@@ -66,12 +68,14 @@ READ_SIZE = 256 * 1024
 DEFAULT_QUEUE_LIMIT = 64 * 1024 * 1024
 FRAME_OVERHEAD = 128  # bytes charged per queued frame, so floods of tiny frames count too
 DEFAULT_MAX_SUBSCRIPTIONS = 4096
+DEFAULT_MAX_TYPES = 65536  # distinct types wanted on one hub
 WRITE_BATCH = 256 * 1024
 DRAIN_TIMEOUT = 30.0  # how long a member that sent EOF gets to read what was queued for it
 
 
 class _Member:
-    __slots__ = ("stream", "info", "decoder", "subs", "queue", "queued", "wakeup", "dropped", "draining", "task")
+    __slots__ = ("stream", "info", "decoder", "subs", "queue", "queued", "wakeup", "dropped", "draining", "task",
+                 "snapshot")
 
     def __init__(self, stream: DuplexStream, info: ConnectionInfo, max_frame: int) -> None:
         self.stream = stream
@@ -84,18 +88,21 @@ class _Member:
         self.dropped = False
         self.draining = False  # sent EOF: no new events, flush the queue, then close
         self.task: asyncio.Task[None] | None = None
+        # types wanted when it joined: announced by its writer before anything queued
+        self.snapshot: collections.deque[str] = collections.deque()
 
 
 class Hub:
     """One in-process pubsub hub; :meth:`add` a control stream to make it a member."""
 
     def __init__(self, max_frame: int = DEFAULT_MAX_FRAME, queue_limit: int = DEFAULT_QUEUE_LIMIT,
-                 max_subscriptions: int = DEFAULT_MAX_SUBSCRIPTIONS) -> None:
+                 max_subscriptions: int = DEFAULT_MAX_SUBSCRIPTIONS, max_types: int = DEFAULT_MAX_TYPES) -> None:
         if queue_limit < max_frame + FRAME_OVERHEAD:
             raise ValueError("queue_limit must hold at least one frame of max_frame bytes")
         self.max_frame = max_frame
         self.queue_limit = queue_limit
         self.max_subscriptions = max_subscriptions
+        self.max_types = max_types
         self._members: set[_Member] = set()
         self._subs: dict[str, set[_Member]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -123,8 +130,9 @@ class Hub:
             return
         m = _Member(stream, info, self.max_frame)
         self._members.add(m)
-        for t in self._subs:
-            self._send(m, make_frame(SUBSCRIBE, {"type": t}))
+        m.snapshot.extend(self._subs)
+        if m.snapshot:
+            m.wakeup.set()
         task = asyncio.get_running_loop().create_task(self._serve(m))
         m.task = task
         self._tasks.add(task)
@@ -192,6 +200,16 @@ class Hub:
         stream = m.stream
         try:
             while not m.dropped:
+                if m.snapshot:  # the join snapshot first: later changes are queued behind it
+                    batch: list[bytes] = []
+                    size = 0
+                    while m.snapshot and size < WRITE_BATCH:
+                        frame = make_frame(SUBSCRIBE, {"type": m.snapshot.popleft()})
+                        size += len(frame)
+                        batch.append(frame)
+                    stream.write(b"".join(batch))
+                    await stream.drain()
+                    continue
                 if not m.queue:
                     if m.draining:
                         return
@@ -199,7 +217,7 @@ class Hub:
                     await m.wakeup.wait()
                     continue
                 # many small frames go out as one write (one SSH packet, not one per event)
-                batch: list[bytes] = []
+                batch = []
                 size = 0
                 while m.queue and size < WRITE_BATCH:
                     frame = m.queue.popleft()
@@ -231,6 +249,8 @@ class Hub:
             return
         if len(m.subs) >= self.max_subscriptions:
             raise EnvelopeError("too-many-subscriptions", "subscription limit reached")
+        if t not in self._subs and len(self._subs) >= self.max_types:
+            raise EnvelopeError("too-many-types", "the hub's limit of distinct types is reached")
         m.subs.add(t)
         members = self._subs.setdefault(t, set())
         members.add(m)
@@ -267,8 +287,12 @@ class Hub:
     def _leave(self, m: _Member) -> None:
         """Take ``m`` out of the routing: no event reaches it any more."""
         self._members.discard(m)
+        m.snapshot.clear()
         for t in list(m.subs):
-            self._unsubscribe(m, t)
+            try:
+                self._unsubscribe(m, t)
+            except EnvelopeError:  # pragma: no cover - types are checked when subscribed
+                log.exception("control stream: could not announce an unsubscribe")
 
     def _drop(self, m: _Member, reason: str | None) -> None:
         if m.dropped:

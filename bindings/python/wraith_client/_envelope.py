@@ -130,6 +130,11 @@ def check_type(type: object, allow_reserved: bool = False) -> str:
         raise EnvelopeError("bad-envelope", "event type must be a non-empty string")
     if len(type) > MAX_TYPE_LENGTH:
         raise EnvelopeError("bad-envelope", f"event type longer than {MAX_TYPE_LENGTH} characters")
+    if not type.isascii():
+        try:
+            type.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate from a JSON "\ud800" escape: not text
+            raise EnvelopeError("bad-envelope", "event type is not valid Unicode") from None
     if not allow_reserved and type.startswith(RESERVED_PREFIX):
         raise EnvelopeError("reserved-type", f"event types starting with {RESERVED_PREFIX!r} are reserved")
     return type
