@@ -250,6 +250,23 @@ async def test_protocol_error_from_peer_ends_iteration(p2p: tuple[WraithServer, 
     await asyncio.wait_for(stream.wait_closed(), 10)  # the adapter closed the broken stream
 
 
+async def test_a_peer_subscribing_to_too_many_types_is_cut_off(
+        p2p: tuple[WraithServer, Incoming, ConnectOptions]) -> None:
+    """What a peer subscribes to is remembered (to send only those types): bounded, like the hub."""
+    from wraith_core.events import MAX_PEER_TYPES
+
+    _, incoming, opts = p2p
+    client = create_event_target(await open_stream(opts))
+    stream, _ = await incoming.next()
+    frames = b"".join(make_frame(SUBSCRIBE, {"type": f"t{i}"}) for i in range(MAX_PEER_TYPES))
+    stream.write(frames)
+    await asyncio.wait_for(client.wait_subscribed(f"t{MAX_PEER_TYPES - 1}"), 30)  # the limit itself is fine
+    stream.write(make_frame(SUBSCRIBE, {"type": "one-more"}))
+    await asyncio.wait_for(stream.wait_closed(), 10)
+    assert client.closed and isinstance(client.error, EventStreamError)
+    assert "more than 65536 types" in str(client.error)
+
+
 async def test_async_iteration_of_serve(keys: Keys) -> None:
     server = await serve(ServeOptions(key=str(keys.host), authorized_keys=str(keys.authorized),
                                       listen="127.0.0.1:0"))

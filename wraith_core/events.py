@@ -63,6 +63,9 @@ from .protocol.envelope import (
 )
 
 READ_SIZE = 256 * 1024
+# Types a peer may subscribe to (a hub announces every wanted type; wraith's hub caps
+# them at 65536): past this the peer is broken or hostile, and the stream closes.
+MAX_PEER_TYPES = 65536
 DEFAULT_QUEUE_SIZE = 1024
 
 
@@ -380,6 +383,8 @@ class EventTarget:
     async def _receive(self, env: Envelope) -> None:
         if env.type == SUBSCRIBE:
             t = subscription_type(env)
+            if t not in self._peer and len(self._peer) >= MAX_PEER_TYPES:
+                raise EnvelopeError("too-many-subscriptions", f"peer subscribed to more than {MAX_PEER_TYPES} types")
             self._peer.add(t)
             self._wake_peer_waiters(t)
         elif env.type == UNSUBSCRIBE:

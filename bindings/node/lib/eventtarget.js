@@ -9,6 +9,9 @@ const { wraithError } = require('./errors');
 
 const SUBSCRIBE = '__subscribe';
 const UNSUBSCRIBE = '__unsubscribe';
+// Types a peer may subscribe to (a hub announces every wanted type; wraith's hub caps
+// them at 65536): past this the peer is broken or hostile, and the stream closes.
+const MAX_PEER_TYPES = 65536;
 
 /** A received event: a CustomEvent whose `detail` is the envelope's payload, plus its `id`. */
 class WraithEvent extends CustomEvent {
@@ -278,6 +281,12 @@ class WraithEventTarget extends EventTarget {
         const t = env.payload && typeof env.payload.type === 'string' ? env.payload.type : null;
         if (t === null) continue;
         if (env.type === SUBSCRIBE) {
+          if (!this._peerSubs.has(t) && this._peerSubs.size >= MAX_PEER_TYPES) {
+            this.error = wraithError('EFRAME', `peer subscribed to more than ${MAX_PEER_TYPES} types`);
+            this._markClosed();
+            this._stream.destroy();
+            return;
+          }
           this._peerSubs.add(t);
           const waiters = this._peerWaiters.get(t);
           if (waiters) {

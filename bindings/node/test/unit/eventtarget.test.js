@@ -178,6 +178,18 @@ test('malformed frame closes that stream with EFRAME; oversize too', { timeout: 
   }
 });
 
+test('a peer subscribing to more than 65536 types closes the stream with EFRAME', { timeout: 20000 }, async () => {
+  const [a, b] = await socketPair();
+  const et = createWraithEventTarget({ stream: a });
+  const frames = [];
+  for (let i = 0; i <= 65536; i++) frames.push(encodeFrame({ type: '__subscribe', id: '', payload: { type: `t${i}` } }));
+  b.write(Buffer.concat(frames));
+  await et.closed;
+  assert.equal(et.error.code, 'EFRAME');
+  assert.match(et.error.message, /more than 65536 types/);
+  b.destroy();
+});
+
 test('close() half-closes; the peer adapter closes too; closed resolves on both', { timeout: 10000 }, async () => {
   const [a, b] = await socketPair();
   const left = createWraithEventTarget({ stream: a });
