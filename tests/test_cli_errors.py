@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import os
 import subprocess
 import time
 
@@ -28,6 +29,18 @@ def test_missing_key_files(keys: Keys, tmp_path) -> None:
     one_line_error(["serve", "--key", str(keys.host), "--authorized-keys", str(tmp_path / "nokeys")], "not found")
     one_line_error(["connect", "--server", "127.0.0.1:1", "--identity", str(tmp_path / "noid"),
                     "--accept-any-host-key"], "not found")
+
+
+def test_fifo_and_device_keys_refused_without_reading(keys: Keys, tmp_path) -> None:
+    """A FIFO would block (a daemon serving others would hang on it), /dev/zero would fill the
+    memory: key paths must be regular files."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    one_line_error(["connect", "--server", "127.0.0.1:1", "--identity", str(fifo), "--accept-any-host-key"],
+                   "not a regular file", str(fifo))
+    one_line_error(["connect", "--server", "127.0.0.1:1", "--identity", str(keys.client), "--known-hosts",
+                    "/dev/zero"], "not a regular file")
+    one_line_error(["serve", "--key", str(keys.host), "--authorized-keys", str(fifo)], "not a regular file")
 
 
 def test_pem_key_refused_with_conversion_hint(keys: Keys, tmp_path) -> None:

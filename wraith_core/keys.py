@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import stat
 from pathlib import Path
 
 import asyncssh
@@ -24,6 +25,7 @@ _PEM_MARKERS = (
     b"-----BEGIN ENCRYPTED PRIVATE KEY-----",
 )
 _OPENSSH_PRIVATE = b"-----BEGIN OPENSSH PRIVATE KEY-----"
+MAX_FILE = 16 << 20  # key, certificate and authorized_keys files
 
 
 def _looks_inline(value: str) -> bool:
@@ -41,14 +43,33 @@ def read_key_input(value: KeyInput, what: str) -> tuple[bytes, str]:
     if _looks_inline(text):
         return text.encode(), f"<inline {what}>"
     path = Path(text).expanduser()
+    return read_small_file(path, what, KeyError_), str(path)
+
+
+def read_small_file(path: Path, what: str, error: type[Exception] = KeyError_) -> bytes:
+    """The bytes of a regular file of at most ``MAX_FILE`` bytes. A FIFO or a device
+    (``/dev/zero``) given as a key would block the event loop or fill the memory: they
+    are refused without reading (the open does not wait for a FIFO's writer)."""
     try:
-        return path.read_bytes(), str(path)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
-        raise KeyError_(f"{what} file not found: {path}") from None
+        raise error(f"{what} file not found: {path}") from None
     except IsADirectoryError:
-        raise KeyError_(f"{what} path is a directory: {path}") from None
+        raise error(f"{what} path is a directory: {path}") from None
     except PermissionError:
-        raise KeyError_(f"{what} file not readable (permission denied): {path}") from None
+        raise error(f"{what} file not readable (permission denied): {path}") from None
+    except OSError as exc:
+        raise error(f"{what} file cannot be opened: {path}: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise error(f"{what} path is a directory: {path}")
+        if not stat.S_ISREG(st.st_mode):
+            raise error(f"{what} is not a regular file: {path}")
+        data = f.read(MAX_FILE + 1)
+    if len(data) > MAX_FILE:
+        raise error(f"{what} file is larger than {MAX_FILE >> 20} MiB: {path}")
+    return data
 
 
 def load_private_key(value: KeyInput, what: str = "private key") -> asyncssh.SSHKey:
