@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import os
 import shutil
@@ -151,6 +152,16 @@ async def test_tcp_endpoint_token(tmp_path, procs) -> None:
     ep = Endpoint(info["ws"], None, None, "test")
     with pytest.raises(wraith_client.DaemonError, match="401"):
         await ep.open()
+    # two Authorization headers (one of them right): refused like any wrong token, no error
+    host, port = info["ws"][len("tcp:"):].rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(("GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                  "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+                  f"Authorization: Bearer {token}\r\nAuthorization: Bearer {token}\r\n\r\n").encode())
+    status = await asyncio.wait_for(reader.readline(), 10)
+    writer.close()
+    assert status.startswith(b"HTTP/1.1 401"), status
+    assert "Traceback" not in p.log() and "ERROR" not in p.log()
 
 
 @pytest.fixture

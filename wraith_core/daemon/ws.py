@@ -129,9 +129,10 @@ class IPCServer:
             log.warning("ipc: refused a request with an Origin header")
             return connection.respond(403, "Origin header not allowed: the wraith daemon is not for browsers\n")
         if self.endpoint.kind == "tcp":
-            auth = request.headers.get("Authorization", "")
+            values = request.headers.get_all("Authorization")  # exactly one: .get() raises on two
+            auth = values[0] if len(values) == 1 else ""
             want = f"Bearer {self.token}"
-            if not self.token or not hmac.compare_digest(auth.encode(), want.encode()):
+            if not self.token or not auth or not hmac.compare_digest(auth.encode(), want.encode()):
                 log.warning("ipc: refused a request without the right bearer token")
                 return connection.respond(401, "missing or wrong bearer token\n")
         else:
