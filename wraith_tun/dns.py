@@ -55,10 +55,13 @@ class VirtualDns:
     def is_fake(self, addr: bytes) -> bool:
         return len(addr) == 4 and ipaddress.IPv4Address(addr) in self.network
 
-    def address_for(self, name: str, now: float) -> bytes:
+    def address_for(self, name: str, now: float) -> bytes | None:
+        """The fake address for ``name``; None when every address is in use."""
         ip = self._by_name.get(name)
         if ip is None:
             ip = self._allocate(now)
+            if ip is None:
+                return None
             self._by_name[name] = ip
             self._by_ip[ip] = _Entry(name, now + self.keep)
         else:
@@ -89,14 +92,17 @@ class VirtualDns:
         if self._by_name.get(entry.name) == ip:
             del self._by_name[entry.name]
 
-    def _allocate(self, now: float) -> int:
+    def _allocate(self, now: float) -> int | None:
         if self._next <= self._last:
             ip = self._next
             self._next += 1
             return ip
-        # pool used up: recycle the least recently used mapping (131070 addresses make
-        # recycling a live one unlikely; an app holding a stale answer then reaches the new name)
+        # pool used up: recycle the least recently used mapping, but only once it has gone
+        # unused for ``keep``: a live address must never start naming another host (a local
+        # program flooding queries could otherwise re-point another program's answer)
         oldest = next(iter(self._by_ip))
+        if self._by_ip[oldest].expires >= now:
+            return None
         self._drop(oldest)
         return oldest
 
@@ -113,7 +119,10 @@ class VirtualDns:
         self.queries += 1
         reply = req.reply()
         reply.header.ra = 1
-        for q in req.questions:
+        if len(req.questions) != 1:  # what resolvers send; many would make a reply too big to send
+            reply.questions = []
+            reply.header.rcode = RCODE.FORMERR
+        for q in reply.questions:
             name = _name_of(q.qname)
             if name is None:
                 reply.header.rcode = RCODE.FORMERR
@@ -122,6 +131,9 @@ class VirtualDns:
                 continue
             if q.qtype == QTYPE.A or q.qtype == QTYPE.ANY:
                 addr = self.address_for(name, now)
+                if addr is None:
+                    reply.header.rcode = RCODE.SERVFAIL
+                    continue
                 reply.add_answer(RR(q.qname, QTYPE.A, rdata=A(ipaddress.IPv4Address(addr).exploded), ttl=self.ttl))
             elif q.qtype == QTYPE.PTR:
                 target = self._reverse(name, now)

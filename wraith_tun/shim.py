@@ -185,6 +185,7 @@ class Shim:
         self.stack = tcp.TcpStack(tcp_cfg, cfg.max_flows)
         self.flows: dict[tcp.TcpConnection, Flow] = {}
         self.stats = Stats()
+        self._failure_logged = False
         self._dirty: set[Flow] = set()
         self._running = False
         self._sweeper: asyncio.TimerHandle | None = None
@@ -242,12 +243,18 @@ class Shim:
                 return
             if not pkt:
                 break
-            if self.vnet_hdr:
-                # flags: NEEDS_CSUM (1, partial checksum by design) or DATA_VALID (2): the kernel vouches
-                verify = not pkt[0] & 3 if pkt else True
-                self.handle_packet(pkt[VNET_HDR_LEN:], now, verify)
-            else:
-                self.handle_packet(pkt, now)
+            try:
+                if self.vnet_hdr:
+                    # flags: NEEDS_CSUM (1, partial checksum by design) or DATA_VALID (2): the kernel vouches
+                    verify = not pkt[0] & 3 if pkt else True
+                    self.handle_packet(pkt[VNET_HDR_LEN:], now, verify)
+                else:
+                    self.handle_packet(pkt, now)
+            except Exception:  # one packet we could not handle must not cost the rest of the batch
+                self.stats.bad_packets += 1
+                if not self._failure_logged:
+                    self._failure_logged = True
+                    log.exception("a packet could not be handled (counted in bad_packets; logged once)")
         dirty, self._dirty = self._dirty, set()
         for flow in dirty:
             self.service(flow)

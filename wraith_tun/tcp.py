@@ -27,6 +27,13 @@ from .ip import ACK, FIN, PSH, RST, SYN, TcpSegment
 
 MOD = 1 << 32
 HALF = 1 << 31
+# Out-of-order segments held per flow. On a TUN the app's kernel reorders rarely; a
+# peer sending many tiny out-of-order segments would otherwise cost ~70 bytes of
+# bookkeeping per payload byte and a sort per in-order segment.
+MAX_OOO_SEGMENTS = 64
+# Smallest MSS we honour (the app's SYN may announce less): Linux's floor idea
+# (CVE-2019-11479) — 1-byte segments would cost a packet per byte.
+MIN_MSS_V4, MIN_MSS_V6 = 536, 1220
 
 
 def unwrap(wire: int, ref: int) -> int:
@@ -139,7 +146,8 @@ class TcpConnection:
             self.snd_wscale, self.rcv_wscale = 0, 0
         v6 = len(syn.src) == 16
         self.our_mss = cfg.mtu - (60 if v6 else 40)
-        self.mss = min(syn.options.mss or (1220 if v6 else 536), self.our_mss)
+        floor = MIN_MSS_V6 if v6 else MIN_MSS_V4
+        self.mss = min(max(syn.options.mss or floor, floor), self.our_mss)
         # send side
         self.iss = (int.from_bytes(os.urandom(4), "big") if iss is None else iss) & 0xFFFFFFFF
         self.snd_una = self.iss
@@ -479,6 +487,8 @@ class TcpConnection:
             old = self._ooo.get(seq)
             if old is not None and len(old) >= len(payload):
                 return  # duplicate
+            if old is None and len(self._ooo) >= MAX_OOO_SEGMENTS:
+                return  # too many pieces: the app will retransmit
             extra = len(payload) - (len(old) if old else 0)
             if self._ooo_bytes + extra + len(self._rcvbuf) > self.config.rcv_buf:
                 return  # over budget: the app will retransmit

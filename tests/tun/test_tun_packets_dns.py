@@ -5,7 +5,7 @@ from __future__ import annotations
 import struct
 
 import pytest
-from dnslib import QTYPE, RCODE, DNSRecord
+from dnslib import DNSQuestion, QTYPE, RCODE, DNSRecord
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -138,15 +138,32 @@ def test_mappings_expire_after_last_use() -> None:
     assert dns.name_for(bytes([198, 18, 200, 200]), 0.0) is None  # never handed out
 
 
-def test_small_pool_recycles_least_recently_used() -> None:
+def test_small_pool_recycles_only_mappings_unused_for_keep() -> None:
     dns = VirtualDns(network="198.18.0.0/29", keep=100)  # 6 usable addresses
     addrs = [dns.address_for(f"h{i}.test", float(i)) for i in range(6)]
-    assert len(set(addrs)) == 6
+    assert None not in addrs and len(set(addrs)) == 6
     dns.name_for(addrs[0], 7.0)  # h0 used recently; h1 is now the oldest
-    new = dns.address_for("late.test", 30.0)
-    assert new == addrs[1]
-    assert dns.name_for(addrs[1], 30.0) == "late.test"
-    assert dns.name_for(addrs[0], 30.0) == "h0.test"
+    # every address is still live: a new name gets no address (SERVFAIL), none is re-pointed
+    assert dns.address_for("late.test", 30.0) is None
+    r = ask(dns, "late.test", now=30.0)
+    assert r.header.rcode == RCODE.SERVFAIL and not r.rr
+    assert [dns.name_for(a, 31.0) for a in addrs[:2]] == ["h0.test", "h1.test"]
+    # h1 was last used at 31: free after 131; the oldest (h2, used at 2) goes first
+    new = dns.address_for("late.test", 103.0)
+    assert new == addrs[2]
+    assert dns.name_for(addrs[2], 103.0) == "late.test"
+    assert dns.name_for(addrs[0], 103.0) == "h0.test"
+
+
+def test_one_question_per_query() -> None:
+    """Resolvers ask one question per query; many in one (a reply too big for a datagram,
+    thousands of fake addresses handed out by one packet) get FORMERR and no address."""
+    dns = VirtualDns()
+    q = DNSRecord.question("a.test")
+    for i in range(3):
+        q.add_question(DNSQuestion(f"x{i}.test"))
+    r = DNSRecord.parse(dns.handle(q.pack(), 0.0) or b"")
+    assert r.header.rcode == RCODE.FORMERR and not r.rr and len(dns) == 0
 
 
 @pytest.mark.parametrize("junk", [b"", b"\x00" * 5, b"\xff" * 40, DNSRecord.question("x.test").pack()[:-3]])

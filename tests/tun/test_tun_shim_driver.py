@@ -217,6 +217,28 @@ async def test_virtual_dns_then_socks5h_connect_by_name(rig: Rig) -> None:
     assert r.flags & RST and len(rig.socks.targets) == 1
 
 
+async def test_a_packet_that_fails_costs_only_itself(rig: Rig, monkeypatch: pytest.MonkeyPatch,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """Whatever goes wrong handling one packet (here: the DNS responder raising) is counted
+    and logged once; the other packets of the same read batch are still handled."""
+    loop = asyncio.get_running_loop()
+    dns = rig.shim.cfg.dns
+    assert dns is not None
+
+    def broken(query: bytes, now: float) -> bytes | None:
+        raise RuntimeError("responder bug")
+
+    monkeypatch.setattr(dns, "handle", broken)
+    bad = rig.shim.stats.bad_packets
+    for port in (5001, 5002):  # two failing packets, then one that works, in one batch
+        rig.tun.send(ip.build_udp(APP, bytes([10, 0, 0, 2]), port, 53, b"q"))
+    rig.tun.send(ip.build_udp(APP, DST, 5000, 9999, b"hello"))
+    raw = await asyncio.wait_for(loop.sock_recv(rig.tun, 4096), 5)
+    assert raw[9] == ip.PROTO_ICMP and raw[20:22] == b"\x03\x03"
+    assert rig.shim.stats.bad_packets == bad + 2
+    assert sum("could not be handled" in r.getMessage() for r in caplog.records) == 1
+
+
 async def test_other_udp_gets_icmp_port_unreachable(rig: Rig) -> None:
     loop = asyncio.get_running_loop()
     rig.tun.send(ip.build_udp(APP, DST, 5000, 9999, b"hello"))

@@ -670,3 +670,29 @@ def test_random_segments_and_calls_never_break_invariants(steps: list[object]) -
         assert conn.readable + conn._ooo_bytes <= cfg.rcv_buf
         assert conn.unacked <= cfg.snd_buf
         assert conn.snd_una <= conn.snd_nxt <= conn.snd_max
+
+
+def test_out_of_order_pieces_are_capped() -> None:
+    """Many tiny out-of-order segments: at most MAX_OOO_SEGMENTS are held (the rest are
+    dropped, the app retransmits); filling the gap delivers what was held, in order."""
+    conn = established()
+    base = ISN + 1
+    for i in range(1, 200):  # one byte each, every other byte: a gap before each
+        conn.receive(mk(ACK, base + 2 * i, ISS + 1, bytes([i])), 0.1)
+    assert len(conn._ooo) == tcp.MAX_OOO_SEGMENTS
+    conn.receive(mk(ACK, base, ISS + 1, b"\x00" * 2), 0.2)  # fills the first gap only
+    assert conn.read() == b"\x00\x00\x01"
+    assert len(conn._ooo) == tcp.MAX_OOO_SEGMENTS - 1
+
+
+@pytest.mark.parametrize("v6,announced,want", [(False, 1, 536), (False, 88, 536), (False, 1400, 1400),
+                                               (True, 1, 1220), (True, None, 1220)])
+def test_tiny_mss_is_raised_to_a_floor(v6: bool, announced: int | None, want: int) -> None:
+    """An MSS of 1 would make every byte a packet (CVE-2019-11479's lesson): floor 536 / 1220."""
+    if v6:
+        syn = ip.parse_packet(ip.build_tcp(bytes(15) + b"\x02", bytes(15) + b"\x03", APORT, DPORT, ISN, 0, SYN,
+                                           65535, b"", ip.tcp_syn_options(announced, None) if announced else b""))
+    else:
+        syn = mk(SYN, ISN, mss=announced)
+    assert isinstance(syn, ip.TcpSegment)
+    assert tcp.TcpConnection(syn, 0.0, None, iss=ISS).mss == want
