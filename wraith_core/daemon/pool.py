@@ -172,6 +172,11 @@ class SessionPool:
                 entry.release()
                 raise
             if entry.dead or entry.session is None or entry.session.conn is None:
+                # lost before its watcher ran: take it out of the pool now, or this retry
+                # would find it again (and again: nothing here waits) until the recursion limit
+                if not entry.dead:
+                    entry.dead = True
+                    self._forget(entry)
                 entry.release()
                 return await self.acquire(options)
             return entry, True
