@@ -317,7 +317,7 @@ class IPCServer:
                     await _fail(ws, "EPROTO", f"a serve control takes no {m.type!r} messages", 1002)
                     break
             finally:
-                sender.cancel()
+                _stop(sender)
         finally:
             self.servers.discard(server)
             for in_id in mine:
@@ -368,7 +368,7 @@ class IPCServer:
                     await _fail(ws, "EPROTO", "the events feed takes no messages", 1002)
                     break
             finally:
-                sender.cancel()
+                _stop(sender)
         finally:
             self.bus.feeds.discard(feed)
 
@@ -711,6 +711,13 @@ async def close_after_flush(stream: DuplexStream, timeout: float = FLUSH_TIMEOUT
                and loop.time() < deadline):
             await asyncio.sleep(0.01)
     stream.close()
+
+
+def _stop(task: asyncio.Task[None]) -> None:
+    """Cancel a sender task; an error it ended with (the WebSocket closed under it) is
+    already handled by its owner's loop, so it is retrieved here, not reported."""
+    task.cancel()
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
 
 async def _fail(ws: ServerConnection, code: str, message: str, close_code: int) -> None:

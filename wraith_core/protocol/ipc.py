@@ -23,6 +23,7 @@ VERSION = 1
 MAX_MESSAGE = 16 * 1024 * 1024
 # The daemon sends data messages of at most this size.
 DATA_CHUNK = 1024 * 1024
+MAX_TOPICS, MAX_TOPIC_LENGTH = 256, 256  # an events feed's prefixes (each event is checked against all)
 
 KINDS = ("connect", "serve", "accept", "events")
 
@@ -234,6 +235,8 @@ def _decode_open(o: dict[str, Any]) -> Open:
     if topics is not None:
         if not isinstance(topics, list) or not all(isinstance(t, str) for t in topics):
             raise IPCError("field 'topics' must be a list of strings")
+        if len(topics) > MAX_TOPICS or any(len(t) > MAX_TOPIC_LENGTH for t in topics):
+            raise IPCError(f"field 'topics' takes at most {MAX_TOPICS} prefixes of {MAX_TOPIC_LENGTH} characters")
         return Open(kind, topics=tuple(topics))
     return Open(kind)
 
