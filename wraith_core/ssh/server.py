@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import logging
 import time
 import unicodedata
@@ -44,6 +45,12 @@ _USERAUTH_NAMES = ("_finish_userauth", "_auth_complete")
 _OTHER_METHODS = {m.encode(): m for m in ("password", "keyboard-interactive", "hostbased",
                                           "gssapi-with-mic", "gssapi-keyex")}
 RESERVED_PREFIX = "wraith-"
+
+
+def _safe_target(host: str) -> bool:
+    """A destination without spaces or control characters (CR/LF would smuggle requests
+    into the HTTP CONNECT sent to --proxy; no resolver takes them either)."""
+    return 0 < len(host) <= 255 and host.isprintable() and " " not in host
 
 
 def is_reserved(host: str) -> bool:
@@ -128,6 +135,8 @@ class _ServerConn(asyncssh.SSHServer):
         self._user = ""
         self._fingerprint = ""
         self._counted = False
+        self._lost = False
+        self._listeners: set[RemoteForwardListener] = set()
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -179,6 +188,10 @@ class _ServerConn(asyncssh.SSHServer):
         conn._finish_userauth = finish_userauth  # type: ignore[attr-defined]
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        for listener in list(self._listeners):  # remote forwards end with their session
+            listener.close()
+        self._listeners.clear()
         runner = self._runner
         runner.conns.discard(self)
         if self._counted:
@@ -235,6 +248,10 @@ class _ServerConn(asyncssh.SSHServer):
                 return self._control_channel()
             raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
                                             "Reserved destination")
+        if not self._forwarding_allowed():
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, "Port forwarding not permitted")
+        if not _safe_target(dest_host):
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, "Invalid destination")
         opts = runner.options
         if runner.proxy is None:
             address = target_open.numeric_address(dest_host, dest_port)
@@ -272,13 +289,46 @@ class _ServerConn(asyncssh.SSHServer):
 
     async def _listen(self, listen_host: str, listen_port: int) -> Any:
         assert self._conn is not None
+        if not self._forwarding_allowed() or not self._listen_permitted(listen_host, listen_port):
+            log.info("remote forward refused remote_addr=%s reason=key-options", self._info.remote_addr)
+            return False
         listener = RemoteForwardListener(self._runner, self._conn, listen_host)
         try:
             await listener.start(listen_port)
-        except OSError:
+        except (OSError, OverflowError, ValueError):
             log.info("remote forward refused remote_addr=%s reason=listen-failed", self._info.remote_addr)
             return False
+        if self._lost:  # the session ended while we were binding: nobody will ever close it
+            listener.close()
+            return False
+        self._listeners.add(listener)
+        listener.on_close = self._listeners.discard
         return listener
+
+    # -- key options asyncssh does not enforce (it knows only the no-* flags and permitopen)
+
+    def _forwarding_allowed(self) -> bool:
+        """OpenSSH's ``restrict`` turns port forwarding off unless ``port-forwarding`` is given."""
+        conn = self._conn
+        return conn is None or not conn.get_key_option("restrict") or bool(conn.get_key_option("port-forwarding"))
+
+    def _listen_permitted(self, host: str, port: int) -> bool:
+        """OpenSSH's ``permitlisten="[host:]port"`` (repeatable; ``*`` for any port or host)."""
+        assert self._conn is not None
+        allowed = self._conn.get_key_option("permitlisten")
+        if allowed is None:
+            return True
+        for entry in allowed if isinstance(allowed, list) else [allowed]:
+            want_host, _, want_port = str(entry).rpartition(":")
+            want_host = want_host[1:-1] if want_host.startswith("[") and want_host.endswith("]") else want_host
+            if want_port != "*" and (not want_port.isdigit() or int(want_port) != port):
+                continue
+            if not want_host:  # no host: the default listen address (loopback) only
+                if host in ("", "localhost", "127.0.0.1", "::1"):
+                    return True
+            elif fnmatch.fnmatchcase(host.lower(), want_host.lower()):
+                return True
+        return False
 
 
 class _ControlStream(DuplexStream):
@@ -306,6 +356,7 @@ class RemoteForwardListener:
         self._listen_host = listen_host
         self._server: asyncio.AbstractServer | None = None
         self._port = 0
+        self.on_close: Callable[[RemoteForwardListener], None] | None = None
 
     async def start(self, port: int) -> None:
         loop = asyncio.get_running_loop()
@@ -333,6 +384,9 @@ class RemoteForwardListener:
     def close(self) -> None:
         if self._server is not None:
             self._server.close()
+        if self.on_close is not None:
+            self.on_close(self)
+            self.on_close = None
 
     async def wait_closed(self) -> None:
         await asyncio.sleep(0)
