@@ -144,3 +144,27 @@ def test_echo_with_early_eof_loses_nothing(keys: Keys, tmp_path, procs) -> None:
         srv.close()
 
     asyncio.run(main())
+
+
+def test_forward_to_a_refused_target_resets_the_connection(keys: Keys, tmp_path, procs) -> None:
+    """-L (and -R) to a target that refuses: the application sees a reset, not an empty stream
+    that looks like a clean end — with and without bytes sent first."""
+    import socket
+
+    server, sport = start_server(keys, tmp_path)
+    procs.append(server)
+    lport, rport, dead = free_port(), free_port(), free_port()
+    client, _ = start_client(keys, tmp_path, sport, "--forward", f"{lport}:127.0.0.1:{dead}",
+                             "--remote-forward", f"{rport}:127.0.0.1:{dead}")
+    procs.append(client)
+    wait_for_log(client, "remote forward up")
+    for port in (lport, rport):
+        for first in (b"", b"hello"):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                if first:
+                    s.sendall(first)
+                try:
+                    got = s.recv(100)
+                except ConnectionResetError:
+                    continue
+                raise AssertionError(f"port {port}: {got!r} instead of a reset")

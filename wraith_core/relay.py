@@ -291,8 +291,7 @@ class AcceptedEnd(RelayEnd):
         try:
             await opener(other, transport)
         except Exception:
-            if not self._lost:
-                transport.abort()
+            self._abort()  # a reset: the application sees a failure, not an empty stream
             return
         if self._lost and other.transport is not None and not other._lost:
             other._abort()
