@@ -61,6 +61,7 @@ function firstMessage(ws, { timeout, signal, what }) {
       clearTimeout(timer);
       ws.off('message', onMessage);
       ws.off('close', onClose);
+      ws.off('error', onError);
       if (signal) signal.removeEventListener('abort', onAbort);
       if (err) {
         ws.on('error', () => {});
@@ -104,6 +105,15 @@ function firstMessage(ws, { timeout, signal, what }) {
     const onClose = (code, reason) =>
       finish(pendingError || wraithError('EDAEMON', `the daemon closed the WebSocket before answering (close ${code}${reason && reason.length ? ` ${reason}` : ''})`));
     const onAbort = () => finish(abortError(signal));
+    // A frame ws refuses (bad RSV bits, over maxPayload) is an 'error' event, then 'close':
+    // without a listener Node would throw it in the host process. Before 'opened' it fails
+    // this open; after it, the 'close' that follows (held in the backlog) ends the stream.
+    const onError = (e) => {
+      pendingError = pendingError || wraithError('EDAEMON', `the daemon connection failed: ${e.message}`, { cause: e });
+      finish(pendingError);
+    };
+    ws.on('error', onError);
+    ws.on('error', () => {});
     const timer = setTimeout(() => finish(wraithError('ETIMEDOUT', `${what}: no answer from the wraith daemon within ${timeout} ms`)), timeout);
     ws.on('message', onMessage);
     ws.on('close', onClose);

@@ -12,6 +12,7 @@ const UNSUBSCRIBE = '__unsubscribe';
 // Types a peer may subscribe to (a hub announces every wanted type; wraith's hub caps
 // them at 65536): past this the peer is broken or hostile, and the stream closes.
 const MAX_PEER_TYPES = 65536;
+const MAX_TYPE_LENGTH = 1024; // characters in an event type name, as in the Python adapter
 
 /** A received event: a CustomEvent whose `detail` is the envelope's payload, plus its `id`. */
 class WraithEvent extends CustomEvent {
@@ -281,6 +282,12 @@ class WraithEventTarget extends EventTarget {
         const t = env.payload && typeof env.payload.type === 'string' ? env.payload.type : null;
         if (t === null) continue;
         if (env.type === SUBSCRIBE) {
+          if (t.length === 0 || t.length > MAX_TYPE_LENGTH) {
+            this.error = wraithError('EFRAME', `peer subscribed to a type of ${t.length} characters (1..${MAX_TYPE_LENGTH})`);
+            this._markClosed();
+            this._stream.destroy();
+            return;
+          }
           if (!this._peerSubs.has(t) && this._peerSubs.size >= MAX_PEER_TYPES) {
             this.error = wraithError('EFRAME', `peer subscribed to more than ${MAX_PEER_TYPES} types`);
             this._markClosed();

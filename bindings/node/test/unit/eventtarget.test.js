@@ -190,6 +190,17 @@ test('a peer subscribing to more than 65536 types closes the stream with EFRAME'
   b.destroy();
 });
 
+test('a peer subscribing to a type name over 1024 characters closes the stream with EFRAME', { timeout: 10000 }, async () => {
+  const [a, b] = await socketPair();
+  const et = createWraithEventTarget({ stream: a });
+  b.write(encodeFrame({ type: '__subscribe', id: '', payload: { type: 'x'.repeat(1024) } }));
+  await et.waitSubscribed('x'.repeat(1024), { timeout: 5000 });
+  b.write(encodeFrame({ type: '__subscribe', id: '', payload: { type: 'y'.repeat(1025) } }));
+  await et.closed;
+  assert.equal(et.error.code, 'EFRAME');
+  b.destroy();
+});
+
 test('close() half-closes; the peer adapter closes too; closed resolves on both', { timeout: 10000 }, async () => {
   const [a, b] = await socketPair();
   const left = createWraithEventTarget({ stream: a });

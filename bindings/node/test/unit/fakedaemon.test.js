@@ -134,6 +134,32 @@ test('garbage from the daemon is EDAEMON, for open and for a running stream', { 
   await d4.close();
 });
 
+test('a frame ws refuses (RSV bits, over maxPayload) fails the open or the stream, never the process', { timeout: 10000 }, async () => {
+  let uncaught = null;
+  const onUncaught = (e) => (uncaught = e);
+  process.on('uncaughtException', onUncaught);
+  try {
+    for (const bad of [Buffer.from([0xa2, 0x00]), Buffer.from([0x82, 0x7f, 0, 0, 0, 0, 0x10, 0, 0, 0])]) {
+      const d1 = await fakeDaemon((ws) => ws._socket.write(bad));
+      await assert.rejects(wraith.connect(opts(d1)), { code: 'EDAEMON' });
+      await d1.close();
+      const d2 = await fakeDaemon((ws) => {
+        send(ws, { type: 'opened', kind: 'connect', id: 's1' });
+        ws._socket.write(bad); // right behind 'opened', before the stream exists
+      });
+      const s = await wraith.connect(opts(d2));
+      s.resume();
+      const [err] = await once(s, 'error');
+      assert.ok(err.code, String(err));
+      await d2.close();
+    }
+    await new Promise((r) => setTimeout(r, 50));
+    assert.equal(uncaught, null, String(uncaught));
+  } finally {
+    process.off('uncaughtException', onUncaught);
+  }
+});
+
 test('refused handshake (HTTP 403), unreachable socket, no answer in time, aborted', { timeout: 20000 }, async () => {
   const d = await fakeDaemon(() => {}, { verifyClient: (info, cb) => cb(false, 403, 'Forbidden') });
   await assert.rejects(wraith.connect(opts(d)), (e) => e.code === 'EDAEMON' && e.status === 403);
