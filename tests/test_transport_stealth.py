@@ -92,6 +92,20 @@ def test_non_http_junk_gets_404_too(stealth) -> None:
         _check_nginx_404(_read_all(s, 5))
 
 
+@pytest.mark.parametrize("partial", [b"S", b"SSH", b"G", b"GET / HTTP/1.1\r\nHost: x\r\n", b"\r\nPOS"])
+def test_an_incomplete_request_is_closed_silently_like_nginx(stealth, partial: bytes) -> None:
+    """nginx waits for the rest of a request and sends nothing if it never comes: the same
+    for a partial "SSH-" as for a partial HTTP request, so neither tells SSH is behind."""
+    _, port = stealth
+    with _tls_socket(port) as s:
+        s.sendall(partial)
+        s.settimeout(1.5)
+        with pytest.raises(socket.timeout):
+            s.recv(1)  # still waiting for more
+        s.shutdown(socket.SHUT_WR)
+        assert _read_all(s, 5) == b""
+
+
 def test_idle_client_sees_nothing_then_is_closed(stealth) -> None:
     _, port = stealth
     with _tls_socket(port) as s:

@@ -6,12 +6,17 @@ bytes:
 * ``SSH-`` → the real protocol (SSH) takes over the transport; it is
   created only now, so the server's SSH banner goes out only now, and it is
   fed the bytes read so far;
-* anything else → once the request header is in (or input stops), the exact
-  response nginx gives for a missing page — status line, ``Server: nginx``,
-  ``Date``, ``Content-Type: text/html``, ``Content-Length``,
-  ``Connection: close`` and nginx's 404 HTML body — then close;
-* nothing at all → closed after ``timeout`` seconds, with nothing sent
-  (nginx's ``client_header_timeout`` behaviour).
+* anything else → once the request header is complete (the blank line), or
+  as soon as the input cannot be the start of a request (nginx rejects a bad
+  method character at once), the exact response nginx gives for a missing
+  page — status line, ``Server: nginx``, ``Date``, ``Content-Type:
+  text/html``, ``Content-Length``, ``Connection: close`` and nginx's 404 HTML
+  body — then close;
+* an incomplete request (``G``, ``GET / HTTP/1.1\r\nHost: x\r\n``, and so
+  also ``S`` or ``SSH``: nginx's method characters are ``A-Z _ -``): closed
+  with nothing sent, at EOF or after ``timeout`` seconds, what nginx does
+  (``client_header_timeout``) — a partial ``SSH-`` looks like any other
+  partial request.
 """
 
 from __future__ import annotations
@@ -38,9 +43,17 @@ NGINX_404_BODY = (
     b"</html>\r\n"
 )
 
-# how long to wait for the rest of a non-SSH request before answering it
-REQUEST_GRACE = 1.0
 MAX_REQUEST_HEADER = 16 * 1024
+_METHOD_CHARS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ_-")
+
+
+def could_be_request(data: bytes) -> bool:
+    """Whether nginx would still wait for more of ``data``: leading empty lines are
+    skipped, and a request line starts with a method of ``A-Z``, ``_`` and ``-``."""
+    data = data.lstrip(b"\r\n")
+    space = data.find(b" ")
+    method = data if space < 0 else data[:space]
+    return space != 0 and all(c in _METHOD_CHARS for c in method)
 
 
 def nginx_404(head_only: bool = False, date: str | None = None) -> bytes:
@@ -66,7 +79,6 @@ class StealthPeek(asyncio.Protocol):
         self._buf = bytearray()
         self._mode = "peek"  # peek -> ssh | http -> done
         self._timer: asyncio.TimerHandle | None = None
-        self._deadline = 0.0
 
     # -- helpers -------------------------------------------------------------------
 
@@ -88,7 +100,6 @@ class StealthPeek(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
-        self._deadline = asyncio.get_running_loop().time() + self._timeout
         self._arm(self._timeout, self._idle)
 
     def data_received(self, data: bytes) -> None:
@@ -106,11 +117,11 @@ class StealthPeek(asyncio.Protocol):
                 self._buf += data[: MAX_REQUEST_HEADER - len(self._buf)]
         else:
             return  # "done": anything sent after the answer is ignored until the close completes
-        if b"\r\n\r\n" in self._buf or b"\n\n" in self._buf or len(self._buf) >= MAX_REQUEST_HEADER:
+        buf = bytes(self._buf)
+        if (b"\r\n\r\n" in buf or b"\n\n" in buf or len(buf) >= MAX_REQUEST_HEADER
+                or not could_be_request(buf)):
             self._answer()
-        else:
-            left = self._deadline - asyncio.get_running_loop().time()
-            self._arm(max(0.0, min(REQUEST_GRACE, left)), self._answer)
+        # else: wait for the rest until the timeout set at connection_made
 
     def _handover(self) -> None:
         self._disarm()
@@ -142,17 +153,12 @@ class StealthPeek(asyncio.Protocol):
 
     def _idle(self) -> None:
         self._timer = None
-        if self._mode == "http":
-            self._answer()
-            return
         self._mode = "done"
         if self._transport is not None:
             self._transport.close()
 
     def eof_received(self) -> bool | None:
-        if self._mode == "http":
-            self._answer()
-        elif self._mode == "peek":
+        if self._mode in ("peek", "http"):  # an incomplete request: closed without an answer
             self._mode = "done"
             self._disarm()
         return None  # close our side too
