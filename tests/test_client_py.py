@@ -291,3 +291,55 @@ async def test_errors_carry_codes(env, tmp_path, procs) -> None:
         await s.wait_closed()
     finally:
         os.chdir(old)
+
+
+def test_discovery_trusts_only_a_private_daemon_json(tmp_path, monkeypatch) -> None:
+    """daemon.json and the token are read only from a directory that is ours and 0700, and
+    only if they are small regular files of ours; the tokenFile must sit beside daemon.json.
+    (In /tmp another user could create the directory first and point us at their listener,
+    with a tokenFile naming one of our secrets.)"""
+    import json
+    import os
+
+    from wraith_client import daemon as d
+
+    monkeypatch.delenv("WRAITH_DAEMON", raising=False)
+    monkeypatch.delenv("WRAITH_DAEMON_TOKEN", raising=False)
+    xdg = tmp_path / "xdg"
+    xdg.mkdir()
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(xdg))
+    home = xdg / "wraith"
+    home.mkdir(mode=0o700)
+    secret = tmp_path / "secret"
+    secret.write_text("victim-api-token\n")
+
+    def write(info: dict, token_file: str | None = None) -> None:
+        (home / "daemon.json").write_text(json.dumps({"version": 1, "pid": os.getpid(), "ws": "tcp:127.0.0.1:9",
+                                                      "events": None, "tokenFile": token_file, **info}))
+
+    (home / "token").write_text("good-token\n")
+    write({}, str(home / "token"))
+    ep = d.discover()
+    assert ep is not None and ep.source == "daemon.json" and ep.token == "good-token"
+    write({}, str(secret))  # a token file elsewhere: daemon.json is not trusted at all
+    assert d.discover() is None
+    write({"ws": 5})
+    assert d.discover() is None
+    write({}, str(home / "token"))
+    os.chmod(home, 0o755)  # a directory others can use
+    assert d.discover() is None
+    os.chmod(home, 0o700)
+    os.chown(home / "daemon.json", 65534, 65534)  # a file someone else wrote
+    assert d.discover() is None
+    os.chown(home / "daemon.json", 0, 0)
+    os.chown(home, 65534, 65534)  # a directory someone else made
+    assert d.discover() is None
+    os.chown(home, 0, 0)
+    (home / "daemon.json").unlink()
+    os.mkfifo(home / "daemon.json")  # never blocks on a FIFO
+    assert d.discover() is None
+    monkeypatch.setenv("WRAITH_DAEMON", "tcp:127.0.0.1:9")  # explicit endpoint: token from the private dir
+    assert d.discover() is not None and d.discover().token == "good-token"  # type: ignore[union-attr]
+    os.chmod(home / "token", 0o644)
+    os.chown(home / "token", 65534, 65534)
+    assert d.discover().token is None  # type: ignore[union-attr]

@@ -43,14 +43,55 @@ function pidAlive(pid) {
   }
 }
 
+const MAX_SMALL_FILE = 64 * 1024; // daemon.json and token files
+
+// The contents of `file` if it is a small regular file of ours in a directory only we can
+// use (as the daemon makes it: ours, 0700, not a symlink), else null. In /tmp another user
+// could make the directory first, with a daemon.json pointing at their listener and a
+// tokenFile naming one of our secrets: such files are never read.
+function readPrivateFile(file) {
+  const uid = process.getuid ? process.getuid() : -1;
+  let fd;
+  try {
+    const dir = fs.lstatSync(path.dirname(file));
+    if (!dir.isDirectory() || dir.uid !== uid || dir.mode & 0o077) return null;
+    fd = fs.openSync(file, fs.constants.O_RDONLY | fs.constants.O_NOFOLLOW | fs.constants.O_NONBLOCK);
+  } catch {
+    return null;
+  }
+  try {
+    const st = fs.fstatSync(fd);
+    if (!st.isFile() || st.uid !== uid || st.size > MAX_SMALL_FILE) return null;
+    const buf = Buffer.alloc(MAX_SMALL_FILE + 1);
+    const n = fs.readSync(fd, buf, 0, buf.length, 0);
+    return n <= MAX_SMALL_FILE ? buf.subarray(0, n).toString('utf8') : null;
+  } catch {
+    return null;
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
 function readDaemonJson(file) {
+  const text = readPrivateFile(file);
+  if (text === null) return null;
   let info;
   try {
-    info = JSON.parse(fs.readFileSync(file, 'utf8'));
+    info = JSON.parse(text);
   } catch {
     return null;
   }
   if (!info || typeof info !== 'object' || info.version !== 1 || typeof info.ws !== 'string') return null;
+  try {
+    parseEndpoint(info.ws, 'daemon.json');
+  } catch {
+    return null;
+  }
+  if (info.tokenFile != null) {
+    // the daemon writes its token beside daemon.json
+    if (typeof info.tokenFile !== 'string' || path.resolve(path.dirname(info.tokenFile)) !== path.resolve(path.dirname(file))) return null;
+  }
+  if (info.events != null && typeof info.events !== 'string') return null;
   if (!pidAlive(info.pid)) return null;
   return info;
 }
@@ -59,12 +100,9 @@ function tokenFor(ws, explicit, tokenFile) {
   if (!ws.startsWith('tcp:')) return null;
   if (explicit) return explicit;
   if (process.env.WRAITH_DAEMON_TOKEN) return process.env.WRAITH_DAEMON_TOKEN;
-  const file = tokenFile || path.join(defaultDir(), 'token');
-  try {
-    return fs.readFileSync(file, 'utf8').trim();
-  } catch {
-    return null;
-  }
+  const text = readPrivateFile(tokenFile || path.join(defaultDir(), 'token'));
+  const token = text === null ? '' : text.trim();
+  return token && /^[\x21-\x7e]+$/.test(token) ? token : null;
 }
 
 /** The endpoint of a running daemon, or null if there is none to find. */

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -113,12 +114,48 @@ def _pid_alive(pid: Any) -> bool:
     return True
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
+MAX_SMALL_FILE = 64 * 1024  # daemon.json and token files
+
+
+def _private_file(path: Path) -> bytes | None:
+    """The bytes of ``path`` if it is a small regular file of ours in a directory only we
+    can use (as the daemon makes it: ours, 0700, not a symlink) — else None. In /tmp
+    another user could make the directory first, with a daemon.json pointing at their
+    listener and a tokenFile naming one of our secrets: such files are never read."""
     try:
-        info = json.loads(path.read_text())
-    except (OSError, ValueError):
+        st = os.lstat(path.parent)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+            return None
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_size > MAX_SMALL_FILE:
+            return None
+        data = f.read(MAX_SMALL_FILE + 1)
+    return data if len(data) <= MAX_SMALL_FILE else None
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    data = _private_file(path)
+    if data is None:
+        return None
+    try:
+        info = json.loads(data)
+    except ValueError:
         return None
     if not isinstance(info, dict) or info.get("version") != 1 or not isinstance(info.get("ws"), str):
+        return None
+    try:
+        parse_endpoint(info["ws"])
+    except DaemonError:
+        return None
+    token_file, events = info.get("tokenFile"), info.get("events")
+    if token_file is not None and (not isinstance(token_file, str)
+                                   or Path(token_file).parent.resolve() != path.parent.resolve()):
+        return None  # the daemon writes its token beside daemon.json
+    if events is not None and not isinstance(events, str):
         return None
     if not _pid_alive(info.get("pid")):
         return None
@@ -133,11 +170,11 @@ def _token_for(ws: str, explicit: str | None, token_file: str | None) -> str | N
     env = os.environ.get("WRAITH_DAEMON_TOKEN")
     if env:
         return env
-    path = Path(token_file) if token_file else default_dir() / "token"
-    try:
-        return path.read_text().strip()
-    except OSError:
+    data = _private_file(Path(token_file) if token_file else default_dir() / "token")
+    if data is None:
         return None
+    token = data.decode("ascii", "replace").strip()
+    return token if token.isprintable() and token else None
 
 
 # -- the child daemon ---------------------------------------------------------------
