@@ -23,7 +23,7 @@ async def test_a_session_lost_before_its_watcher_ran_is_not_handed_out(keys: Key
         assert not pooled and first.session is not None
         again, pooled = await pool.acquire(opts)
         assert again is first and pooled
-        first.session._on_lost(None)  # what connection_lost does, before any task runs
+        first.session._on_lost(first.session.conn, None)  # what connection_lost does, before any task runs
         second, pooled = await pool.acquire(opts)  # no yield in between (wait_for would give one)
         assert second is not first and not pooled
         assert second.session is not None and second.session.conn is not None

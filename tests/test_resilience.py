@@ -225,3 +225,45 @@ def test_sigterm_with_100_active_streams(keys: Keys, tmp_path, procs) -> None:
         srv.close()
 
     asyncio.run(main())
+
+
+async def test_a_connection_lost_right_after_login_is_retried_not_installed(keys: Keys) -> None:
+    """The connection drops between authentication and the session taking it: the session
+    must not keep the dead connection as current (it then waited forever); it retries."""
+    from wraith_core import ConnectOptions, ServeOptions, serve
+    from wraith_core.errors import ConnectError
+    from wraith_core.ssh.client import Session
+
+    server = await serve(ServeOptions(key=str(keys.host), authorized_keys=str(keys.authorized),
+                                      listen="127.0.0.1:0"))
+    opts = ConnectOptions(server=server.addresses()[0], identity=str(keys.client), host_key=str(keys.host_pub),
+                          socks5=None)
+    drops = [1]
+
+    def dropping(session: Session) -> None:
+        original = session.connect_once
+
+        async def connect_once() -> asyncssh.SSHClientConnection:
+            conn = await original()
+            if drops[0]:
+                drops[0] -= 1
+                conn.abort()
+                await conn.wait_closed()  # connection_lost has run
+            return conn
+
+        session.connect_once = connect_once  # type: ignore[method-assign]
+
+    try:
+        once = Session(opts, reconnect=False)
+        dropping(once)
+        with pytest.raises(ConnectError):
+            await once.start()
+        drops[0] = 1
+        s = Session(opts)
+        dropping(s)
+        await s.start()
+        conn = await s.connection(timeout=10)  # the second attempt, after the first backoff step
+        assert not conn.is_closed() and s.connects == 1 and drops[0] == 0
+        await s.close()
+    finally:
+        await server.close()

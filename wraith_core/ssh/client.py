@@ -28,6 +28,7 @@ log = logging.getLogger("wraith.client")
 
 BACKOFF_START = 1.0
 BACKOFF_MAX = 30.0
+STABLE_AFTER = 30.0  # a session up this long resets the backoff
 
 StateCallback = Callable[[str, dict[str, Any]], None]
 UpHook = Callable[[asyncssh.SSHClientConnection], Awaitable[None]]
@@ -50,10 +51,14 @@ class _HostKeyPin:
 
 
 class _Owner(asyncssh.SSHClient):
+    """One per SSH connection: reports that connection's loss to its session."""
+
     def __init__(self, session: Session) -> None:
         self._session = session
+        self.conn: asyncssh.SSHClientConnection | None = None
 
     def connection_made(self, conn: asyncssh.SSHClientConnection) -> None:
+        self.conn = conn
         conn_fixes.install(conn)
 
     def validate_host_public_key(self, host: str, addr: str, port: int, key: asyncssh.SSHKey) -> bool:
@@ -64,7 +69,7 @@ class _Owner(asyncssh.SSHClient):
         return ok
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._session._on_lost(exc)
+        self._session._on_lost(self.conn, exc)
 
 
 class Session:
@@ -173,6 +178,8 @@ class Session:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     def _install(self, conn: asyncssh.SSHClientConnection) -> None:
+        if conn.is_closed() or conn.get_owner() is None:  # dropped between auth and now
+            raise ConnectError("the SSH connection was lost right after it was made", "ECONNRESET")
         self.conn = conn
         self.connects += 1
         self._lost.clear()
@@ -205,15 +212,26 @@ class Session:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, BACKOFF_MAX)
                 continue
-            delay = BACKOFF_START
+            try:
+                self._install(conn)
+            except WraithError as exc:
+                self.last_error = exc
+                log.warning("session failed: %s", exc)
+                self._state("reconnecting", error=str(exc), code=exc.code, delay=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, BACKOFF_MAX)
+                continue
             self.last_error = None
-            self._install(conn)
+            up_since = asyncio.get_running_loop().time()
             log.info("session up transport=%s", self.options.transport)
             self._state("up")
             await self._run_up_hooks()
             await self._lost.wait()
             if self._closing:
                 return
+            if asyncio.get_running_loop().time() - up_since >= STABLE_AFTER:
+                delay = BACKOFF_START  # it was up a good while: retry at once-ish
+            # else: a server that drops every session right after login gets backoff too
             log.info("session lost")
             self._state("lost")
             log.info("session retry in %ds", int(delay))
@@ -221,7 +239,9 @@ class Session:
             await asyncio.sleep(delay)
             delay = min(delay * 2, BACKOFF_MAX)
 
-    def _on_lost(self, exc: Exception | None) -> None:
+    def _on_lost(self, conn: asyncssh.SSHClientConnection | None, exc: Exception | None) -> None:
+        if conn is not None and self.conn is not None and conn is not self.conn:
+            return  # not the current connection (one that never got installed)
         self.conn = None
         self._up.clear()
         self._lost.set()
