@@ -343,3 +343,79 @@ def test_discovery_trusts_only_a_private_daemon_json(tmp_path, monkeypatch) -> N
     os.chmod(home / "token", 0o644)
     os.chown(home / "token", 65534, 65534)
     assert d.discover().token is None  # type: ignore[union-attr]
+
+
+async def _fake_daemon(tmp_path, script) -> tuple[object, str]:
+    """A scripted daemon on a Unix socket: ``script(ws, first_message)`` plays its part."""
+    import msgpack
+    from websockets.asyncio.server import unix_serve
+
+    async def handler(ws) -> None:  # type: ignore[no-untyped-def]
+        first = msgpack.unpackb(await ws.recv())
+        await script(ws, first)
+        await ws.wait_closed()
+
+    path = str(tmp_path / f"fake-{len(list(tmp_path.iterdir()))}.sock")
+    server = await unix_serve(handler, path)
+    return server, f"unix:{path}"
+
+
+async def test_a_broken_daemon_gives_errors_never_hangs_or_skips(tmp_path) -> None:
+    """No answer: a timeout. Truncated or mistyped data on a stream: EPROTO, not a silently
+    shorter stream. abort() with a daemon that stopped reading: drain() fails with a stream
+    error, wait_closed() returns."""
+    import msgpack
+    import wraith_client
+    from wraith_client.daemon import Endpoint
+    from wraith_client.stream import open_stream
+
+    async def silent(ws, first) -> None:  # type: ignore[no-untyped-def]
+        await asyncio.sleep(30)
+
+    server, ep = await _fake_daemon(tmp_path, silent)
+    ws = await Endpoint(ep).open()
+    t0 = time.monotonic()
+    with pytest.raises(wraith_client.WraithError) as info:
+        await open_stream(ws, {"type": "open", "kind": "connect", "options": {}}, timeout=1)
+    assert info.value.code == "ETIMEDOUT" and time.monotonic() - t0 < 5
+    server.close()
+
+    opened = msgpack.packb({"type": "opened", "kind": "connect", "id": "s1"})
+    good = msgpack.packb({"type": "data", "data": b"AB"}, use_bin_type=True)
+    for bad in (good[:-3], msgpack.packb({"type": "data", "data": "C"}), msgpack.packb({"type": "surprise"})):
+        async def script(ws, first, bad=bad) -> None:  # type: ignore[no-untyped-def]
+            await ws.send(opened)
+            await ws.send(good)
+            await ws.send(bad)
+            await ws.send(msgpack.packb({"type": "eof"}))
+
+        server, ep = await _fake_daemon(tmp_path, script)
+        s = await wraith_client.connect(daemon=ep, server="127.0.0.1:1", identity=b"k", host_key="SHA256:x")
+        assert await s.read(2) == b"AB"
+        with pytest.raises(wraith_client.WraithError) as info:
+            await s.read()
+        assert info.value.code == "EPROTO", bad
+        server.close()
+
+    async def no_reading(ws, first) -> None:  # type: ignore[no-untyped-def]
+        await ws.send(opened)
+        ws.transport.pause_reading()  # takes nothing more
+        await asyncio.sleep(30)
+
+    server, ep = await _fake_daemon(tmp_path, no_reading)
+    s = await wraith_client.connect(daemon=ep, server="127.0.0.1:1", identity=b"k", host_key="SHA256:x")
+    blob = bytes(1 << 20)
+
+    async def writer() -> None:
+        while True:
+            s.write(blob)
+            await s.drain()
+
+    task = asyncio.create_task(writer())
+    await asyncio.sleep(1)
+    assert not task.done()  # blocked in drain
+    s.abort()
+    with pytest.raises(wraith_client.WraithError):
+        await asyncio.wait_for(task, 5)
+    await asyncio.wait_for(s.wait_closed(), 5)
+    server.close()

@@ -99,7 +99,10 @@ async def events(topics: list[str] | None = None, daemon: str | None = None,
                 raw = await ws.recv()
             except ConnectionClosed:
                 return
-            m = _ipc.decode(raw)
+            try:
+                m = _ipc.decode(raw)
+            except _ipc.ProtocolViolation as exc:
+                raise WraithError(str(exc), "EPROTO") from None
             if m["type"] == "event":
                 yield {"event": m.get("event"), "time": m.get("time"), "data": m.get("data") or {}}
     finally:

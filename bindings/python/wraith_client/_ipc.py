@@ -48,9 +48,10 @@ def decode(raw: bytes | str) -> dict[str, Any]:
         if spec is not None:
             off = len(_DATA_PREFIX) + 1
             size, fmt = spec
-            (n,) = struct.unpack_from(fmt, raw, off)
-            if off + size + n == len(raw):
-                return {"type": "data", "data": raw[off + size:]}
+            if len(raw) >= off + size:  # else (truncated): msgpack's checks below
+                (n,) = struct.unpack_from(fmt, raw, off)
+                if off + size + n == len(raw):
+                    return {"type": "data", "data": raw[off + size:]}
     try:
         obj = msgpack.unpackb(raw, raw=False)
     except Exception as exc:

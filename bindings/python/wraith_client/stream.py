@@ -30,6 +30,8 @@ from . import _ipc
 from .errors import StreamError, WraithError
 
 _EOF = object()
+CLOSE_TIMEOUT = 10.0  # close(): the daemon takes what was written, then answers our close
+ABORT_GRACE = 1.0  # abort(): a moment for the close frame (an abort code), then the cut
 
 
 class Stream:
@@ -66,15 +68,19 @@ class Stream:
             await self._ws.close(1002)
             return
         t = msg["type"]
-        if t == "data":
-            data = msg.get("data")
-            if isinstance(data, (bytes, bytearray)) and data:
+        data = msg.get("data")
+        if t == "data" and isinstance(data, (bytes, bytearray)):
+            if data:
                 self._chunks.append(bytes(data))
         elif t == "eof":
             self._eof = True
         elif t == "error":
             self._exc = StreamError(str(msg.get("message", "")), str(msg.get("code", "ECONNRESET")))
             self._eof = True
+        else:  # data that is not bytes, or a message a stream does not get: never skip it quietly
+            self._exc = StreamError(f"the daemon broke the IPC protocol ({t!r} message on a stream)", "EPROTO")
+            self._eof = True
+            await self._ws.close(1002)
 
     def _close_error(self, exc: ConnectionClosed) -> BaseException:
         if self._exc is not None:
@@ -167,7 +173,12 @@ class Stream:
     async def drain(self) -> None:
         f = self._flusher
         if f is not None:
-            await asyncio.shield(f)
+            try:
+                await asyncio.shield(f)
+            except asyncio.CancelledError:
+                if not f.cancelled():
+                    raise  # we were cancelled, not the flusher
+                # abort() stopped the flusher: the write error below says so
         if self._werr is not None:
             raise self._werr
 
@@ -196,19 +207,29 @@ class Stream:
             except (asyncio.TimeoutError, Exception):
                 pass
         self._closing = True
+        await self._close_ws(1000, "close", CLOSE_TIMEOUT)
+
+    async def _close_ws(self, code: int, reason: str, timeout: float) -> None:
+        """The WebSocket close, bounded: a daemon that stopped reading keeps our close frame
+        queued behind the data it did not take — then the connection is cut."""
         try:
-            await self._ws.close(1000, "close")
-        except Exception:
+            await asyncio.wait_for(self._ws.close(code, reason), timeout)
+        except (asyncio.TimeoutError, Exception):
             pass
+        finally:
+            if self._ws.state is not State.CLOSED:
+                self._ws.transport.abort()
 
     def abort(self) -> None:
         """Drop everything and reset the channel (the far end sees a reset)."""
         self._closing = True
         self._pending.clear()
+        if self._werr is None:
+            self._werr = StreamError("the stream was aborted", "ECLOSED")
         if self._flusher is not None:
             self._flusher.cancel()
         if self._closed_task is None:
-            self._closed_task = asyncio.get_running_loop().create_task(self._ws.close(4000, "abort"))
+            self._closed_task = asyncio.get_running_loop().create_task(self._close_ws(4000, "abort", ABORT_GRACE))
 
     def is_closing(self) -> bool:
         return self._closing or self._closed_task is not None
@@ -258,11 +279,26 @@ async def send_data(ws: ClientConnection, payload: bytes) -> None:
     await ws.drain()
 
 
-async def open_stream(ws: ClientConnection, open_msg: dict[str, Any]) -> Stream:
+DEFAULT_ANSWER_TIMEOUT = 60.0  # for an open without connectTimeout (as the Node package)
+
+
+def answer_timeout(open_msg: dict[str, Any]) -> float:
+    """How long to wait for the daemon's answer: the SSH connect it may have to make, plus slack."""
+    options = open_msg.get("options") or {}
+    connect = options.get("connectTimeout") if isinstance(options, dict) else None
+    return float(connect) + 10.0 if isinstance(connect, (int, float)) else DEFAULT_ANSWER_TIMEOUT
+
+
+async def open_stream(ws: ClientConnection, open_msg: dict[str, Any], timeout: float | None = None) -> Stream:
     """Send ``open`` on a fresh WebSocket and wait for ``opened`` (or raise the ``error``)."""
+    wait = answer_timeout(open_msg) if timeout is None else timeout
     try:
         await ws.send(_ipc.encode(open_msg))
-        raw = await ws.recv()
+        try:
+            raw = await asyncio.wait_for(ws.recv(), wait)
+        except asyncio.TimeoutError:
+            ws.transport.abort()
+            raise WraithError(f"no answer from the wraith daemon within {wait:g} s", "ETIMEDOUT") from None
         msg = _ipc.decode(raw)
     except ConnectionClosed:
         raise WraithError("the daemon closed the connection before answering", "EDAEMON") from None
