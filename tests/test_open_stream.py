@@ -160,3 +160,21 @@ async def test_channel_answered_after_its_opener_gave_up_is_closed(keys: Keys, t
         p.signal(signal.SIGCONT)
         await session.close()
         srv.close()
+
+
+async def test_two_concurrent_readers_is_an_error_not_a_hang() -> None:
+    """As asyncio's StreamReader: a second read() while one waits raises RuntimeError (it
+    overwrote the first reader's waiter, which then never woke, even at EOF)."""
+    from wraith_core.duplex import DuplexStream
+
+    s = DuplexStream()
+    first = asyncio.create_task(s.read(10))
+    await asyncio.sleep(0)
+    with pytest.raises(RuntimeError):
+        await s.read(10)
+    s.data_received(b"hello")
+    assert await asyncio.wait_for(first, 5) == b"hello"
+    second = asyncio.create_task(s.read(10))
+    await asyncio.sleep(0)
+    s.eof_received()
+    assert await asyncio.wait_for(second, 5) == b""

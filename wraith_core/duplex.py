@@ -114,6 +114,8 @@ class DuplexStream:
     async def _wait_data(self) -> None:
         if self._buf or self._eof:
             return
+        if self._read_waiter is not None:  # as asyncio's StreamReader: one reader at a time
+            raise RuntimeError("read() called while another coroutine is already waiting for data")
         self._read_waiter = asyncio.get_running_loop().create_future()
         try:
             await self._read_waiter
