@@ -87,6 +87,32 @@ def test_bad_flags_and_combinations(keys: Keys) -> None:
     one_line_error(["serve", "--key", str(keys.host)], "authorized-keys")
     one_line_error(["connect", "--peer", "abc", "--identity", str(keys.client), "--accept-any-host-key"],
                    "--transport iroh")
+    c = ["connect", "--server", "127.0.0.1:1", "--identity", str(keys.client), "--accept-any-host-key"]
+    for extra, needle in ((["--keepalive-interval", "-1"], "--keepalive-interval"),
+                          (["--keepalive-count-max", "0"], "--keepalive-count-max"),
+                          (["--half-open-timeout", "-1"], "--half-open-timeout"),
+                          (["--window", "99999999999", "--max-pktsize", "99999999999"], "window"),
+                          (["--proxy", "http://[::1"], "--proxy"),
+                          (["--identity", str(keys.dir)], "is a directory")):
+        one_line_error(c + extra, needle)
+    s = ["serve", "--key", str(keys.host), "--authorized-keys", str(keys.authorized)]
+    for extra, needle in ((["--login-grace-time", "-1"], "--login-grace-time"),
+                          (["--transport", "tls", "--tls-cert", "x", "--tls-key", "y", "--stealth",
+                            "--stealth-timeout", "0"], "--stealth-timeout")):
+        one_line_error(s + extra, needle)
+    one_line_error(["serve", "--key", str(keys.dir), "--authorized-keys", str(keys.authorized)], "is a directory")
+
+
+def test_keygen_errors_and_a_private_key_always_0600(tmp_path) -> None:
+    one_line_error(["keygen", str(tmp_path), "--force"], "cannot write the key")
+    one_line_error(["keygen", "/proc/no-such-dir/k"], "cannot write the key")
+    old = tmp_path / "k"
+    old.write_text("old")
+    os.chmod(old, 0o644)
+    out = run(wraith("keygen", str(old), "--force"), timeout=20)
+    assert out.returncode == 0, out.stderr
+    assert os.stat(old).st_mode & 0o777 == 0o600 and old.read_text().startswith("-----BEGIN OPENSSH")
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp file left
 
 
 def test_listen_port_in_use(keys: Keys, tmp_path, procs) -> None:

@@ -114,7 +114,10 @@ class ProxyURL:
 
 
 def parse_proxy(url: str) -> ProxyURL:
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:  # e.g. "http://[::1" (unterminated IPv6 literal)
+        raise UsageError(f"--proxy: invalid URL {url!r} ({exc})") from None
     scheme = parts.scheme.lower()
     if scheme in ("socks5h",):
         scheme = "socks5"

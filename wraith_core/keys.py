@@ -52,6 +52,7 @@ def read_small_file(path: Path, what: str, error: type[Exception] = KeyError_) -
     are refused without reading (the open does not wait for a FIFO's writer)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        st = os.fstat(fd)
     except FileNotFoundError:
         raise error(f"{what} file not found: {path}") from None
     except IsADirectoryError:
@@ -60,12 +61,12 @@ def read_small_file(path: Path, what: str, error: type[Exception] = KeyError_) -
         raise error(f"{what} file not readable (permission denied): {path}") from None
     except OSError as exc:
         raise error(f"{what} file cannot be opened: {path}: {exc.strerror}") from None
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):  # checked before fdopen, which refuses directories itself
+        os.close(fd)
         if stat.S_ISDIR(st.st_mode):
             raise error(f"{what} path is a directory: {path}")
-        if not stat.S_ISREG(st.st_mode):
-            raise error(f"{what} is not a regular file: {path}")
+        raise error(f"{what} is not a regular file: {path}")
+    with os.fdopen(fd, "rb") as f:
         data = f.read(MAX_FILE + 1)
     if len(data) > MAX_FILE:
         raise error(f"{what} file is larger than {MAX_FILE >> 20} MiB: {path}")
@@ -148,10 +149,22 @@ def fingerprint(key: asyncssh.SSHKey) -> str:
 def generate_ed25519(path: Path, comment: str = "wraith") -> tuple[Path, Path]:
     """Write an ed25519 key pair (``path`` 0600 and ``path.pub``)."""
     key = asyncssh.generate_private_key("ssh-ed25519", comment=comment)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(key.export_private_key("openssh"))
     pub = Path(str(path) + ".pub")
-    pub.write_bytes(key.export_public_key("openssh"))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # a new file, 0600 from birth (O_TRUNC on an existing one would keep its wider mode)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(key.export_private_key("openssh"))
+            if path.is_dir():
+                raise IsADirectoryError(21, "Is a directory")
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        pub.write_bytes(key.export_public_key("openssh"))
+    except OSError as exc:
+        raise KeyError_(f"cannot write the key to {path}: {exc.strerror or exc}") from None
     return path, pub

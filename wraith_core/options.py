@@ -26,6 +26,22 @@ DEFAULT_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20
                    "aes128-ctr", "aes256-ctr")
 
 
+UINT32_MAX = 0xFFFF_FFFF
+
+
+def _at_least(opts: object, name: str, low: float, hint: str = "") -> None:
+    value = getattr(opts, name)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value or value < low:
+        flag = "--" + name.replace("_", "-")
+        raise UsageError(f"{flag} must be a number of at least {low}" + (f" ({hint})" if hint else ""))
+
+
+def _positive(opts: object, name: str) -> None:
+    value = getattr(opts, name)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0 or value == float("inf"):
+        raise UsageError(f"--{name.replace('_', '-')} must be a number above 0")
+
+
 def _env(name: str) -> str | None:
     return os.environ.get(name) or None
 
@@ -60,6 +76,11 @@ class _Common:
             raise UsageError("max_pktsize must be at least 1024")
         if self.window < self.max_pktsize:
             raise UsageError("window must be at least max_pktsize")
+        if self.window > UINT32_MAX:
+            raise UsageError(f"window must be at most {UINT32_MAX} (an SSH uint32)")
+        _at_least(self, "keepalive_interval", 0, "0 turns keepalives off")
+        _at_least(self, "keepalive_count_max", 1)
+        _at_least(self, "half_open_timeout", 0, "0 means never")
         if self.proxy is not None:
             parse_proxy(self.proxy)
 
@@ -115,6 +136,8 @@ class ConnectOptions(_Common):
             )
         if self.socks5_auth is not None and ":" not in self.socks5_auth:
             raise UsageError("--socks5-auth expects USER:PASS")
+        _positive(self, "connect_timeout")
+        _at_least(self, "session_wait", 0)
         self.server_address()
         if self.socks5:
             self.socks5_address()
@@ -184,6 +207,10 @@ class ServeOptions(_Common):
             raise UsageError("--max-auth-attempts must be at least 1")
         if self.max_connections_per_ip < 0:
             raise UsageError("--max-connections-per-ip must be 0 (unlimited) or more")
+        _positive(self, "stealth_timeout")
+        _positive(self, "login_grace_time")
+        _positive(self, "connect_timeout")
+        _at_least(self, "drain_time", 0)
         if self.transport != "iroh":
             self.listen_address()
 
