@@ -267,3 +267,48 @@ async def test_a_connection_lost_right_after_login_is_retried_not_installed(keys
         await s.close()
     finally:
         await server.close()
+
+
+async def test_a_channel_open_the_server_never_answers_times_out(keys: Keys, monkeypatch) -> None:
+    """A server that keeps the session alive but never answers a CHANNEL_OPEN: open_stream
+    fails with ETIMEDOUT after the connect timeout (plus slack), a SOCKS client gets a
+    failure reply within the handshake timeout — neither waits forever."""
+    from wraith_core import ConnectOptions
+    from wraith_core.errors import ChannelError
+    from wraith_core.socks import Socks5Listener
+    from wraith_core.ssh import channels
+    from wraith_core.ssh.client import Session
+
+    class Silent(asyncssh.SSHServer):
+        def begin_auth(self, username: str) -> bool:
+            return False  # no auth needed: this server only has to hold channel opens
+
+        def connection_requested(self, *args: object) -> object:
+            return asyncio.Event().wait()  # an answer that never comes
+
+    port = free_port()
+    server = await asyncssh.create_server(Silent, "127.0.0.1", port, server_host_keys=[str(keys.host)])
+    monkeypatch.setattr(channels, "OPEN_SLACK", 0.5)
+    session = Session(ConnectOptions(server=f"127.0.0.1:{port}", identity=str(keys.client),
+                                     accept_any_host_key=True, socks5=None, connect_timeout=0.5))
+    try:
+        await session.start()
+        await session.connection(timeout=10)
+        manager = channels.ChannelManager(session)
+        t0 = time.monotonic()
+        with pytest.raises(ChannelError) as info:
+            await manager.open_stream("127.0.0.1", 9)
+        assert info.value.code == "ETIMEDOUT" and time.monotonic() - t0 < 5
+        socks = Socks5Listener(manager, "127.0.0.1", 0, handshake_timeout=1.0)
+        await socks.start()
+        reader, writer = await asyncio.open_connection("127.0.0.1", socks.port)
+        writer.write(b"\x05\x01\x00")
+        assert await reader.readexactly(2) == b"\x05\x00"
+        writer.write(b"\x05\x01\x00\x01\x7f\x00\x00\x01\x00\x09")
+        reply = await asyncio.wait_for(reader.readexactly(10), 5)
+        assert reply[1] == 0x01 and await reader.read() == b""
+        writer.close()
+        socks.close()
+    finally:
+        await session.close()
+        server.close()

@@ -1,8 +1,9 @@
 """The SOCKS5 listener: protocol/socks5 + channel manager + the one relay.
 
 The success reply is sent only after the SSH channel has opened; failures map
-to SOCKS5 reply codes. Domain names go to the server unresolved (SOCKS5h).
-Targets are never logged.
+to SOCKS5 reply codes, and a channel not open within the handshake timeout
+(30 s from the connection) gets a general-failure reply. Domain names go to
+the server unresolved (SOCKS5h). Targets are never logged.
 """
 
 from __future__ import annotations
@@ -42,6 +43,14 @@ class _SocksConn(asyncio.Protocol):
         self._timer = asyncio.get_running_loop().call_later(self._listener.handshake_timeout, self._expire)
 
     def _expire(self) -> None:
+        self._timer = None
+        if self._waiting:  # the channel did not open in time: a failure reply, not silence
+            log.debug("socks5 channel open timed out")
+            self._lost = True  # a late answer finds us gone (and closes its channel)
+            self._codec.reply(Reply.GENERAL_FAILURE)
+            self._transport.write(self._codec.data_to_send())
+            self._transport.close()
+            return
         log.debug("socks5 handshake timed out")
         self._transport.abort()
 
@@ -65,8 +74,7 @@ class _SocksConn(asyncio.Protocol):
                 self._transport.close()
                 return
             if isinstance(event, ConnectRequest):
-                self._cancel_timer()
-                self._waiting = True
+                self._waiting = True  # the timer runs on: it also bounds the wait for the channel
                 if len(codec.trailing_data) >= HOLD_LIMIT:
                     self._paused = True
                     self._transport.pause_reading()
@@ -104,6 +112,7 @@ class _SocksConn(asyncio.Protocol):
             done(None)
 
     def _opened(self, sock_end: RelayEnd, chan_end: RelayEnd, failure: ChannelOpenFailed | None) -> None:
+        self._cancel_timer()
         codec, transport = self._codec, self._transport
         if failure is not None:
             if not self._lost:

@@ -42,6 +42,11 @@ _REPLY_CODES = {
 }
 
 
+# A channel open waits for the server's answer this long past the connect timeout (the
+# server's own dial to the target is bounded by its connect timeout).
+OPEN_SLACK = 10.0
+
+
 class ChannelOpenFailed(ChannelError):
     def __init__(self, message: str, reply: Reply, code: str | None = None) -> None:
         super().__init__(message, code or _REPLY_CODES.get(reply, "ECHANNEL"))
@@ -190,7 +195,12 @@ class ChannelManager:
                 end.abort()  # the caller gave up meanwhile: do not leave the channel open
 
         if self.session.conn is conn and self.start_open(end, host, port, done):
-            failure = await answer
+            wait = self.session.options.connect_timeout + OPEN_SLACK
+            try:
+                failure = await asyncio.wait_for(answer, wait)
+            except asyncio.TimeoutError:  # a late answer then finds `answer` done: its channel is closed
+                raise ChannelOpenFailed(f"the server did not answer the channel open within {wait:g} s",
+                                        Reply.GENERAL_FAILURE, "ETIMEDOUT") from None
             if failure is not None:
                 raise failure
             return
