@@ -419,3 +419,27 @@ async def test_a_broken_daemon_gives_errors_never_hangs_or_skips(tmp_path) -> No
         await asyncio.wait_for(task, 5)
     await asyncio.wait_for(s.wait_closed(), 5)
     server.close()
+
+
+async def test_a_serve_control_with_a_broken_incoming_message_ends_cleanly(tmp_path) -> None:
+    """An ``incoming`` without an id (or any message a serve control does not get) is a
+    protocol error: the server's iteration ends; nothing raises KeyError in a task."""
+    import msgpack
+    import wraith_client
+
+    async def script(ws, first) -> None:  # type: ignore[no-untyped-def]
+        await ws.send(msgpack.packb({"type": "opened", "kind": "serve", "id": "v1", "addresses": ["127.0.0.1:1"]}))
+        await ws.send(msgpack.packb({"type": "incoming", "info": {}}))
+
+    server, ep = await _fake_daemon(tmp_path, script)
+    srv = await wraith_client.serve(daemon=ep, key=b"k", authorized_keys=b"a")
+    got = []
+
+    async def drain_server() -> None:
+        async for item in srv:
+            got.append(item)
+
+    await asyncio.wait_for(drain_server(), 5)
+    assert got == []
+    await srv.close()
+    server.close()

@@ -8,8 +8,11 @@ traffic went through them; a dead proxy means no tunnel, never a direct one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import struct
+from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -182,6 +185,16 @@ def test_server_dead_proxy_refuses_channel(keys, tmp_path, procs) -> None:
         target.close()
 
 
+@contextlib.asynccontextmanager
+async def _serving(handler: Any) -> AsyncIterator[int]:
+    """A scripted peer (a fake proxy) on a loopback port for the duration."""
+    srv = await asyncio.start_server(handler, "127.0.0.1", 0)
+    try:
+        yield srv.sockets[0].getsockname()[1]
+    finally:
+        srv.close()
+
+
 @pytest.mark.parametrize("split", [False, True])
 async def test_http_connect_keeps_bytes_after_reply(split: bool) -> None:
     """A target that speaks first: bytes the proxy sends right behind its reply header belong to
@@ -204,17 +217,13 @@ async def test_http_connect_keeps_bytes_after_reply(split: bool) -> None:
         await r.read()
         w.close()
 
-    srv = await asyncio.start_server(fake_proxy, "127.0.0.1", 0)
-    port = srv.sockets[0].getsockname()[1]
-    try:
+    async with _serving(fake_proxy) as port:
         sock = await dial_via_proxy(parse_proxy(f"http://u:p%40ss@127.0.0.1:{port}"), "db.internal", 5432, 5)
         reader, writer = await asyncio.open_connection(sock=sock)
         assert await asyncio.wait_for(reader.readline(), 5) == b"SSH-2.0-target-speaks-first\r\n"
         writer.close()
         assert seen[0].startswith(b"CONNECT db.internal:5432 HTTP/1.1\r\nHost: db.internal:5432\r\n")
         assert b"Proxy-Authorization: Basic dTpwQHNz\r\n" in seen[0]  # u:p@ss
-    finally:
-        srv.close()
 
 
 @pytest.mark.parametrize("code,want", [(5, 5), (4, 4), (3, 3), (2, 1), (1, 1)])
@@ -233,14 +242,10 @@ async def test_socks_proxy_failure_codes_reach_the_client(code: int, want: int) 
         await w.drain()
         w.close()
 
-    srv = await asyncio.start_server(fake, "127.0.0.1", 0)
-    port = srv.sockets[0].getsockname()[1]
-    try:
+    async with _serving(fake) as port:
         with pytest.raises(DialError) as info:
             await dial(asyncio.Protocol(), "db.internal", 5432, 5, parse_proxy(f"socks5://127.0.0.1:{port}"))
         assert reply_for_reason(info.value.reason) == want, info.value.reason
-    finally:
-        srv.close()
 
 
 async def test_http_connect_failure_replies() -> None:
@@ -253,14 +258,10 @@ async def test_http_connect_failure_replies() -> None:
         await w.drain()
         w.close()
 
-    srv = await asyncio.start_server(deny, "127.0.0.1", 0)
-    port = srv.sockets[0].getsockname()[1]
-    try:
+    async with _serving(deny) as port:
         with pytest.raises(ProxyDialError) as info:
             await dial_via_proxy(parse_proxy(f"http://127.0.0.1:{port}"), "x", 1, 5)
         assert "authentication failed" in str(info.value) and "407" in str(info.value)
-    finally:
-        srv.close()
     with pytest.raises(ProxyDialError) as info:
         await dial_via_proxy(parse_proxy(f"http://127.0.0.1:{free_port()}"), "x", 1, 5)
     assert "cannot reach proxy" in str(info.value)

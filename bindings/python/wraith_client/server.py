@@ -55,12 +55,17 @@ class Server:
         try:
             async for raw in self._ws:
                 msg = _ipc.decode(raw)
-                if msg["type"] == "incoming":
-                    self._spawn(self._accept(str(msg["id"]), ConnectionInfo.from_wire(msg.get("info") or {})))
+                info = msg.get("info")
+                if msg["type"] == "incoming" and isinstance(msg.get("id"), str) and isinstance(info, (dict, type(None))):
+                    self._spawn(self._accept(msg["id"], ConnectionInfo.from_wire(info or {})))
                 elif msg["type"] == "error":
                     log.warning("wraith server %s: %s %s", self.id, msg.get("code"), msg.get("message"))
-        except (ConnectionClosed, _ipc.ProtocolViolation):
-            pass
+                else:
+                    raise _ipc.ProtocolViolation(f"unexpected {msg['type']!r} message on a serve control")
+        except (ConnectionClosed, _ipc.ProtocolViolation) as exc:
+            if isinstance(exc, _ipc.ProtocolViolation):
+                log.warning("wraith server %s: the daemon broke the IPC protocol: %s", self.id, exc)
+                await self._ws.close(1002)
         finally:
             self._closed = True
             self._queue.put_nowait(None)
