@@ -421,7 +421,7 @@ async def test_a_broken_daemon_gives_errors_never_hangs_or_skips(tmp_path) -> No
     server.close()
 
 
-async def test_a_serve_control_with_a_broken_incoming_message_ends_cleanly(tmp_path) -> None:
+async def test_a_serve_control_with_a_broken_incoming_message_ends_cleanly(tmp_path, caplog) -> None:
     """An ``incoming`` without an id (or any message a serve control does not get) is a
     protocol error: the server's iteration ends; nothing raises KeyError in a task."""
     import msgpack
@@ -441,5 +441,6 @@ async def test_a_serve_control_with_a_broken_incoming_message_ends_cleanly(tmp_p
 
     await asyncio.wait_for(drain_server(), 5)
     assert got == []
+    assert any("broke the IPC protocol" in r.getMessage() for r in caplog.records)
     await srv.close()
     server.close()
