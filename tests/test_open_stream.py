@@ -178,3 +178,25 @@ async def test_two_concurrent_readers_is_an_error_not_a_hang() -> None:
     await asyncio.sleep(0)
     s.eof_received()
     assert await asyncio.wait_for(second, 5) == b""
+
+
+async def test_a_session_that_drops_is_a_connection_error_on_the_stream(keys: Keys) -> None:
+    """The SSH session under an open stream goes away: the stream's reader gets a
+    ConnectionError (ECONNRESET), like a socket's — not one of asyncssh's own exceptions."""
+    from wraith_core import ServeOptions, serve
+
+    target = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    tport = target.sockets[0].getsockname()[1]
+    server = await serve(ServeOptions(key=str(keys.host), authorized_keys=str(keys.authorized),
+                                      listen="127.0.0.1:0"))
+    opts = ConnectOptions(server=server.addresses()[0], identity=str(keys.client), host_key=str(keys.host_pub),
+                          socks5=None)
+    try:
+        s = await open_stream(opts, target=f"127.0.0.1:{tport}")
+        for c in list(server.runner.conns):  # the TCP connection dies, no SSH disconnect
+            c._conn._transport.abort()  # type: ignore[union-attr]
+        with pytest.raises(ConnectionError):
+            await asyncio.wait_for(s.read(), 10)
+    finally:
+        await server.close()
+        target.close()

@@ -312,3 +312,33 @@ async def test_a_channel_open_the_server_never_answers_times_out(keys: Keys, mon
     finally:
         await session.close()
         server.close()
+
+
+async def test_an_unexpected_error_in_a_connect_attempt_is_retried(keys: Keys, monkeypatch) -> None:
+    """Whatever a connect attempt raises (here EOFError from deep in a transport) is one failed
+    attempt: the session retries instead of its reconnect task dying silently."""
+    from wraith_core import ConnectOptions, ServeOptions, serve
+    from wraith_core.ssh import client as ssh_client
+
+    server = await serve(ServeOptions(key=str(keys.host), authorized_keys=str(keys.authorized),
+                                      listen="127.0.0.1:0"))
+    real = ssh_client.asyncssh.connect
+    calls = []
+
+    async def flaky(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        if len(calls) == 1:
+            raise EOFError("transport went away oddly")
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(ssh_client.asyncssh, "connect", flaky)
+    s = ssh_client.Session(ConnectOptions(server=server.addresses()[0], identity=str(keys.client),
+                                          host_key=str(keys.host_pub), socks5=None))
+    try:
+        await s.start()
+        conn = await s.connection(timeout=10)
+        assert not conn.is_closed() and len(calls) == 2
+        assert s.last_error is None
+    finally:
+        await s.close()
+        await server.close()

@@ -16,6 +16,7 @@ paused (for a channel that stops window updates, so the sender slows down).
 from __future__ import annotations
 
 import asyncio
+import errno
 from typing import Any
 
 DEFAULT_LIMIT = 1024 * 1024
@@ -71,7 +72,10 @@ class DuplexStream:
 
     def connection_lost(self, exc: BaseException | None) -> None:
         if exc is not None:
-            self._exc = exc
+            # an SSH session that dropped (asyncssh's ConnectionLost, DisconnectError) is a
+            # reset for the stream's user, as a socket's would be: a ConnectionError
+            self._exc = exc if isinstance(exc, OSError) else ConnectionResetError(
+                errno.ECONNRESET, f"connection lost: {exc}")
         elif not self._eof and not self._local_close:
             self._exc = ConnectionResetError("stream closed by peer before EOF")
         self._eof = True

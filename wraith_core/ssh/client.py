@@ -167,6 +167,9 @@ class Session:
         except (asyncssh.Error, OSError, ValueError) as exc:
             text = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
             raise ConnectError(f"SSH connection to {self.connector.describe()} failed: {text}") from None
+        except Exception as exc:  # anything else a transport raises: one failed attempt, not the end of retrying
+            raise ConnectError(f"SSH connection to {self.connector.describe()} failed: "
+                               f"{type(exc).__name__}: {exc}") from None
         return conn
 
     async def start(self) -> None:
