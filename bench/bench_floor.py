@@ -3,10 +3,11 @@
 Side by side in one run, probes interleaved (connect + SOCKS5 CONNECT + one byte each way, as
 bench_core.py): ``ssh -D``→``sshd``, ``wraith connect``→``wraith serve``, and the two minimal
 Python relays of floor_relay.py (no SSH, no encryption): ``late`` replies to SOCKS5 after the
-server confirmed, as wraith must; ``early`` replies at once, as OpenSSH does. Prints medians and
-ratios to OpenSSH. The gap between ``floor-late`` and ``wraith`` is what SSH, encryption and
-wraith's own work per hop cost; between ``floor-early`` and ``floor-late``, the SPEC's
-reply-after-open rule. Usage:
+server confirmed, as wraith must and as ``ssh -D`` does too (measured: its success reply comes
+one SSH round trip after the request, and a refused target gets no reply, only a close);
+``early`` replies at once, which neither does — a lower bound. Prints medians and ratios to
+OpenSSH. ``floor-late`` is the like-for-like floor of a Python relay; the gap between it and
+``wraith`` is what SSH, encryption and wraith's own work per hop cost. Usage:
 
     python3 bench/bench_floor.py [--probes 2000]
 """

@@ -4,8 +4,9 @@ Two processes like ``wraith connect`` and ``wraith serve`` (uvloop, protocol cal
 tasks on the hot path), joined by one plain TCP link with 7-byte frames: no SSH, no
 encryption, no channel windows, no SOCKS codec, no logging — the least Python can do per
 hop. ``late``: the SOCKS5 success reply waits for the server's confirmation, as wraith's
-SPEC requires; ``early``: replied at once and the client's first bytes held until the
-confirmation, as OpenSSH's ``ssh -D`` does. Not a product: a yardstick for bench_floor.py.
+SPEC requires (and as ``ssh -D`` behaves); ``early``: replied at once and the client's first
+bytes held until the confirmation — a lower bound no SSH client reaches. Not a product: a
+yardstick for bench_floor.py.
 
     python3 bench/floor_relay.py server PORT TARGET_PORT
     python3 bench/floor_relay.py client SERVER_PORT SOCKS_PORT late|early
