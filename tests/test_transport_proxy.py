@@ -195,8 +195,8 @@ async def _serving(handler: Any) -> AsyncIterator[int]:
         srv.close()
 
 
-@pytest.mark.parametrize("split", [False, True])
-async def test_http_connect_keeps_bytes_after_reply(split: bool) -> None:
+@pytest.mark.parametrize("split", [False, True, "lf"])
+async def test_http_connect_keeps_bytes_after_reply(split: bool | str) -> None:
     """A target that speaks first: bytes the proxy sends right behind its reply header belong to
     the stream (python-socks' HTTP CONNECT dropped them), also when the header arrives in pieces."""
     from wraith_core.addr import parse_proxy
@@ -206,7 +206,9 @@ async def test_http_connect_keeps_bytes_after_reply(split: bool) -> None:
 
     async def fake_proxy(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         seen.append(await r.readuntil(b"\r\n\r\n"))
-        if split:
+        if split == "lf":  # bare LF line ends (RFC 9112 allows them)
+            w.write(b"HTTP/1.1 200 Connection established\nProxy-agent: x\n\nSSH-2.0-target-speaks-first\r\n")
+        elif split:
             w.write(b"HTTP/1.1 200 Connection established\r\n\r")
             await w.drain()
             await asyncio.sleep(0.2)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import re
 import socket
 
 from python_socks import ProxyConnectionError, ProxyError, ProxyTimeoutError, ProxyType
@@ -87,7 +88,7 @@ async def _http_connect(proxy: ProxyURL, host: str, port: int) -> socket.socket:
             request += f"Proxy-Authorization: Basic {token}\r\n"
         await loop.sock_sendall(sock, (request + "\r\n").encode())
         head = await _read_reply_header(loop, sock)
-        status = head.split(b"\r\n", 1)[0].decode("latin-1")
+        status = head.split(b"\n", 1)[0].rstrip(b"\r").decode("latin-1")
         parts = status.split(" ", 2)
         if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
             raise ProxyDialError(f"proxy sent an invalid CONNECT reply: {status[:80]!r}", "proxy")
@@ -117,6 +118,10 @@ async def _tcp_connect(host: str, port: int) -> socket.socket:
     raise last
 
 
+# the blank line after the header; HTTP/1.1 allows bare LF line ends (RFC 9112 §2.2)
+_HEADER_END = re.compile(rb"\r?\n\r?\n")
+
+
 async def _read_reply_header(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> bytes:
     """Bytes up to and including the blank line that ends the reply header, and not one more."""
     buf = b""
@@ -128,11 +133,10 @@ async def _read_reply_header(loop: asyncio.AbstractEventLoop, sock: socket.socke
             continue
         if not peek:
             raise ProxyDialError("proxy closed the connection during CONNECT", "proxy")
-        start = max(0, len(buf) - 3)
-        end = (buf + peek).find(b"\r\n\r\n", start)
-        take = len(peek) if end < 0 else end + 4 - len(buf)
+        m = _HEADER_END.search(buf + peek, max(0, len(buf) - 3))
+        take = len(peek) if m is None else m.end() - len(buf)
         buf += _recv_exactly(sock, take)  # already queued: no waiting
-        if end >= 0:
+        if m is not None:
             return buf
         if len(buf) >= MAX_REPLY_HEADER:
             raise ProxyDialError("proxy sent an oversized CONNECT reply", "proxy")
