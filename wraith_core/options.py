@@ -11,6 +11,7 @@ import getpass
 import os
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
+from urllib.parse import urlsplit
 
 from .addr import ForwardSpec, ProxyURL, parse_forward, parse_hostport, parse_proxy
 from .errors import UsageError
@@ -83,6 +84,15 @@ class _Common:
         _at_least(self, "half_open_timeout", 0, "0 means never")
         if self.proxy is not None:
             parse_proxy(self.proxy)
+        relay = (self.iroh_relay or "").strip()
+        if relay and relay.lower() != "none":
+            try:
+                parts = urlsplit(relay)
+                ok = parts.scheme in ("http", "https") and bool(parts.hostname)
+            except ValueError:
+                ok = False
+            if not ok:
+                raise UsageError(f"--iroh-relay: expected an http(s):// relay URL or none, got {relay!r}")
 
     def proxy_url(self) -> ProxyURL | None:
         return parse_proxy(self.proxy) if self.proxy else None

@@ -49,6 +49,11 @@ class TunOptions:
     bypass: list[IPNetwork] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        # the library takes strings too (as the CLI's flags): "10.0.0.1/24", ["203.0.113.7/32"]
+        self.tun_addr = ipaddress.IPv4Interface(self.tun_addr)
+        if self.tun_addr6 is not None:
+            self.tun_addr6 = ipaddress.IPv6Interface(self.tun_addr6)
+        self.bypass = [ipaddress.ip_network(b) for b in self.bypass]
         if self.dns_addr is None:
             nxt = self.tun_addr.ip + 1
             net = self.tun_addr.network
@@ -121,7 +126,12 @@ async def run_device(opts: TunOptions, stop: asyncio.Event | None = None) -> int
     stop_event = stop or asyncio.Event()
     try:
         if opts.setup:
-            bypass = list(opts.bypass) + await _socks_bypass(opts)
+            auto = await _socks_bypass(opts)
+            if not opts.bypass and not auto:  # a local SOCKS5 server: wraith connect on this machine
+                log.warning("--setup without --bypass: the tunnel's own connection to its server is routed "
+                            "into the TUN too and will loop (unless it reaches the server through a route "
+                            "more specific than /1); give --bypass SERVER_IP/32")
+            bypass = list(opts.bypass) + auto
             routes = RouteSetup(dev.name, bypass, ipv6=opts.tun_addr6 is not None)
             routes.apply()
         shim.start()

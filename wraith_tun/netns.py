@@ -66,7 +66,9 @@ async def spawn(cmd: list[str], iface: ipaddress.IPv4Interface, mtu: int, dns_ad
     os.chmod(tmpdir.name, 0o755)
     os.chmod(resolv, 0o644)
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    args = [sys.executable, "-m", "wraith_tun.netns", "--sock-fd", str(child.fileno()),
+    # -P: the helper runs as root; the current directory (maybe someone else's, with a planted
+    # wraith_tun/) must not come first on its import path
+    args = [sys.executable, "-P", "-m", "wraith_tun.netns", "--sock-fd", str(child.fileno()),
             "--tun-addr", str(iface), "--mtu", str(mtu), "--resolv", resolv]
     if name:
         args += ["--tun-name", name]

@@ -21,6 +21,12 @@ class RouteError(Exception):
     pass
 
 
+# Routes we add carry this routing protocol number (`ip route show proto 213`), so a run that
+# was killed can be cleaned up by the next one without touching anybody else's routes.
+PROTO = "213"
+TAKEOVER = ("0.0.0.0/1", "128.0.0.0/1", "::/1", "8000::/1")
+
+
 def _ip(*args: str) -> str:
     try:
         r = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=10)
@@ -39,11 +45,32 @@ class RouteSetup:
         self._added: list[list[str]] = []
 
     def _add(self, spec: list[str]) -> None:
-        _ip("route", "add", *spec)
+        _ip("route", "add", *spec, "proto", PROTO)
         self._added.append(spec)
+
+    def _clear_leftovers(self) -> None:
+        """Routes of ours that a killed run left behind: its /1 routes went with its TUN
+        device, its bypass routes did not. If /1 routes of ours are still there, another
+        instance is active: refuse rather than take its routes away."""
+        for family in ("-4", "-6"):
+            try:
+                routes = json.loads(_ip(family, "-j", "route", "show", "proto", PROTO) or "[]")
+            except ValueError as e:
+                raise RouteError("cannot parse the routing table") from e
+            except RouteError:
+                if family == "-4" or self.ipv6:
+                    raise
+                continue  # no IPv6 on this machine: nothing of ours there
+            if any(r.get("dst") in TAKEOVER for r in routes):
+                raise RouteError("another wraith-tun --setup is active (its routes take over the default "
+                                 "route); stop it first")
+            for r in routes:
+                _ip(family, "route", "del", str(r.get("dst")), "proto", PROTO)
+                log.info("removed a route left by an earlier run: %s", r.get("dst"))
 
     def apply(self) -> None:
         """Add routes; on failure, remove what was added and raise RouteError."""
+        self._clear_leftovers()
         try:
             plans = [(net, self._current_path(net)) for net in self.bypass]  # before we take over
             for net, path in plans:
@@ -84,7 +111,7 @@ class RouteSetup:
     def remove(self) -> None:
         for spec in reversed(self._added):
             try:
-                _ip("route", "del", *spec)
+                _ip("route", "del", *spec, "proto", PROTO)
             except RouteError as e:
                 log.debug("route cleanup: %s", e)  # gone with the device already
         self._added.clear()

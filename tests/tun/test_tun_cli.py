@@ -111,3 +111,31 @@ def test_unshare_with_a_dangling_resolv_conf_symlink() -> None:
                        capture_output=True, text=True, timeout=30, env=_env())
     assert r.returncode == 0, r.stderr
     assert "nameserver 10.0.0.2" in r.stdout
+
+
+def test_unshare_never_imports_from_the_current_directory(tmp_path) -> None:
+    """The namespace helper runs as root: a wraith_tun/ planted in the directory wraith-tun is
+    started from (someone else's, say /tmp) must not be what it imports."""
+    planted = tmp_path / "wraith_tun"
+    planted.mkdir()
+    marker = tmp_path / "planted-code-ran"
+    (planted / "__init__.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    (planted / "netns.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    # -P: like the `wraith-tun` console script, whose own path does not include the cwd
+    r = subprocess.run(["unshare", "-n", sys.executable, "-P", "-c", "from wraith_tun.cli import main; raise SystemExit(main())",
+                        "--unshare", "--", "sh", "-c", "exit 7"], capture_output=True, text=True,
+                       timeout=30, env=_env(), cwd=tmp_path)
+    assert r.returncode == 7, r.stderr
+    assert not marker.exists()
+
+
+def test_library_options_take_strings_as_the_docstring_shows() -> None:
+    import ipaddress
+
+    from wraith_tun.api import TunOptions
+
+    o = TunOptions(setup=True, bypass=["203.0.113.7/32"], tun_addr="10.9.0.1/24")  # type: ignore[arg-type]
+    assert o.bypass == [ipaddress.ip_network("203.0.113.7/32")]
+    assert o.tun_addr == ipaddress.IPv4Interface("10.9.0.1/24") and o.dns_addr == "10.9.0.2"
+    with pytest.raises(ValueError):
+        TunOptions(bypass=["not-a-net"])  # type: ignore[list-item]

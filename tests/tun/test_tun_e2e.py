@@ -178,6 +178,51 @@ print(DNSRecord.parse(s.recv(4096)).a.rdata)""")
     assert _whoami(wnet) == CLIENT_ADDR
 
 
+def test_routes_of_a_killed_run_are_cleared_by_the_next(wnet: WraithNet) -> None:
+    """SIGKILL leaves the bypass routes (the /1 routes go with the TUN device); the next run
+    removes them, and a second instance never takes an active one's routes away."""
+    net = wnet.net
+    before = _routes(wnet)
+
+    def start(name: str) -> subprocess.Popen[bytes]:
+        return net.start(net.client, *wraith_tun_cmd("--socks5", wnet.socks, "--tun-name", name, "--setup",
+                                                     "--bypass", f"{SERVICE_ADDR}/32"), stderr=subprocess.PIPE)
+
+    first = start("wtkill1")
+    assert first.stderr is not None and "ready" in first.stderr.readline().decode()
+    second = start("wtkill2")  # while the first is active
+    assert second.wait(timeout=15) == 1
+    assert second.stderr is not None and "another wraith-tun --setup is active" in second.stderr.read().decode()
+    first.send_signal(signal.SIGKILL)
+    first.wait(timeout=10)
+    for _ in range(50):
+        if "wtkill1" not in _routes(wnet):
+            break
+        time.sleep(0.1)
+    assert f"{SERVICE_ADDR} via 10.77.0.2" in _routes(wnet)  # the killed run's bypass route
+    third = start("wtkill3")
+    assert third.stderr is not None
+    lines = [third.stderr.readline().decode() for _ in range(2)]
+    assert "left by an earlier run" in lines[0] and "ready" in lines[1], lines
+    third.send_signal(signal.SIGTERM)
+    assert third.wait(timeout=15) == 0
+    assert _routes(wnet) == before
+
+
+def test_setup_without_bypass_warns_that_the_tunnel_would_loop(wnet: WraithNet) -> None:
+    net = wnet.net
+    p = net.start(net.client, *wraith_tun_cmd("--socks5", wnet.socks, "--tun-name", "wtnobyp", "--setup"),
+                  stderr=subprocess.PIPE)
+    assert p.stderr is not None
+    try:
+        first = p.stderr.readline().decode()
+        assert "--setup without --bypass" in first and "--bypass SERVER_IP/32" in first, first
+        assert "ready" in p.stderr.readline().decode()
+    finally:
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=15) == 0
+
+
 def test_shim_crash_and_restart_do_not_disturb_the_session(wnet: WraithNet) -> None:
     net = wnet.net
     # a shim killed hard in the middle of a transfer...

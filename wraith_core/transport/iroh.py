@@ -480,6 +480,31 @@ class IrohAcceptor:
         transport._on_closed = lambda: self._transports.discard(transport)
         self._transports.add(transport)
         transport.start(protocol_factory())
+        # One stream per connection is all SSH needs. QUIC already granted the peer credit for
+        # ~100 more, and each would be buffered up to its receive window (~127 MB held per
+        # connection, before any login): no new credit, and every further stream is refused.
+        with contextlib.suppress(Exception):
+            conn.set_max_concurrent_bi_streams(0)
+            conn.set_max_concurrent_uni_streams(0)
+        loop = asyncio.get_running_loop()
+        for refuse in (self._refuse_bi, self._refuse_uni):
+            task = loop.create_task(refuse(conn))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    @staticmethod
+    async def _refuse_bi(conn: Any) -> None:
+        with contextlib.suppress(Exception):  # ends when the connection does
+            while True:
+                extra = await conn.accept_bi()
+                await extra.recv().stop(0)
+                await extra.send().reset(0)
+
+    @staticmethod
+    async def _refuse_uni(conn: Any) -> None:
+        with contextlib.suppress(Exception):
+            while True:
+                await (await conn.accept_uni()).stop(0)
 
     def addresses(self) -> list[str]:
         if self._endpoint is None:
