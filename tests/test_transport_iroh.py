@@ -91,6 +91,11 @@ def test_iroh_usage_errors(keys: Keys, tmp_path) -> None:
     assert "--proxy" in _one_line_error(wraith(*base, "--peer", "endpointaa", "--proxy", "socks5://127.0.0.1:1"))
     bare_id = "179e061d42434283bc53bbff825a422e593bc48b7bb2538bdab7b6eb4131d531"
     assert "ticket" in _one_line_error(wraith(*base, "--peer", bare_id))
+    relay = [a for a in base if a != "none" and a != "--iroh-relay"]
+    assert "--iroh-relay" in _one_line_error(wraith(*relay, "--iroh-relay", "not a url", "--peer", bare_id))
+    assert "--iroh-relay" in _one_line_error(wraith("serve", "--key", str(keys.host), "--authorized-keys",
+                                                    str(keys.authorized), "--transport", "iroh",
+                                                    "--iroh-relay", "ftp://relay.example"))
 
 
 def test_without_iroh_package_names_the_extra(keys: Keys, tmp_path) -> None:
@@ -332,3 +337,32 @@ async def test_quic_stream_transport_backpressure_and_half_close() -> None:
         await wi.wait_idle()
         await cli.close()
         await srv.close()
+
+
+async def test_iroh_server_refuses_extra_streams(keys: Keys) -> None:
+    """SSH uses one QUIC stream per connection. Further streams a peer opens (QUIC granted it
+    credit for ~100, each buffered up to its receive window, before any login) are stopped."""
+    from wraith_core import ServeOptions, serve
+    from wraith_core.transport import iroh as wi
+
+    ffi = wi.load_ffi()
+    server = await serve(ServeOptions(key=str(keys.host), authorized_keys=str(keys.authorized),
+                                      transport="iroh", iroh_relay="none", listen="127.0.0.1:0"))
+    cli = await ffi.Endpoint.bind(wi.endpoint_options(ffi, "none", bind_addr="127.0.0.1:0"))
+    try:
+        ticket = next(a.split(" ", 1)[1] for a in server.addresses() if a.startswith("ticket "))
+        conn = await cli.connect(wi.parse_peer(ffi, ticket), wi.ALPN)
+        first = await conn.open_bi()
+        await first.send().write_all(b"SSH-2.0-probe\r\n")
+        banner = await asyncio.wait_for(first.recv().read(64), 10)
+        assert banner.startswith(b"SSH-2.0-")  # the first stream is the SSH session
+        extra = await conn.open_bi()
+        await extra.send().write_all(b"x" * 65536)
+        await asyncio.wait_for(extra.send().stopped(), 10)  # the server stopped it
+        uni = await conn.open_uni()
+        await uni.write_all(b"y" * 65536)
+        await asyncio.wait_for(uni.stopped(), 10)
+        conn.close(0, b"")
+    finally:
+        await cli.close()
+        await server.close()
