@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from .device import DeviceError, create_tun
 from .dns import VirtualDns
 from .netns import NamespaceError
-from .routes import RouteError, RouteSetup
+from .routes import RouteError, RouteSetup, check_free
 from .shim import Shim, ShimConfig
 from .tcp import TcpConfig
 
@@ -119,6 +119,7 @@ async def run_device(opts: TunOptions, stop: asyncio.Event | None = None) -> int
     """Create the TUN (and routes with ``opts.setup``) and serve until ``stop`` is set,
     or until SIGTERM/SIGINT/SIGHUP when no event is given. Routes are removed on the way out."""
     loop = asyncio.get_running_loop()
+    check_free(opts.tun_addr)
     dev = create_tun(opts.tun_name, opts.tun_addr, opts.mtu, iface6=opts.tun_addr6)
     routes: RouteSetup | None = None
     shim = Shim(dev.fd, opts.shim_config(), loop, vnet_hdr=dev.vnet_hdr)

@@ -115,3 +115,30 @@ class RouteSetup:
             except RouteError as e:
                 log.debug("route cleanup: %s", e)  # gone with the device already
         self._added.clear()
+
+
+def check_free(iface: ipaddress.IPv4Interface) -> None:
+    """Refuse a TUN network that overlaps one this machine already uses (an address on
+    another interface, or a route to it): taking 10.0.0.1/24 on a LAN whose router is
+    10.0.0.1 would cut the machine off from its router."""
+    net = iface.network
+    for link in json.loads(_ip("-4", "-j", "addr", "show") or "[]"):
+        for a in link.get("addr_info", []):
+            try:
+                other = ipaddress.ip_interface(f"{a['local']}/{a['prefixlen']}").network
+            except (KeyError, ValueError):
+                continue
+            if other.overlaps(net) and not other.is_loopback:
+                raise RouteError(f"--tun-addr {iface} overlaps {link.get('ifname')}'s {a['local']}/{a['prefixlen']}; "
+                                 f"pick a free network with --tun-addr")
+    for r in json.loads(_ip("-4", "-j", "route", "show") or "[]"):
+        dst = r.get("dst")
+        if not dst or dst == "default":
+            continue
+        try:
+            other = ipaddress.ip_network(dst, strict=False)
+        except ValueError:
+            continue
+        if other.overlaps(net) and other.prefixlen >= 8 and r.get("protocol") != PROTO:  # not catch-alls
+            raise RouteError(f"--tun-addr {iface} overlaps the route to {dst} via {r.get('dev')}; "
+                             f"pick a free network with --tun-addr")

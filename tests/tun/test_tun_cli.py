@@ -139,3 +139,14 @@ def test_library_options_take_strings_as_the_docstring_shows() -> None:
     assert o.tun_addr == ipaddress.IPv4Interface("10.9.0.1/24") and o.dns_addr == "10.9.0.2"
     with pytest.raises(ValueError):
         TunOptions(bypass=["not-a-net"])  # type: ignore[list-item]
+
+
+def test_a_tun_network_the_machine_already_uses_is_refused() -> None:
+    """The default 10.0.0.1/24 on a LAN whose router is 10.0.0.1 would cut the machine off:
+    an overlap with an address or a route is a one-line error, nothing is created."""
+    script = ("ip link add d0 type veth peer name d1 && ip addr add 10.0.0.23/24 dev d0 && ip link set d0 up && "
+              f"{sys.executable} -m wraith_tun; echo rc=$?; ip -o link show | grep -c tun || true")
+    r = subprocess.run(["unshare", "-n", "sh", "-c", script], capture_output=True, text=True, timeout=30, env=_env())
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "overlaps d0's 10.0.0.23/24" in lines[0], r.stderr
+    assert "rc=1" in r.stdout and r.stdout.strip().endswith("0"), r.stdout

@@ -184,17 +184,22 @@ def test_routes_of_a_killed_run_are_cleared_by_the_next(wnet: WraithNet) -> None
     net = wnet.net
     before = _routes(wnet)
 
-    def start(name: str) -> subprocess.Popen[bytes]:
+    def start(name: str, *extra: str) -> subprocess.Popen[bytes]:
         return net.start(net.client, *wraith_tun_cmd("--socks5", wnet.socks, "--tun-name", name, "--setup",
-                                                     "--bypass", f"{SERVICE_ADDR}/32"), stderr=subprocess.PIPE)
+                                                     "--bypass", f"{SERVICE_ADDR}/32", *extra),
+                         stderr=subprocess.PIPE)
 
     first = start("wtkill1")
-    assert first.stderr is not None and "ready" in first.stderr.readline().decode()
-    second = start("wtkill2")  # while the first is active
-    assert second.wait(timeout=15) == 1
-    assert second.stderr is not None and "another wraith-tun --setup is active" in second.stderr.read().decode()
-    first.send_signal(signal.SIGKILL)
-    first.wait(timeout=10)
+    try:
+        assert first.stderr is not None and "ready" in first.stderr.readline().decode()
+        for extra, refusal in (((), "overlaps wtkill1's 10.0.0.1/24"),  # its address is taken
+                               (("--tun-addr", "10.0.9.1/24"), "another wraith-tun --setup is active")):
+            second = start("wtkill2", *extra)  # while the first is active
+            assert second.wait(timeout=15) == 1
+            assert second.stderr is not None and refusal in second.stderr.read().decode()
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=10)
     for _ in range(50):
         if "wtkill1" not in _routes(wnet):
             break
@@ -215,9 +220,10 @@ def test_setup_without_bypass_warns_that_the_tunnel_would_loop(wnet: WraithNet) 
                   stderr=subprocess.PIPE)
     assert p.stderr is not None
     try:
-        first = p.stderr.readline().decode()
-        assert "--setup without --bypass" in first and "--bypass SERVER_IP/32" in first, first
-        assert "ready" in p.stderr.readline().decode()
+        lines = [p.stderr.readline().decode()]
+        while "ready" not in lines[-1] and lines[-1]:
+            lines.append(p.stderr.readline().decode())
+        assert any("--setup without --bypass" in ln and "--bypass SERVER_IP/32" in ln for ln in lines), lines
     finally:
         p.send_signal(signal.SIGTERM)
         assert p.wait(timeout=15) == 0
