@@ -87,8 +87,8 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         raise UsageError("--mtu must be between 1280 and 65535")
     if a.max_flows < 1:
         raise UsageError("--max-flows must be at least 1")
-    if a.idle_timeout < 0:
-        raise UsageError("--idle-timeout must be 0 (never) or positive")
+    if not (a.idle_timeout == 0 or 1 <= a.idle_timeout < float("inf")):  # tiny values would spin the sweeper
+        raise UsageError("--idle-timeout must be 0 (never) or at least 1 second")
     try:
         a.bypass_nets = [ipaddress.ip_network(b, strict=False) for b in a.bypass]
     except ValueError as e:

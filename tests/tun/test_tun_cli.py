@@ -23,6 +23,8 @@ def run(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
     (["--", "true"], "needs --unshare"),
     (["--mtu", "10"], "--mtu"),
     (["--idle-timeout", "-1"], "--idle-timeout"),
+    (["--idle-timeout", "0.000001"], "--idle-timeout"),
+    (["--idle-timeout", "nan"], "--idle-timeout"),
     (["--bypass", "10.9.0.0/16"], "--setup"),
     (["--bypass", "not-a-net", "--setup"], "--bypass"),
     (["--tun-addr", "10.0.0.0/24"], "host address"),
