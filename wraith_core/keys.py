@@ -43,10 +43,10 @@ def read_key_input(value: KeyInput, what: str) -> tuple[bytes, str]:
     if _looks_inline(text):
         return text.encode(), f"<inline {what}>"
     path = Path(text).expanduser()
-    return read_small_file(path, what, KeyError_), str(path)
+    return read_small_file(path, what), str(path)
 
 
-def read_small_file(path: Path, what: str, error: type[Exception] = KeyError_) -> bytes:
+def read_small_file(path: Path, what: str) -> bytes:
     """The bytes of a regular file of at most ``MAX_FILE`` bytes. A FIFO or a device
     (``/dev/zero``) given as a key would block the event loop or fill the memory: they
     are refused without reading (the open does not wait for a FIFO's writer)."""
@@ -54,22 +54,22 @@ def read_small_file(path: Path, what: str, error: type[Exception] = KeyError_) -
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         st = os.fstat(fd)
     except FileNotFoundError:
-        raise error(f"{what} file not found: {path}") from None
+        raise KeyError_(f"{what} file not found: {path}") from None
     except IsADirectoryError:
-        raise error(f"{what} path is a directory: {path}") from None
+        raise KeyError_(f"{what} path is a directory: {path}") from None
     except PermissionError:
-        raise error(f"{what} file not readable (permission denied): {path}") from None
+        raise KeyError_(f"{what} file not readable (permission denied): {path}") from None
     except OSError as exc:
-        raise error(f"{what} file cannot be opened: {path}: {exc.strerror}") from None
+        raise KeyError_(f"{what} file cannot be opened: {path}: {exc.strerror}") from None
     if not stat.S_ISREG(st.st_mode):  # checked before fdopen, which refuses directories itself
         os.close(fd)
         if stat.S_ISDIR(st.st_mode):
-            raise error(f"{what} path is a directory: {path}")
-        raise error(f"{what} is not a regular file: {path}")
+            raise KeyError_(f"{what} path is a directory: {path}")
+        raise KeyError_(f"{what} is not a regular file: {path}")
     with os.fdopen(fd, "rb") as f:
         data = f.read(MAX_FILE + 1)
     if len(data) > MAX_FILE:
-        raise error(f"{what} file is larger than {MAX_FILE >> 20} MiB: {path}")
+        raise KeyError_(f"{what} file is larger than {MAX_FILE >> 20} MiB: {path}")
     return data
 
 
@@ -153,13 +153,13 @@ def generate_ed25519(path: Path, comment: str = "wraith") -> tuple[Path, Path]:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         # a new file, 0600 from birth (O_TRUNC on an existing one would keep its wider mode)
+        if path.is_dir():
+            raise IsADirectoryError(21, "Is a directory")
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         try:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(key.export_private_key("openssh"))
-            if path.is_dir():
-                raise IsADirectoryError(21, "Is a directory")
             os.replace(tmp, path)
         finally:
             if tmp.exists():

@@ -41,10 +41,11 @@ from .tunnel import AcceptorTunnel
 log = logging.getLogger("wraith.server")
 
 CONTROL_HOST = "wraith-control"
+RESERVED_PREFIX = "wraith-"
+# asyncssh's names we hook to see requests for auth methods other than public keys
 _USERAUTH_NAMES = ("_finish_userauth", "_auth_complete")
 _OTHER_METHODS = {m.encode(): m for m in ("password", "keyboard-interactive", "hostbased",
                                           "gssapi-with-mic", "gssapi-keyex")}
-RESERVED_PREFIX = "wraith-"
 
 
 def _safe_target(host: str) -> bool:
