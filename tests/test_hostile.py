@@ -414,8 +414,8 @@ async def test_socks_handshake_timeout_in_process() -> None:
     assert HANDSHAKE_TIMEOUT == 30.0  # the CLI default; tested through the real CLI above
 
     class NoChannels:
-        def start_open(self, end: object, host: str, port: int, done: object) -> bool:
-            return False  # as when the session is down: the listener takes the waiting path
+        def start_socket_open(self, host: str, port: int, done: object) -> None:
+            return None  # as when the session is down: the listener takes the waiting path
 
         async def open_relay(self, end: object, host: str, port: int) -> None:
             from wraith_core.protocol.socks5 import Reply

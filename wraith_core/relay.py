@@ -232,7 +232,7 @@ class RelayEnd:
     def _abort(self) -> None:
         t = self.transport
         if t is not None and not self._lost:
-            _linger_zero(t)
+            linger_zero(t)
             t.abort()
 
     def abort(self) -> None:
@@ -243,15 +243,15 @@ class RelayEnd:
             peer._abort()
 
 
-_LINGER_ZERO = struct.pack("ii", 1, 0)
+LINGER_ZERO = struct.pack("ii", 1, 0)
 
 
-def _linger_zero(transport: Any) -> None:
+def linger_zero(transport: Any) -> None:
     """Make a socket's close send RST, so the application sees a reset, not a clean end."""
     sock = transport.get_extra_info("socket")
     if sock is not None:
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_ZERO)
         except (OSError, AttributeError):
             pass
 

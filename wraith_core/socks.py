@@ -17,6 +17,7 @@ from .errors import ConnectError
 from .protocol.socks5 import ConnectRequest, HandshakeFailed, Reply, Socks5Server
 from .relay import RelayEnd, spawn
 from .ssh.channels import ChannelManager, ChannelOpenFailed, OpenDone
+from .ssh.socket_channel import SocketChannel
 
 log = logging.getLogger("wraith.socks")
 
@@ -26,7 +27,7 @@ HOLD_LIMIT = 64 * 1024
 
 
 class _SocksConn(asyncio.Protocol):
-    __slots__ = ("_listener", "_codec", "_transport", "_timer", "_lost", "_eof", "_waiting", "_paused")
+    __slots__ = ("_listener", "_codec", "_transport", "_timer", "_lost", "_eof", "_waiting", "_paused", "_chan")
 
     def __init__(self, listener: Socks5Listener) -> None:
         self._listener = listener
@@ -37,6 +38,7 @@ class _SocksConn(asyncio.Protocol):
         self._eof = False
         self._waiting = False  # request received, channel opening
         self._paused = False
+        self._chan: SocketChannel | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport
@@ -78,10 +80,11 @@ class _SocksConn(asyncio.Protocol):
                 if len(codec.trailing_data) >= HOLD_LIMIT:
                     self._paused = True
                     self._transport.pause_reading()
-                sock_end, chan_end = RelayEnd.pair()
-                done = functools.partial(self._opened, sock_end, chan_end)
-                if not self._listener.manager.start_open(chan_end, event.host, event.port, done):
-                    spawn(self._connect(event, chan_end, done))  # session down: wait for it
+                manager = self._listener.manager
+                self._chan = manager.start_socket_open(event.host, event.port, self._socket_opened)
+                if self._chan is None:  # session down: wait for it
+                    sock_end, chan_end = RelayEnd.pair()
+                    spawn(self._connect(event, chan_end, functools.partial(self._opened, sock_end, chan_end)))
                 return
 
     def eof_received(self) -> bool:
@@ -111,7 +114,22 @@ class _SocksConn(asyncio.Protocol):
         else:
             done(None)
 
+    def _socket_opened(self, failure: ChannelOpenFailed | None) -> None:
+        chan, self._chan = self._chan, None
+        assert chan is not None
+        if self._reply(failure):
+            self._relay(chan)
+        elif failure is None:  # the client went away meanwhile
+            chan.abort()
+
     def _opened(self, sock_end: RelayEnd, chan_end: RelayEnd, failure: ChannelOpenFailed | None) -> None:
+        if self._reply(failure):
+            self._relay(sock_end)
+        elif failure is None and chan_end.transport is not None:
+            chan_end.transport.abort()
+
+    def _reply(self, failure: ChannelOpenFailed | None) -> bool:
+        """Answer the SOCKS request; True if the relay starts (success, client still here)."""
         self._cancel_timer()
         codec, transport = self._codec, self._transport
         if failure is not None:
@@ -119,22 +137,24 @@ class _SocksConn(asyncio.Protocol):
                 codec.reply(failure.reply)
                 transport.write(codec.data_to_send())
                 transport.close()
-            return
+            return False
         if self._lost:
-            if chan_end.transport is not None:
-                chan_end.transport.abort()
-            return
+            return False
         codec.reply(Reply.SUCCEEDED)
         transport.write(codec.data_to_send())
-        trailing = codec.trailing_data
-        transport.set_protocol(sock_end)
-        sock_end.connection_made(transport)
+        return True
+
+    def _relay(self, protocol: asyncio.Protocol) -> None:
+        """The socket now belongs to the relay: hand it what the client sent meanwhile."""
+        transport, trailing = self._transport, self._codec.trailing_data
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
         if self._paused:
             transport.resume_reading()
         if trailing:
-            sock_end.data_received(trailing)
+            protocol.data_received(trailing)
         if self._eof:
-            sock_end.eof_received()
+            protocol.eof_received()
 
 
 class Socks5Listener:

@@ -30,6 +30,7 @@ from ..protocol.socks5 import Reply
 from ..relay import RelayEnd
 from .client import Session
 from .internals import has_names, next_channel_number, release
+from .socket_channel import SocketChannel
 
 log = logging.getLogger("wraith.channels")
 
@@ -60,6 +61,20 @@ def _failure(exc: asyncssh.ChannelOpenError) -> ChannelOpenFailed:
 
 
 OpenDone = Callable[[ChannelOpenFailed | None], None]
+
+# what a SocketChannel uses on asyncssh's connection
+_SOCKET_NAMES = ("add_channel", "_update_recv_pktlen", "_channels", "_transport", "send_packet")
+
+
+def _socket_opened(done: OpenDone, exc: BaseException | None) -> None:
+    if exc is None:
+        done(None)
+    elif isinstance(exc, asyncssh.ChannelOpenError):
+        done(_failure(exc))
+    elif isinstance(exc, (ConnectionError, asyncssh.Error)):  # the session went away
+        done(ChannelOpenFailed(f"channel open failed: {exc}", Reply.GENERAL_FAILURE, "ESESSION"))
+    else:
+        done(ChannelOpenFailed(f"channel open failed: {exc}", Reply.GENERAL_FAILURE))
 
 # what start_open relies on in asyncssh's channel objects
 _CHANNEL_NAMES = ("_open_waiter", "_recv_chan", "_recv_window", "_recv_pktsize", "_recv_paused",
@@ -182,6 +197,22 @@ class ChannelManager:
             _send_open(conn, number, window, pktsize, host, port)
             _prediction_checked[0] = True
         return True
+
+    def start_socket_open(self, host: str, port: int, done: OpenDone) -> SocketChannel | None:
+        """Send a direct-tcpip CHANNEL_OPEN for ``host:port`` on a :class:`SocketChannel`
+        (the socket joins it once open); ``done(None)`` or ``done(failure)`` when the
+        server answers. None (nothing sent, ``done`` never called) when the session is down
+        or asyncssh's internals are unexpected."""
+        conn = self.session.conn
+        if conn is None or not has_names(conn, _SOCKET_NAMES) or not conn._transport:
+            return None
+        opts = self.session.options
+        try:
+            chan = SocketChannel(conn, opts.window, opts.max_pktsize, functools.partial(_socket_opened, done))
+        except asyncssh.ChannelOpenError:  # the connection is closing
+            return None
+        _send_open(conn, chan.recv_chan, opts.window, opts.max_pktsize, host, port)
+        return chan
 
     async def open_relay(self, end: RelayEnd, host: str, port: int) -> None:
         """Open a direct-tcpip channel to ``host:port`` running ``end``."""

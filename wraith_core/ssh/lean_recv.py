@@ -135,7 +135,7 @@ def _lean_loop(conn: Any, cipher: Any) -> bool:
             conn._inpbuf = buf[pos:]
 
 
-_LEAN_TYPES: dict[type, bool] = {}
+_DATA_PATHS: dict[type, Any] = {}
 
 
 def _lean_type(cls: type) -> bool:
@@ -146,14 +146,26 @@ def _lean_type(cls: type) -> bool:
 
 
 def _data(chan: Any, plain: bytes, end: int) -> bool:
+    """CHANNEL_DATA ``plain`` (its payload ends at ``end``) delivered without a packet
+    object: by the channel's own ``lean_data`` (socket_channel), by :func:`_asyncssh_data`
+    for asyncssh's channels, else (False) by the channel's ``process_packet``."""
+    path = _DATA_PATHS.get(type(chan))
+    if path is None:
+        path = _DATA_PATHS[type(chan)] = (getattr(type(chan), "lean_data", None)
+                                          or (_asyncssh_data if _lean_type(type(chan)) else _not_lean))
+    return bool(path(chan, plain, end))
+
+
+def _not_lean(chan: Any, plain: bytes, end: int) -> bool:
+    return False
+
+
+def _asyncssh_data(chan: Any, plain: bytes, end: int) -> bool:
     """asyncssh's ``_process_data`` and ``_accept_data`` for the common case — an open
     bytes channel that is reading — without the packet object: the same checks, the
     same window accounting, delivered through asyncssh's ``_deliver_data`` (which also
     sends the window adjustments). False: let asyncssh's handler take the packet."""
-    lean = _LEAN_TYPES.get(type(chan))
-    if lean is None:
-        lean = _LEAN_TYPES[type(chan)] = _lean_type(type(chan))
-    if not lean or chan._recv_state != "open" or chan._recv_paused or chan._encoding is not None or end < 10:
+    if chan._recv_state != "open" or chan._recv_paused or chan._encoding is not None or end < 10:
         return False
     datalen = int.from_bytes(plain[6:10], "big")  # after padding length, type, channel number
     if 10 + datalen != end:

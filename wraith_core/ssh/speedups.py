@@ -217,7 +217,12 @@ def _batch_sends(conn: Any) -> None:
 
     def end() -> None:
         depth[0] -= 1
-        if depth[0] or not pending:
+        if not depth[0]:
+            flush()
+
+    def flush() -> None:
+        """Write what is batched now (the batch stays open): for a packet someone waits on."""
+        if not pending:
             return
         transport, target[0] = target[0], None
         data = pending[:]
@@ -242,6 +247,7 @@ def _batch_sends(conn: Any) -> None:
     conn._send = send
     conn._recv_data = batched_recv_data
     conn.wraith_batch = (begin, end)
+    conn.wraith_flush = flush
 
 
 def _lean_send_packet(conn: Any, swap: Any) -> None:
@@ -267,6 +273,11 @@ def _lean_send_packet(conn: Any, swap: Any) -> None:
 _LEAN_NAMES = ("_send_encryption", "_compressor", "_kex_complete", "_auth_complete", "_rekey_bytes",
                "_rekey_bytes_sent", "_rekey_seconds", "_rekey_time", "_send_enchdrlen", "_send_blocksize",
                "_send_seq", "_send")
+
+
+def send_lean(conn: Any, pkttype: int, parts: tuple[Any, ...]) -> bool:
+    """``_send_lean`` for callers outside asyncssh's ``send_packet`` (False: send it the usual way)."""
+    return has_names(conn, _LEAN_NAMES) and _send_lean(conn, pkttype, parts)
 
 
 def _send_lean(conn: Any, pkttype: int, parts: tuple[Any, ...]) -> bool:

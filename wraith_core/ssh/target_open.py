@@ -6,12 +6,12 @@ socket's transport before it returns), then sends the confirmation a loop pass
 later. That is the longest step of a SOCKS connect on the server. Here
 ``connection_requested`` hands asyncssh a stand-in for the channel whose
 ``process_open`` starts the connect; the confirmation goes out the moment the
-socket reports connected (at once for a loopback target), and only then are
-asyncssh's channel object (its number predicted, then checked) and the
-socket's transport built — while the confirmation travels to the client and
-its application, so off the critical path. Bytes that arrive from the channel
-meanwhile are held by the relay (and bytes the target sends wait in the
-kernel). A failed connect needs no channel object at all.
+socket reports connected (at once for a loopback target), on a
+:class:`~.socket_channel.SocketChannel` (the channel and the socket's protocol in
+one); the socket's transport is built after that, while the confirmation
+travels to the client. Bytes that arrive from the channel meanwhile are held by
+the channel (and bytes the target sends wait in the kernel). A failed connect
+needs no channel object at all.
 
 Host names (DNS) and targets reached through ``--proxy`` keep the dial task;
 so does a connection whose asyncssh internals are not what this expects.
@@ -30,18 +30,15 @@ import asyncssh
 from asyncssh.constants import DEFAULT_LANG
 
 from ..dial import TIMED_OUT, reason_for_oserror
-from ..relay import RelayEnd, spawn
-from .internals import has_names, next_channel_number, release
+from ..relay import LINGER_ZERO, spawn
+from .internals import has_names
+from .socket_channel import SocketChannel
 
 log = logging.getLogger("wraith.server")
 
-# what the callback open uses on asyncssh's connection and on the channel it then builds
-_CONN_NAMES = ("send_channel_open_confirmation", "send_channel_open_failure", "create_tcp_channel", "_transport",
-               "_next_recv_chan", "_channels", "abort")
-_CHANNEL_NAMES = ("_send_chan", "_send_window", "_send_pktsize", "_recv_chan", "_recv_window", "_recv_pktsize",
-                  "_send_state", "_recv_state", "_session", "_wrap_session", "resume_reading",
-                  "set_inbound_peer_names", "_cleanup")
-_prediction_checked = [False]  # as the client's: the first confirmation builds the channel first
+# what the callback open and its SocketChannel use on asyncssh's connection
+_CONN_NAMES = ("send_channel_open_confirmation", "send_channel_open_failure", "add_channel",
+               "_update_recv_pktlen", "_transport", "_channels", "send_packet")
 
 Address = tuple[int, Any]  # (address family, socket address)
 
@@ -62,41 +59,35 @@ def numeric_address(host: str, port: int) -> Address | None:
 
 
 def pending_channel(conn: Any, address: Address, timeout: float, window: int,
-                    pktsize: int) -> tuple[Any, RelayEnd] | None:
+                    pktsize: int) -> tuple[Any, None] | None:
     """What ``connection_requested`` returns for an IP-address target: a stand-in for the
-    channel, whose ``process_open`` (called by asyncssh) connects, and the channel's relay
-    end as the session. None when asyncssh's connection is not what this expects."""
+    channel, whose ``process_open`` (called by asyncssh) connects, and no session (the
+    channel is its own). None when asyncssh's connection is not what this expects."""
     if not has_names(conn, _CONN_NAMES):
         return None
-    target, chan_end = RelayEnd.pair()
-    return _PendingChannel(conn, target, chan_end, address, timeout, window, pktsize), chan_end
+    return _PendingChannel(conn, address, timeout, window, pktsize), None
 
 
 class _PendingChannel:
-    """A direct-tcpip open whose target connect is in flight. asyncssh's channel object is
-    built only once the confirmation has gone out (its number is known in advance); a
-    failed connect needs no channel at all, only the open-failure message."""
+    """A direct-tcpip open whose target connect is in flight. The channel is built once
+    the target has answered; a failed connect needs no channel at all, only the
+    open-failure message."""
 
-    __slots__ = ("conn", "target", "chan_end", "address", "timeout", "window", "pktsize", "names",
-                 "send", "sock", "timer", "loop")
+    __slots__ = ("conn", "address", "timeout", "window", "pktsize", "send", "sock", "timer", "loop")
 
-    def __init__(self, conn: Any, target: RelayEnd, chan_end: RelayEnd, address: Address, timeout: float,
-                 window: int, pktsize: int) -> None:
+    def __init__(self, conn: Any, address: Address, timeout: float, window: int, pktsize: int) -> None:
         self.conn = conn
-        self.target = target
-        self.chan_end = chan_end
         self.address = address
         self.timeout = timeout
         self.window = window
         self.pktsize = pktsize
-        self.names: tuple[Any, ...] = ()
         self.send = (0, 0, 0)  # the peer's channel number, window and packet size
         self.sock: socket.socket | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
 
     def set_inbound_peer_names(self, *names: Any) -> None:
-        self.names = names  # for the channel, once it exists
+        """asyncssh passes the channel's peer names (nothing here keeps them)."""
 
     def process_open(self, send_chan: int, send_window: int, send_pktsize: int, session: Any) -> None:
         """asyncssh's ``SSHChannel.process_open``, without the task: start the connect."""
@@ -181,60 +172,51 @@ class _PendingChannel:
             self.conn.send_channel_open_failure(self.send[0], asyncssh.OPEN_CONNECT_FAILED, reason, DEFAULT_LANG)
 
     def _connected(self) -> None:
-        """Confirm now; build the channel right after; give the socket its transport later."""
-        conn, sock, chan_end = self.conn, self.sock, self.chan_end
+        """Confirm now, on a channel fused with the socket; give the socket its transport later."""
+        conn, sock = self.conn, self.sock
         assert sock is not None
         self.sock = None
         if not conn._transport:  # the SSH connection went away meanwhile
             sock.close()
             return
         send_chan, send_window, send_pktsize = self.send
-        window, pktsize = self.window, self.pktsize
-        number = next_channel_number(conn)
-        early = _prediction_checked[0]
-        if early:
-            conn.send_channel_open_confirmation(send_chan, number, window, pktsize)
-        chan: Any = None
         try:
-            chan = conn.create_tcp_channel(window=window, max_pktsize=pktsize)
-            ok = (has_names(chan, _CHANNEL_NAMES) and chan._recv_chan == number
-                  and (chan._recv_window, chan._recv_pktsize) == (window, pktsize))
+            chan = SocketChannel(conn, self.window, self.pktsize)
         except Exception:  # asyncssh.ChannelOpenError cannot happen here: the transport is up
-            ok = False
-        if not ok:
+            log.exception("channel setup failed")
             sock.close()
-            if chan is not None:
-                release(chan)
-            if early:  # a confirmation went out for a number that is not this channel's
-                log.error("channel number prediction failed: closing the session")
-                conn.abort()
-            else:
-                self._fail("Connection failed")
+            self._fail("Connection failed")
             return
-        try:
-            # what asyncssh's process_open and _finish_open_request do for a forward channel
-            chan._send_chan, chan._send_window, chan._send_pktsize = send_chan, send_window, send_pktsize
-            chan.set_inbound_peer_names(*self.names)
-            wrapped, chan._session = chan._wrap_session(chan_end)
-            if not early:  # the first open: the prediction held, so later ones confirm first
-                conn.send_channel_open_confirmation(send_chan, number, window, pktsize)
-                _prediction_checked[0] = True
-            chan._send_state = "open"
-            chan._recv_state = "open"
-            chan_end.connection_made(wrapped)
-            chan_end.session_started()
-            chan.resume_reading()
-        except Exception:
-            log.exception("channel open confirmation failed")
-            sock.close()
-            chan.abort()
-            return
-        spawn(_attach(self.target, chan_end, sock))
+        chan.opened(send_chan, send_window, send_pktsize)
+        conn.send_channel_open_confirmation(send_chan, chan.recv_chan, self.window, self.pktsize)
+        _flush(conn)  # out now, not when this batch of received packets is done
+        spawn(_attach(chan, sock))
 
 
-async def _attach(target: RelayEnd, chan_end: RelayEnd, sock: socket.socket) -> None:
+def _flush(conn: Any) -> None:
+    """Send what the connection has batched (speedups), the confirmation among it."""
+    flush = getattr(conn, "wraith_flush", None)
+    if flush is not None:
+        flush()
+
+
+async def _attach(chan: SocketChannel, sock: socket.socket) -> None:
+    if chan.close_out:  # the channel ended before the socket was handed over: reset the target
+        _reset(sock)
+        return
     try:
-        await asyncio.get_running_loop().create_connection(lambda: target, sock=sock)
+        await asyncio.get_running_loop().create_connection(lambda: chan, sock=sock)
     except Exception:
+        _reset(sock)
+        chan.abort()
+
+
+def _reset(sock: socket.socket) -> None:
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_ZERO)
+    except OSError:
+        pass
+    try:
         sock.close()
-        chan_end.abort()
+    except OSError:  # already closed along with a transport
+        pass
