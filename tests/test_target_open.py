@@ -14,6 +14,9 @@ import socket
 from collections.abc import AsyncIterator
 
 import pytest
+from asyncssh.packet import SSHPacket, String, UInt32
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from helpers import Keys
 from wraith_core import ConnectOptions, ServeOptions, open_stream, serve
@@ -160,3 +163,37 @@ async def test_refused_targets_leave_no_channels_behind(keys: Keys, server: Wrai
         assert conn._channels == {}  # a failed connect never built an asyncssh channel
     finally:
         await client.close()
+
+
+def _open_packet(chantype: bytes, host: bytes, port: int, orig: bytes = b"10.0.0.9", pktsize: int = 32768) -> bytes:
+    body = (bytes((4, 90)) + String(chantype) + UInt32(5) + UInt32(1 << 20) + UInt32(pktsize) + String(host)
+            + UInt32(port) + String(orig) + UInt32(4242))
+    return body + b"\x00" * 4  # padding after the payload
+
+
+def test_parse_direct_open() -> None:
+    plain = _open_packet(b"direct-tcpip", b"127.0.0.1", 8080)
+    assert target_open.parse_direct_open(plain, len(plain) - 4) == (5, 1 << 20, 32768, "127.0.0.1", 8080)
+    # anything else or anything unusual: None, and asyncssh's own path decides
+    for bad in (_open_packet(b"session", b"127.0.0.1", 80), _open_packet(b"direct-tcpip", b"\xff", 80),
+                _open_packet(b"direct-tcpip", b"127.0.0.1", 80, orig=b"\xc3"),
+                _open_packet(b"direct-tcpip", b"127.0.0.1", 80, pktsize=0)):
+        assert target_open.parse_direct_open(bad, len(bad) - 4) is None
+    assert target_open.parse_direct_open(plain, len(plain) - 5) is None  # truncated
+    assert target_open.parse_direct_open(plain, len(plain)) is None  # trailing bytes
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=120))
+def test_parse_direct_open_never_raises(junk: bytes) -> None:
+    plain = bytes((4, 90)) + junk
+    result = target_open.parse_direct_open(plain, len(plain))
+    if result is not None:  # whatever it accepts, asyncssh's decoding accepts the same way
+        packet = SSHPacket(plain[2:])
+        assert packet.get_string() == b"direct-tcpip"
+        fields = (packet.get_uint32(), packet.get_uint32(), packet.get_uint32(), packet.get_string().decode(),
+                  packet.get_uint32())
+        packet.get_string().decode()
+        packet.get_uint32()
+        packet.check_end()
+        assert fields == result

@@ -118,7 +118,14 @@ def _lean_loop(conn: Any, cipher: Any) -> bool:
                 assert pkttype <= MSG_CHANNEL_OPEN_FAILURE
                 handler = conn
                 start = 1
-            if pkttype != MSG_CHANNEL_DATA or not _data(handler, plain, body_end):
+            if pkttype == MSG_CHANNEL_DATA:
+                handled = _data(handler, plain, body_end)
+            elif pkttype == MSG_CHANNEL_OPEN:  # the server's own open path, if it installed one
+                fast_open = getattr(conn, "wraith_open", None)
+                handled = fast_open is not None and fast_open(plain, body_end)
+            else:
+                handled = False
+            if not handled:
                 packet = SSHPacket(plain[1:body_end])
                 packet._idx = start
                 try:

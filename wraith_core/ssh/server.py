@@ -235,6 +235,34 @@ class _ServerConn(asyncssh.SSHServer):
 
     def auth_completed(self) -> None:
         log.info("auth success remote_addr=%s user=%s", self._info.remote_addr, _safe(self._user))
+        conn = self._conn
+        if conn is not None and self._runner.proxy is None and self._plain_forwarding(conn):
+            conn.wraith_open = self._fast_open  # type: ignore[attr-defined]  # read by lean_recv
+
+    def _plain_forwarding(self, conn: asyncssh.SSHServerConnection) -> bool:
+        """Forwarding allowed with nothing to check per open: no key or certificate option
+        restricts it (asyncssh's own open path checks those, and compression's quirks)."""
+        return (conn.check_key_permission("port-forwarding") and conn.check_certificate_permission("port-forwarding")
+                and not conn.get_key_option("permitopen") and self._forwarding_allowed()
+                and getattr(conn, "_compressor", None) is None)
+
+    def _fast_open(self, plain: bytes, end: int) -> bool:
+        """A direct-tcpip open of an IP address straight from the decrypted packet, without
+        asyncssh's generic open path (lean_recv calls this; False: asyncssh's path instead)."""
+        fields = target_open.parse_direct_open(plain, end)
+        if fields is None:
+            return False
+        send_chan, send_window, send_pktsize, host, port = fields
+        address = target_open.numeric_address(host, port)  # an IP address is never a wraith-* name
+        if address is None or self._conn is None:
+            return False
+        opts = self._runner.options
+        pending = target_open.pending_channel(self._conn, address, opts.connect_timeout, opts.window,
+                                              opts.max_pktsize)
+        if pending is None:
+            return False
+        pending[0].process_open(send_chan, send_window, send_pktsize, None)
+        return True
 
     def connection_info(self) -> ConnectionInfo:
         return ConnectionInfo(self._info.remote_addr, self._info.kind, self._user, self._fingerprint)

@@ -68,6 +68,38 @@ def pending_channel(conn: Any, address: Address, timeout: float, window: int,
     return _PendingChannel(conn, address, timeout, window, pktsize), None
 
 
+_DIRECT_TCPIP = b"direct-tcpip"
+
+
+def parse_direct_open(plain: bytes, end: int) -> tuple[int, int, int, str, int] | None:
+    """A direct-tcpip CHANNEL_OPEN's fields from a decrypted packet (``plain[1]`` is the
+    message type, the payload ends at ``end``): the peer's channel number, window and
+    packet size, the target host and port. None for anything else or anything unusual
+    (asyncssh's own path then handles the packet and raises the right error)."""
+    fields: list[Any] = []
+    pos = 2
+    for kind in "sUUUsUsU":  # type, channel, window, packet size, host, port, originator, its port
+        if pos + 4 > end:
+            return None
+        value = int.from_bytes(plain[pos:pos + 4], "big")
+        pos += 4
+        if kind == "s":
+            if pos + value > end:
+                return None
+            fields.append(plain[pos:pos + value])
+            pos += value
+        else:
+            fields.append(value)
+    chantype, send_chan, send_window, send_pktsize, host, port, orig_host = fields[:7]
+    if pos != end or chantype != _DIRECT_TCPIP or not send_pktsize:
+        return None
+    try:
+        orig_host.decode("utf-8")  # asyncssh refuses the open otherwise
+        return send_chan, send_window, send_pktsize, host.decode("utf-8"), port
+    except UnicodeDecodeError:
+        return None
+
+
 class _PendingChannel:
     """A direct-tcpip open whose target connect is in flight. The channel is built once
     the target has answered; a failed connect needs no channel at all, only the
