@@ -279,3 +279,14 @@ async def test_half_open_relay_is_torn_down_when_idle(monkeypatch: pytest.Monkey
     assert t.events == []
     await asyncio.sleep(0.5)
     assert t.events == ["abort"] and conn.types()[-1] == MSG_CHANNEL_CLOSE
+
+
+async def test_lean_confirmation() -> None:
+    answers: list[BaseException | None] = []
+    conn = FakeConn()
+    chan = SocketChannel(conn, WINDOW, PKTSIZE, answers.append)
+    plain = bytes((4, 91)) + UInt32(chan.recv_chan) + UInt32(9) + UInt32(WINDOW) + UInt32(PKTSIZE)
+    assert chan.lean_confirm(plain) and answers == [None] and chan.send_hdr == UInt32(9)
+    chan2 = SocketChannel(conn, WINDOW, PKTSIZE, answers.append)
+    zero = bytes((4, 91)) + UInt32(chan2.recv_chan) + UInt32(9) + UInt32(WINDOW) + UInt32(0)
+    assert not chan2.lean_confirm(zero) and len(answers) == 1  # asyncssh's path refuses it

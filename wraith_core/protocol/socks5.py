@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import re
 from dataclasses import dataclass
 
 VERSION = 5
@@ -217,7 +218,7 @@ class Socks5Server:
             except UnicodeDecodeError:
                 self._fail("domain name is not ASCII", Reply.GENERAL_FAILURE)
                 return
-            if not host or any(c in host for c in "\x00/\\ \t\r\n"):
+            if not host or _BAD_NAME.search(host):
                 self._fail("invalid domain name", Reply.GENERAL_FAILURE)
                 return
             kind = "domain"
@@ -228,6 +229,9 @@ class Socks5Server:
         buf.clear()
         self._state = _State.WAIT_REPLY
         self._events.append(ConnectRequest(host, port, kind))
+
+
+_BAD_NAME = re.compile(r"[\x00/\\ \t\r\n]")
 
 
 def _consteq(a: bytes, b: bytes) -> bool:

@@ -27,7 +27,8 @@ from .internals import has_names
 try:
     from asyncssh.connection import SSHConnection
     from asyncssh.channel import SSHChannel
-    from asyncssh.constants import (MSG_CHANNEL_CLOSE, MSG_CHANNEL_DATA, MSG_CHANNEL_OPEN, MSG_CHANNEL_OPEN_FAILURE,
+    from asyncssh.constants import (MSG_CHANNEL_CLOSE, MSG_CHANNEL_DATA, MSG_CHANNEL_OPEN,
+                                    MSG_CHANNEL_OPEN_CONFIRMATION, MSG_CHANNEL_OPEN_FAILURE,
                                     MSG_CHANNEL_WINDOW_ADJUST)
     from asyncssh.logging import SSHLogger
     from asyncssh.misc import DisconnectError, MACError, ProtocolError
@@ -123,6 +124,9 @@ def _lean_loop(conn: Any, cipher: Any) -> bool:
             elif pkttype == MSG_CHANNEL_OPEN:  # the server's own open path, if it installed one
                 fast_open = getattr(conn, "wraith_open", None)
                 handled = fast_open is not None and fast_open(plain, body_end)
+            elif pkttype == MSG_CHANNEL_OPEN_CONFIRMATION and body_end == 18:  # no extra fields
+                confirm = getattr(conn._channels.get(int.from_bytes(plain[2:6], "big")), "lean_confirm", None)
+                handled = confirm is not None and confirm(plain)
             else:
                 handled = False
             if not handled:

@@ -38,6 +38,7 @@ from asyncssh.constants import (MSG_CHANNEL_CLOSE, MSG_CHANNEL_DATA, MSG_CHANNEL
                                 MSG_CHANNEL_FAILURE, MSG_CHANNEL_REQUEST, MSG_CHANNEL_SUCCESS,
                                 MSG_CHANNEL_WINDOW_ADJUST)
 from asyncssh.misc import ProtocolError
+from asyncssh.packet import SSHPacket
 
 from ..relay import HIGH_WATER, RelayEnd, linger_zero
 from .speedups import send_lean
@@ -46,6 +47,8 @@ log = logging.getLogger("wraith.channels")
 
 # Socket bytes queued for the peer's window past this pause reading; below LOW_WATER it resumes.
 LOW_WATER = HIGH_WATER // 4
+
+_NO_FIELDS = SSHPacket(b"")  # a confirmation's remaining payload, when there is none
 
 OpenCallback = Callable[[BaseException | None], None]
 
@@ -111,6 +114,16 @@ class SocketChannel(asyncio.Protocol):
         except Exception:  # inside asyncssh's packet handling: never raise
             log.exception("channel open handler failed")
             self.abort()
+
+    def lean_confirm(self, plain: bytes) -> bool:
+        """OPEN_CONFIRMATION from lean_recv (``plain[2:18]``: our number, the peer's, its window
+        and packet size). False: asyncssh's path (its checks and quirks) decides."""
+        send_pktsize = int.from_bytes(plain[14:18], "big")
+        if not send_pktsize or getattr(self.conn, "_compressor", None) is not None:
+            return False
+        self.process_open_confirmation(int.from_bytes(plain[6:10], "big"), int.from_bytes(plain[10:14], "big"),
+                                       send_pktsize, _NO_FIELDS)
+        return True
 
     def process_open_failure(self, code: int, reason: str, lang: str) -> None:
         callback, self.on_open = self.on_open, None
