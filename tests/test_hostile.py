@@ -417,7 +417,7 @@ async def test_socks_handshake_timeout_in_process() -> None:
         def start_socket_open(self, host: str, port: int, done: object) -> None:
             return None  # as when the session is down: the listener takes the waiting path
 
-        async def open_relay(self, end: object, host: str, port: int) -> None:
+        async def wait_session(self) -> None:
             from wraith_core.protocol.socks5 import Reply
             from wraith_core.ssh.channels import ChannelOpenFailed
 

@@ -274,7 +274,9 @@ async def test_a_channel_open_the_server_never_answers_times_out(keys: Keys, mon
     fails with ETIMEDOUT after the connect timeout (plus slack), a SOCKS client gets a
     failure reply within the handshake timeout — neither waits forever."""
     from wraith_core import ConnectOptions
+    from wraith_core.addr import ForwardSpec
     from wraith_core.errors import ChannelError
+    from wraith_core.forward import LocalForwarder
     from wraith_core.socks import Socks5Listener
     from wraith_core.ssh import channels
     from wraith_core.ssh.client import Session
@@ -309,6 +311,16 @@ async def test_a_channel_open_the_server_never_answers_times_out(keys: Keys, mon
         assert reply[1] == 0x01 and await reader.read() == b""
         writer.close()
         socks.close()
+        forward = LocalForwarder(manager, ForwardSpec("127.0.0.1", 0, "127.0.0.1", 9))
+        await forward.start()
+        reader, writer = await asyncio.open_connection("127.0.0.1", forward.port)
+        writer.write(b"waiting for a channel that never opens")
+        t0 = time.monotonic()
+        with pytest.raises(ConnectionResetError):  # -L: reset, not an empty stream or a hang
+            await asyncio.wait_for(reader.read(), 5)
+        assert time.monotonic() - t0 < 4
+        writer.close()
+        forward.close()
     finally:
         await session.close()
         server.close()
@@ -342,3 +354,54 @@ async def test_an_unexpected_error_in_a_connect_attempt_is_retried(keys: Keys, m
     finally:
         await s.close()
         await server.close()
+
+
+async def test_a_socks_request_made_while_the_session_is_down_opens_once_it_is_back(keys: Keys) -> None:
+    """SOCKS5 and -L connections made while the session is down wait for it (within their
+    timers) and then open their channel; their early bytes and EOF arrive intact."""
+    from wraith_core import ConnectOptions, ServeOptions, serve
+    from wraith_core.addr import ForwardSpec
+    from wraith_core.forward import LocalForwarder
+    from wraith_core.socks import Socks5Listener
+    from wraith_core.ssh import channels
+    from wraith_core.ssh.client import Session
+
+    async def echo(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(await r.read())  # everything, once the client half-closes
+        w.close()
+
+    target = await asyncio.start_server(echo, "127.0.0.1", 0)
+    tport = target.sockets[0].getsockname()[1]
+    port = free_port()
+    session = Session(ConnectOptions(server=f"127.0.0.1:{port}", identity=str(keys.client),
+                                     host_key=str(keys.host_pub), socks5=None))
+    server = None
+    try:
+        await session.start()  # nothing listens yet: the session retries (1 s, 2 s, ...)
+        manager = channels.ChannelManager(session)
+        socks = Socks5Listener(manager, "127.0.0.1", 0)
+        await socks.start()
+        forward = LocalForwarder(manager, ForwardSpec("127.0.0.1", 0, "127.0.0.1", tport))
+        await forward.start()
+        r1, w1 = await asyncio.open_connection("127.0.0.1", socks.port)
+        w1.write(b"\x05\x01\x00\x05\x01\x00\x01\x7f\x00\x00\x01" + tport.to_bytes(2, "big") + b"early socks")
+        w1.write_eof()
+        r2, w2 = await asyncio.open_connection("127.0.0.1", forward.port)
+        w2.write(b"early forward")
+        w2.write_eof()
+        await asyncio.sleep(0.3)
+        assert session.conn is None
+        server = await serve(ServeOptions(key=str(keys.host), authorized_keys=str(keys.authorized),
+                                          listen=f"127.0.0.1:{port}"))
+        assert await asyncio.wait_for(r1.readexactly(12), 15) == b"\x05\x00\x05\x00\x00\x01" + bytes(6)
+        assert await asyncio.wait_for(r1.read(), 10) == b"early socks"
+        assert await asyncio.wait_for(r2.read(), 10) == b"early forward"
+        for w in (w1, w2):
+            w.close()
+        socks.close()
+        forward.close()
+    finally:
+        await session.close()
+        if server is not None:
+            await server.close()
+        target.close()

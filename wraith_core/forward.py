@@ -1,17 +1,84 @@
-"""Local forwards (``--forward``, OpenSSH ``-L``): listen here, open a channel per connection."""
+"""Local forwards (``--forward``, OpenSSH ``-L``): listen here, open a channel per connection.
+
+Each accepted socket opens its channel at once (opening.py: held bytes, then the socket
+is handed to its SocketChannel). A channel that cannot be opened, or does not answer
+within the connect timeout plus the open slack, resets the socket: the application sees
+a failure, not an empty stream.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
 
 from .addr import ForwardSpec
 from .errors import ConnectError
-from .relay import AcceptedEnd, RelayEnd
-from .ssh.channels import ChannelManager
+from .opening import ChannelOpening
+from .relay import linger_zero
+from .ssh import channels
+from .ssh.channels import ChannelManager, ChannelOpenFailed
 
 log = logging.getLogger("wraith.forward")
+
+
+class _ForwardConn(ChannelOpening):
+    __slots__ = ("_forwarder", "_timer", "_held", "_held_len")
+
+    def __init__(self, forwarder: LocalForwarder) -> None:
+        super().__init__()
+        self._forwarder = forwarder
+        self._timer: asyncio.TimerHandle | None = None
+        self._held: list[bytes] = []
+        self._held_len = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport
+        fwd = self._forwarder
+        wait = fwd.manager.session.options.connect_timeout + channels.OPEN_SLACK
+        self._timer = asyncio.get_running_loop().call_later(wait, self._expire)
+        self._open(fwd.manager, fwd.spec.host, fwd.spec.port)
+
+    def _expire(self) -> None:
+        self._timer = None
+        log.debug("forward channel open timed out")
+        self._lost = True  # a late answer finds us gone (and closes its channel)
+        self._reset()
+
+    def data_received(self, data: bytes) -> None:
+        self._held.append(data)
+        self._held_len += len(data)
+        self._hold_check(self._held_len)
+
+    def eof_received(self) -> bool:
+        self._eof = True  # passed on once the channel is open
+        return True
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._lost = True
+        self._cancel_timer()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _reset(self) -> None:
+        if not self._transport.is_closing():
+            linger_zero(self._transport)
+            self._transport.abort()
+
+    def _held_data(self) -> bytes:
+        held, self._held = b"".join(self._held), []
+        return held
+
+    def _answered(self, failure: ChannelOpenFailed | None) -> bool:
+        self._cancel_timer()
+        if self._lost:
+            return False
+        if failure is not None:
+            self._reset()
+            return False
+        return True
 
 
 class LocalForwarder:
@@ -22,14 +89,9 @@ class LocalForwarder:
 
     async def start(self) -> None:
         spec = self.spec
-        host, port = spec.host, spec.port
-
-        async def opener(end: RelayEnd, _transport: Any) -> None:
-            await self.manager.open_relay(end, host, port)
-
         loop = asyncio.get_running_loop()
         try:
-            self._server = await loop.create_server(lambda: AcceptedEnd(opener), spec.bind_host,
+            self._server = await loop.create_server(lambda: _ForwardConn(self), spec.bind_host,
                                                     spec.bind_port, reuse_address=True, backlog=1024)
         except OSError as exc:
             raise ConnectError(f"--forward: cannot listen on {spec.bind_host}:{spec.bind_port}: "

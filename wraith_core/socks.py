@@ -1,4 +1,4 @@
-"""The SOCKS5 listener: protocol/socks5 + channel manager + the one relay.
+"""The SOCKS5 listener: protocol/socks5 + channel manager + the socket's channel (opening.py).
 
 The success reply is sent only after the SSH channel has opened; failures map
 to SOCKS5 reply codes, and a channel not open within the handshake timeout
@@ -9,36 +9,27 @@ the server unresolved (SOCKS5h). Targets are never logged.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
-from typing import Any
 
 from .errors import ConnectError
+from .opening import ChannelOpening
 from .protocol.socks5 import ConnectRequest, HandshakeFailed, Reply, Socks5Server
-from .relay import RelayEnd, spawn
-from .ssh.channels import ChannelManager, ChannelOpenFailed, OpenDone
-from .ssh.socket_channel import SocketChannel
+from .ssh.channels import ChannelManager, ChannelOpenFailed
 
 log = logging.getLogger("wraith.socks")
 
 HANDSHAKE_TIMEOUT = 30.0
-# Bytes a client may send after its request, before the reply; past this, reading pauses.
-HOLD_LIMIT = 64 * 1024
 
 
-class _SocksConn(asyncio.Protocol):
-    __slots__ = ("_listener", "_codec", "_transport", "_timer", "_lost", "_eof", "_waiting", "_paused", "_chan")
+class _SocksConn(ChannelOpening):
+    __slots__ = ("_listener", "_codec", "_timer", "_waiting")
 
     def __init__(self, listener: Socks5Listener) -> None:
+        super().__init__()
         self._listener = listener
         self._codec = Socks5Server(listener.credentials)
-        self._transport: Any = None
         self._timer: asyncio.TimerHandle | None = None
-        self._lost = False
-        self._eof = False
         self._waiting = False  # request received, channel opening
-        self._paused = False
-        self._chan: SocketChannel | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport
@@ -59,12 +50,8 @@ class _SocksConn(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         codec = self._codec
         codec.receive_data(data)
-        if self._waiting:
-            # Bytes sent before our reply are held (most clients wait for the reply, so
-            # reading is paused only if a client sends a lot: no pause/resume per connection).
-            if not self._paused and len(codec.trailing_data) >= HOLD_LIMIT:
-                self._paused = True
-                self._transport.pause_reading()
+        if self._waiting:  # bytes sent before our reply are held
+            self._hold_check(len(codec.trailing_data))
             return
         out = codec.data_to_send()
         if out:
@@ -77,14 +64,8 @@ class _SocksConn(asyncio.Protocol):
                 return
             if isinstance(event, ConnectRequest):
                 self._waiting = True  # the timer runs on: it also bounds the wait for the channel
-                if len(codec.trailing_data) >= HOLD_LIMIT:
-                    self._paused = True
-                    self._transport.pause_reading()
-                manager = self._listener.manager
-                self._chan = manager.start_socket_open(event.host, event.port, self._socket_opened)
-                if self._chan is None:  # session down: wait for it
-                    sock_end, chan_end = RelayEnd.pair()
-                    spawn(self._connect(event, chan_end, functools.partial(self._opened, sock_end, chan_end)))
+                self._hold_check(len(codec.trailing_data))
+                self._open(self._listener.manager, event.host, event.port)
                 return
 
     def eof_received(self) -> bool:
@@ -104,31 +85,10 @@ class _SocksConn(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
 
-    async def _connect(self, req: ConnectRequest, chan_end: RelayEnd, done: OpenDone) -> None:
-        try:
-            await self._listener.manager.open_relay(chan_end, req.host, req.port)
-        except ChannelOpenFailed as exc:
-            done(exc)
-        except Exception:
-            done(ChannelOpenFailed("channel open failed", Reply.GENERAL_FAILURE))
-        else:
-            done(None)
+    def _held_data(self) -> bytes:
+        return self._codec.trailing_data
 
-    def _socket_opened(self, failure: ChannelOpenFailed | None) -> None:
-        chan, self._chan = self._chan, None
-        assert chan is not None
-        if self._reply(failure):
-            self._relay(chan)
-        elif failure is None:  # the client went away meanwhile
-            chan.abort()
-
-    def _opened(self, sock_end: RelayEnd, chan_end: RelayEnd, failure: ChannelOpenFailed | None) -> None:
-        if self._reply(failure):
-            self._relay(sock_end)
-        elif failure is None and chan_end.transport is not None:
-            chan_end.transport.abort()
-
-    def _reply(self, failure: ChannelOpenFailed | None) -> bool:
+    def _answered(self, failure: ChannelOpenFailed | None) -> bool:
         """Answer the SOCKS request; True if the relay starts (success, client still here)."""
         self._cancel_timer()
         codec, transport = self._codec, self._transport
@@ -143,18 +103,6 @@ class _SocksConn(asyncio.Protocol):
         codec.reply(Reply.SUCCEEDED)
         transport.write(codec.data_to_send())
         return True
-
-    def _relay(self, protocol: asyncio.Protocol) -> None:
-        """The socket now belongs to the relay: hand it what the client sent meanwhile."""
-        transport, trailing = self._transport, self._codec.trailing_data
-        transport.set_protocol(protocol)
-        protocol.connection_made(transport)
-        if self._paused:
-            transport.resume_reading()
-        if trailing:
-            protocol.data_received(trailing)
-        if self._eof:
-            protocol.eof_received()
 
 
 class Socks5Listener:

@@ -164,6 +164,10 @@ class ChannelManager:
         except ChannelError as exc:
             raise ChannelOpenFailed(str(exc), Reply.GENERAL_FAILURE, "ESESSION") from None
 
+    async def wait_session(self) -> None:
+        """Until the session is up (ChannelOpenFailed, ESESSION, if it does not come back)."""
+        await self._conn()
+
     def start_open(self, end: RelayEnd, host: str, port: int, done: OpenDone) -> bool:
         """Send a direct-tcpip CHANNEL_OPEN for ``host:port`` now; ``end`` runs on the
         channel once it is open and ``done(None)`` is called, or ``done(failure)``.

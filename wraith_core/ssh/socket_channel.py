@@ -296,7 +296,7 @@ class SocketChannel(asyncio.Protocol):
 
     # -- internals --------------------------------------------------------------
 
-    def _send(self, pkttype: int, *parts: bytes) -> None:
+    def _send(self, pkttype: int, *parts: bytes | memoryview) -> None:
         conn = self.conn
         if conn._transport and not send_lean(conn, pkttype, parts):
             conn.send_packet(pkttype, *parts)
