@@ -290,3 +290,27 @@ async def test_lean_confirmation() -> None:
     chan2 = SocketChannel(conn, WINDOW, PKTSIZE, answers.append)
     zero = bytes((4, 91)) + UInt32(chan2.recv_chan) + UInt32(9) + UInt32(WINDOW) + UInt32(0)
     assert not chan2.lean_confirm(zero) and len(answers) == 1  # asyncssh's path refuses it
+
+
+async def test_socket_that_speaks_before_the_channel_is_open() -> None:
+    """The server's dialed targets (host names, --proxy): the socket exists first; what it
+    sends, and its EOF, go out once the channel is confirmed, in order."""
+    conn = FakeConn()
+    chan = SocketChannel(conn, WINDOW, PKTSIZE)
+    t = FakeTransport()
+    chan.connection_made(t)
+    chan.data_received(b"220 greeting ")
+    chan.data_received(b"before the answer")
+    chan.eof_received()
+    assert conn.sent == []
+    chan.opened(3, WINDOW, PKTSIZE)
+    assert sent_data(conn) == b"220 greeting before the answer" and conn.types()[-1] == MSG_CHANNEL_EOF
+
+
+async def test_discard_leaves_no_trace() -> None:
+    conn = FakeConn()
+    chan = SocketChannel(conn, WINDOW, PKTSIZE)
+    t = FakeTransport()
+    chan.connection_made(t)
+    chan.discard()
+    assert conn._channels == {} and conn.sent == [] and t.events == ["abort"]

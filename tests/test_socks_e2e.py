@@ -79,16 +79,17 @@ def test_unsupported_command_and_atyp(tunnel) -> None:
         assert s.recv(10)[:2] == b"\x05\x08"
 
 
-async def _greeter_roundtrip(socks: int, port: int, greeting: bytes) -> bytes:
+async def _greeter_roundtrip(socks: int, host: str, port: int, greeting: bytes) -> bytes:
     from helpers import socks_connect
 
-    reader, writer = await socks_connect(socks, "127.0.0.1", port)
+    reader, writer = await socks_connect(socks, host, port)
     data = await asyncio.wait_for(reader.readexactly(len(greeting)), 10)
     writer.close()
     return data
 
 
-def test_target_that_speaks_first(tunnel) -> None:
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])  # connected at once / dialed by name
+def test_target_that_speaks_first(tunnel, host: str) -> None:
     """A target that writes on accept (like SSH/SMTP) delivers its greeting every time."""
     _, _, socks = tunnel
     greeting = bytes(range(256)) * 64  # 16 KiB, sent before the client says anything
@@ -102,7 +103,7 @@ def test_target_that_speaks_first(tunnel) -> None:
         srv = await asyncio.start_server(on_conn, "127.0.0.1", 0)
         port = srv.sockets[0].getsockname()[1]
         for batch in range(10):
-            got = await asyncio.gather(*[_greeter_roundtrip(socks, port, greeting) for _ in range(20)])
+            got = await asyncio.gather(*[_greeter_roundtrip(socks, host, port, greeting) for _ in range(20)])
             assert all(sha(g) == sha(greeting) for g in got), f"batch {batch}"
         srv.close()
 

@@ -282,13 +282,15 @@ class _ServerConn(asyncssh.SSHServer):
         if not _safe_target(dest_host):
             raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, "Invalid destination")
         opts = runner.options
-        if runner.proxy is None:
-            address = target_open.numeric_address(dest_host, dest_port)
-            if address is not None:
-                pending = target_open.pending_channel(self._conn, address, opts.connect_timeout,
-                                                      opts.window, opts.max_pktsize)
-                if pending is not None:
-                    return pending  # connects, confirms, then builds the channel: by callback
+        address = target_open.numeric_address(dest_host, dest_port) if runner.proxy is None else None
+        if address is not None:  # connects, confirms, then builds the channel: by callback
+            pending = target_open.pending_channel(self._conn, address, opts.connect_timeout, opts.window,
+                                                  opts.max_pktsize)
+        else:  # resolves (or goes through --proxy) and connects in a task
+            pending = target_open.pending_dial(self._conn, dest_host, dest_port, opts.connect_timeout,
+                                               opts.window, opts.max_pktsize, runner.proxy)
+        if pending is not None:
+            return pending
         chan = self._conn.create_tcp_channel(window=opts.window, max_pktsize=opts.max_pktsize)
         return chan, self._open_target(dest_host, dest_port)
 

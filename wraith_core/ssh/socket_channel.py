@@ -98,6 +98,16 @@ class SocketChannel(asyncio.Protocol):
         self.send_window = send_window
         self.send_pktsize = send_pktsize
         self.is_open = True
+        if self.queue or self.eof_out:  # the socket spoke (or ended) before the channel was open
+            self._flush()
+
+    def discard(self) -> None:
+        """Leave the connection's table without a word: a channel that was never opened."""
+        self.close_in = self.close_out = True
+        self.queue.clear()
+        self._stop_timer()
+        self._reset_socket()
+        self._cleanup()
 
     def process_open_confirmation(self, send_chan: int, send_window: int, send_pktsize: int, packet: Any) -> None:
         """The peer confirmed our CHANNEL_OPEN (asyncssh's connection calls this)."""
@@ -171,6 +181,8 @@ class SocketChannel(asyncio.Protocol):
         if self.eof_out or self.close_out:
             return True
         self.eof_out = True
+        if not self.is_open:
+            return True  # sent once the channel is open, after what the socket sent
         batch = getattr(self.conn, "wraith_batch", None)  # EOF and CLOSE in one write
         if batch is not None:
             batch[0]()

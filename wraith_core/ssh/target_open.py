@@ -29,7 +29,7 @@ from typing import Any
 import asyncssh
 from asyncssh.constants import DEFAULT_LANG
 
-from ..dial import TIMED_OUT, reason_for_oserror
+from ..dial import TIMED_OUT, DialError, dial, reason_for_oserror
 from ..relay import LINGER_ZERO, spawn
 from .internals import has_names
 from .socket_channel import SocketChannel
@@ -219,10 +219,62 @@ class _PendingChannel:
             sock.close()
             self._fail("Connection failed")
             return
-        chan.opened(send_chan, send_window, send_pktsize)
         conn.send_channel_open_confirmation(send_chan, chan.recv_chan, self.window, self.pktsize)
+        chan.opened(send_chan, send_window, send_pktsize)
         _flush(conn)  # out now, not when this batch of received packets is done
         spawn(_attach(chan, sock))
+
+
+def pending_dial(conn: Any, host: str, port: int, timeout: float, window: int, pktsize: int,
+                 proxy: Any) -> tuple[Any, None] | None:
+    """As :func:`pending_channel`, for a host name or a target reached through ``proxy``:
+    a task resolves and dials (``dial.py``), straight into a SocketChannel that is
+    confirmed once connected. None when asyncssh's connection is not what this expects."""
+    if not has_names(conn, _CONN_NAMES):
+        return None
+    return _PendingDial(conn, host, port, timeout, window, pktsize, proxy), None
+
+
+class _PendingDial:
+    __slots__ = ("conn", "host", "port", "timeout", "window", "pktsize", "proxy")
+
+    def __init__(self, conn: Any, host: str, port: int, timeout: float, window: int, pktsize: int,
+                 proxy: Any) -> None:
+        self.conn = conn
+        self.host = host
+        self.port = port
+        self.timeout = timeout
+        self.window = window
+        self.pktsize = pktsize
+        self.proxy = proxy
+
+    def set_inbound_peer_names(self, *names: Any) -> None:
+        """asyncssh passes the channel's peer names (nothing here keeps them)."""
+
+    def process_open(self, send_chan: int, send_window: int, send_pktsize: int, session: Any) -> None:
+        spawn(self._dial(send_chan, send_window, send_pktsize))
+
+    async def _dial(self, send_chan: int, send_window: int, send_pktsize: int) -> None:
+        conn = self.conn
+        if not conn._transport:
+            return
+        chan = SocketChannel(conn, self.window, self.pktsize)  # the socket may speak before the answer
+        try:
+            await dial(chan, self.host, self.port, self.timeout, self.proxy)
+        except DialError as exc:
+            reason = exc.reason
+        except Exception:  # never let an unexpected error end the task silently
+            reason = "Connection failed"
+        else:
+            if not chan.close_out and conn._transport:  # (the target may have reset meanwhile)
+                # the confirmation first: opened() sends what the target has said so far
+                conn.send_channel_open_confirmation(send_chan, chan.recv_chan, self.window, self.pktsize)
+                chan.opened(send_chan, send_window, send_pktsize)
+                return
+            reason = "Connection reset"
+        chan.discard()
+        if conn._transport:
+            conn.send_channel_open_failure(send_chan, asyncssh.OPEN_CONNECT_FAILED, reason, DEFAULT_LANG)
 
 
 def _flush(conn: Any) -> None:
