@@ -22,12 +22,11 @@ log = logging.getLogger("wraith.forward")
 
 
 class _ForwardConn(ChannelOpening):
-    __slots__ = ("_forwarder", "_timer", "_held", "_held_len")
+    __slots__ = ("_forwarder", "_held", "_held_len")
 
     def __init__(self, forwarder: LocalForwarder) -> None:
         super().__init__()
         self._forwarder = forwarder
-        self._timer: asyncio.TimerHandle | None = None
         self._held: list[bytes] = []
         self._held_len = 0
 
@@ -52,15 +51,6 @@ class _ForwardConn(ChannelOpening):
     def eof_received(self) -> bool:
         self._eof = True  # passed on once the channel is open
         return True
-
-    def connection_lost(self, exc: BaseException | None) -> None:
-        self._lost = True
-        self._cancel_timer()
-
-    def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
 
     def _reset(self) -> None:
         if not self._transport.is_closing():

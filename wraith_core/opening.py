@@ -26,7 +26,7 @@ HOLD_LIMIT = 64 * 1024
 
 
 class ChannelOpening(asyncio.Protocol):
-    __slots__ = ("_transport", "_lost", "_eof", "_paused", "_chan")
+    __slots__ = ("_transport", "_lost", "_eof", "_paused", "_chan", "_timer")
 
     def __init__(self) -> None:
         self._transport: Any = None
@@ -34,6 +34,16 @@ class ChannelOpening(asyncio.Protocol):
         self._eof = False
         self._paused = False
         self._chan: SocketChannel | None = None
+        self._timer: asyncio.TimerHandle | None = None  # the subclass's bound on the wait
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._lost = True
+        self._cancel_timer()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     # -- for subclasses ------------------------------------------------------------
 

@@ -22,13 +22,12 @@ HANDSHAKE_TIMEOUT = 30.0
 
 
 class _SocksConn(ChannelOpening):
-    __slots__ = ("_listener", "_codec", "_timer", "_waiting")
+    __slots__ = ("_listener", "_codec", "_waiting")
 
     def __init__(self, listener: Socks5Listener) -> None:
         super().__init__()
         self._listener = listener
         self._codec = Socks5Server(listener.credentials)
-        self._timer: asyncio.TimerHandle | None = None
         self._waiting = False  # request received, channel opening
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -75,15 +74,6 @@ class _SocksConn(ChannelOpening):
             return False
         self._eof = True  # the client half-closed right after its request: pass it on later
         return True
-
-    def connection_lost(self, exc: BaseException | None) -> None:
-        self._lost = True
-        self._cancel_timer()
-
-    def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
 
     def _held_data(self) -> bytes:
         return self._codec.trailing_data
