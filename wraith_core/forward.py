@@ -13,22 +13,19 @@ import logging
 
 from .addr import ForwardSpec
 from .errors import ConnectError
-from .opening import ChannelOpening
-from .relay import linger_zero
+from .opening import HoldingOpening
 from .ssh import channels
-from .ssh.channels import ChannelManager, ChannelOpenFailed
+from .ssh.channels import ChannelManager
 
 log = logging.getLogger("wraith.forward")
 
 
-class _ForwardConn(ChannelOpening):
-    __slots__ = ("_forwarder", "_held", "_held_len")
+class _ForwardConn(HoldingOpening):
+    __slots__ = ("_forwarder",)
 
     def __init__(self, forwarder: LocalForwarder) -> None:
         super().__init__()
         self._forwarder = forwarder
-        self._held: list[bytes] = []
-        self._held_len = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport
@@ -36,40 +33,6 @@ class _ForwardConn(ChannelOpening):
         wait = fwd.manager.session.options.connect_timeout + channels.OPEN_SLACK
         self._timer = asyncio.get_running_loop().call_later(wait, self._expire)
         self._open(fwd.manager, fwd.spec.host, fwd.spec.port)
-
-    def _expire(self) -> None:
-        self._timer = None
-        log.debug("forward channel open timed out")
-        self._lost = True  # a late answer finds us gone (and closes its channel)
-        self._reset()
-
-    def data_received(self, data: bytes) -> None:
-        self._held.append(data)
-        self._held_len += len(data)
-        self._hold_check(self._held_len)
-
-    def eof_received(self) -> bool:
-        self._eof = True  # passed on once the channel is open
-        return True
-
-    def _reset(self) -> None:
-        if not self._transport.is_closing():
-            linger_zero(self._transport)
-            self._transport.abort()
-
-    def _held_data(self) -> bytes:
-        held, self._held = b"".join(self._held), []
-        return held
-
-    def _answered(self, failure: ChannelOpenFailed | None) -> bool:
-        self._cancel_timer()
-        if self._lost:
-            return False
-        if failure is not None:
-            self._reset()
-            return False
-        return True
-
 
 class LocalForwarder:
     def __init__(self, manager: ChannelManager, spec: ForwardSpec) -> None:

@@ -15,7 +15,7 @@ import logging
 from typing import Any
 
 from .protocol.socks5 import Reply
-from .relay import spawn
+from .relay import linger_zero, spawn
 from .ssh.channels import ChannelManager, ChannelOpenFailed
 from .ssh.socket_channel import SocketChannel
 
@@ -109,3 +109,49 @@ class ChannelOpening(asyncio.Protocol):
             protocol.data_received(held)
         if self._eof:
             protocol.eof_received()
+
+
+class HoldingOpening(ChannelOpening):
+    """A forward's accepted socket (``-L`` here, ``-R`` on the server): it holds what it
+    sends until the channel is open; a refused or unanswered open (``_expire``, from the
+    subclass's timer) resets it, so the application sees a failure, not an empty stream."""
+
+    __slots__ = ("_held", "_held_len")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._held: list[bytes] = []
+        self._held_len = 0
+
+    def _expire(self) -> None:
+        self._timer = None
+        log.debug("forward channel open timed out")
+        self._lost = True  # a late answer finds us gone (and closes its channel)
+        self._reset()
+
+    def data_received(self, data: bytes) -> None:
+        self._held.append(data)
+        self._held_len += len(data)
+        self._hold_check(self._held_len)
+
+    def eof_received(self) -> bool:
+        self._eof = True  # passed on once the channel is open
+        return True
+
+    def _reset(self) -> None:
+        if not self._transport.is_closing():
+            linger_zero(self._transport)
+            self._transport.abort()
+
+    def _held_data(self) -> bytes:
+        held, self._held = b"".join(self._held), []
+        return held
+
+    def _answered(self, failure: ChannelOpenFailed | None) -> bool:
+        self._cancel_timer()
+        if self._lost:
+            return False
+        if failure is not None:
+            self._reset()
+            return False
+        return True

@@ -23,7 +23,6 @@ import asyncio
 import socket
 import struct
 import time
-from collections.abc import Callable
 from typing import Any
 
 # Write buffer high-water mark for channel and socket transports in a relay.
@@ -265,33 +264,3 @@ def spawn(coro: Any) -> asyncio.Task[None]:
     _tasks.add(task)
     task.add_done_callback(_tasks.discard)
     return task
-
-
-class AcceptedEnd(RelayEnd):
-    """The socket side of an accepted connection whose other side (a channel, a
-    target) is opened once the socket is up. Bytes the socket sends meanwhile are
-    held; if the other side cannot be opened the socket is reset."""
-
-    __slots__ = ("_opener",)
-
-    def __init__(self, opener: Callable[[RelayEnd, Any], Any]) -> None:
-        super().__init__()
-        self._opener = opener
-        other = RelayEnd()
-        self.peer, other.peer = other, self
-
-    def connection_made(self, transport: Any) -> None:
-        super().connection_made(transport)
-        opener, self._opener = self._opener, None
-        spawn(self._open(opener, transport))
-
-    async def _open(self, opener: Callable[[RelayEnd, Any], Any], transport: Any) -> None:
-        other = self.peer
-        assert other is not None
-        try:
-            await opener(other, transport)
-        except Exception:
-            self._abort()  # a reset: the application sees a failure, not an empty stream
-            return
-        if self._lost and other.transport is not None and not other._lost:
-            other._abort()

@@ -66,7 +66,8 @@ OpenDone = Callable[[ChannelOpenFailed | None], None]
 _SOCKET_NAMES = ("add_channel", "_update_recv_pktlen", "_channels", "_transport", "send_packet")
 
 
-def _socket_opened(done: OpenDone, exc: BaseException | None) -> None:
+def open_answer(done: OpenDone, exc: BaseException | None) -> None:
+    """A SocketChannel's open answer (None, or what went wrong) as ``done`` expects it."""
     if exc is None:
         done(None)
     elif isinstance(exc, asyncssh.ChannelOpenError):
@@ -212,7 +213,7 @@ class ChannelManager:
             return None
         opts = self.session.options
         try:
-            chan = SocketChannel(conn, opts.window, opts.max_pktsize, functools.partial(_socket_opened, done))
+            chan = SocketChannel(conn, opts.window, opts.max_pktsize, functools.partial(open_answer, done))
         except asyncssh.ChannelOpenError:  # the connection is closing
             return None
         _send_open(conn, chan.recv_chan, opts.window, opts.max_pktsize, host, port)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import fnmatch
+import functools
 import logging
 import time
 import unicodedata
@@ -26,16 +27,22 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncssh
+from asyncssh.constants import MSG_CHANNEL_OPEN
+from asyncssh.packet import String, UInt32
 from asyncssh.public_key import decode_ssh_certificate, decode_ssh_public_key
 
 from .. import keys
 from ..dial import DialError, dial
 from ..duplex import DuplexStream
+from ..opening import HoldingOpening
 from ..options import ServeOptions
-from ..relay import AcceptedEnd, RelayEnd
+from ..protocol.socks5 import Reply
+from ..relay import RelayEnd
 from ..transport.base import Acceptor, TransportInfo, make_acceptor, transport_info
 from . import conn_fixes, target_open
+from .channels import OPEN_SLACK, ChannelOpenFailed, open_answer
 from .internals import has_names
+from .socket_channel import SocketChannel
 from .tunnel import AcceptorTunnel
 
 log = logging.getLogger("wraith.server")
@@ -377,6 +384,27 @@ class _ControlStream(DuplexStream):
             self.abort()
 
 
+class _ForwardedConn(HoldingOpening):
+    """A socket accepted by a remote forward: its channel to the client opens at once."""
+
+    __slots__ = ("_listener",)
+
+    def __init__(self, listener: RemoteForwardListener) -> None:
+        super().__init__()
+        self._listener = listener
+
+    def connection_made(self, transport: Any) -> None:
+        self._transport = transport
+        wait = self._listener._runner.options.connect_timeout + OPEN_SLACK
+        self._timer = asyncio.get_running_loop().call_later(wait, self._expire)
+        self._chan = self._listener.open_channel(self, transport)
+        if self._chan is None:
+            self._answered(ChannelOpenFailed("the SSH session is gone", Reply.GENERAL_FAILURE, "ESESSION"))
+
+    def answer(self, failure: ChannelOpenFailed | None) -> None:
+        self._socket_opened(failure)
+
+
 class RemoteForwardListener:
     """A server-side ``tcpip-forward`` listener; each accepted socket becomes a
     ``forwarded-tcpip`` channel back to the client, joined by the one relay."""
@@ -398,16 +426,22 @@ class RemoteForwardListener:
         self._server = await loop.create_server(self._accept, host, port, reuse_address=True)
         self._port = self._server.sockets[0].getsockname()[1]
 
-    def _accept(self) -> AcceptedEnd:
-        return AcceptedEnd(self._open)
+    def _accept(self) -> _ForwardedConn:
+        return _ForwardedConn(self)
 
-    async def _open(self, chan_end: RelayEnd, transport: Any) -> None:
+    def open_channel(self, conn: _ForwardedConn, transport: Any) -> SocketChannel | None:
+        """Send the ``forwarded-tcpip`` open for an accepted socket (None: the session is gone)."""
+        ssh = self._conn
+        if not ssh._transport:  # type: ignore[attr-defined]
+            return None
         peer = transport.get_extra_info("peername")
         orig_host, orig_port = (str(peer[0]), int(peer[1])) if peer else ("", 0)
         opts = self._runner.options
-        await self._conn.create_connection(lambda: chan_end, self._listen_host, self._port,
-                                           orig_host, orig_port, window=opts.window,
-                                           max_pktsize=opts.max_pktsize)
+        chan = SocketChannel(ssh, opts.window, opts.max_pktsize, functools.partial(open_answer, conn.answer))
+        ssh.send_packet(MSG_CHANNEL_OPEN, String(b"forwarded-tcpip"), UInt32(chan.recv_chan), UInt32(opts.window),
+                        UInt32(opts.max_pktsize), String(self._listen_host), UInt32(self._port),
+                        String(orig_host), UInt32(orig_port))
+        return chan
 
     def get_port(self) -> int:
         return self._port
