@@ -179,6 +179,10 @@ def test_parse_direct_open() -> None:
                 _open_packet(b"direct-tcpip", b"127.0.0.1", 80, orig=b"\xc3"),
                 _open_packet(b"direct-tcpip", b"127.0.0.1", 80, pktsize=0)):
         assert target_open.parse_direct_open(bad, len(bad) - 4) is None
+    forwarded = _open_packet(b"forwarded-tcpip", b"127.0.0.1", 2222)  # a remote forward's (client side)
+    assert target_open.parse_direct_open(forwarded, len(forwarded) - 4) is None
+    assert target_open.parse_open(forwarded, len(forwarded) - 4, b"forwarded-tcpip") == (5, 1 << 20, 32768,
+                                                                                         "127.0.0.1", 2222)
     assert target_open.parse_direct_open(plain, len(plain) - 5) is None  # truncated
     assert target_open.parse_direct_open(plain, len(plain)) is None  # trailing bytes
 

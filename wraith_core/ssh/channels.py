@@ -28,6 +28,7 @@ from ..duplex import DuplexStream
 from ..errors import ChannelError
 from ..protocol.socks5 import Reply
 from ..relay import RelayEnd
+from . import target_open
 from .client import Session
 from .internals import has_names, next_channel_number, release
 from .socket_channel import SocketChannel
@@ -268,14 +269,37 @@ class ChannelManager:
         self.remote_forwards.append(spec)
 
     async def _request_remote_forwards(self, conn: asyncssh.SSHClientConnection) -> None:
+        granted: dict[tuple[str, int], ForwardSpec] = {}  # (listen host, port) -> where it goes
+        if self.remote_forwards and has_names(conn, _SOCKET_NAMES):
+            conn.wraith_open = functools.partial(self._forwarded_open, conn, granted)  # type: ignore[attr-defined]
         for spec in self.remote_forwards:
             try:
-                await conn.create_server(self._forward_factory(spec), spec.bind_host, spec.bind_port,
-                                         **self._window)
+                listener = await conn.create_server(self._forward_factory(spec), spec.bind_host, spec.bind_port,
+                                                    **self._window)
+                granted[(spec.bind_host, listener.get_port())] = spec
                 log.info("remote forward up listen=%s:%d", spec.bind_host, spec.bind_port)
             except Exception as exc:  # asyncssh raises ChannelListenError, OSError, …
                 log.warning("remote forward refused by server listen=%s:%d (%s)",
                             spec.bind_host, spec.bind_port, getattr(exc, "reason", exc))
+
+    def _forwarded_open(self, conn: Any, granted: dict[tuple[str, int], ForwardSpec], plain: bytes, end: int) -> bool:
+        """A ``forwarded-tcpip`` open for one of our remote forwards, from the decrypted packet
+        (lean_recv calls this): the local target is dialed straight into a SocketChannel. False
+        (anything else, or a listener we do not know): asyncssh's own path decides."""
+        fields = target_open.parse_open(plain, end, b"forwarded-tcpip")
+        if fields is None:
+            return False
+        send_chan, send_window, send_pktsize, host, port = fields
+        spec = granted.get((host, port))
+        if spec is None:
+            return False
+        opts = self.session.options
+        pending, _ = target_open.pending_dial(conn, spec.host, spec.port, opts.connect_timeout, opts.window,
+                                              opts.max_pktsize, None) or (None, None)
+        if pending is None:
+            return False
+        pending.process_open(send_chan, send_window, send_pktsize, None)
+        return True
 
     def _forward_factory(self, spec: ForwardSpec) -> Any:
         timeout = self.session.options.connect_timeout

@@ -76,6 +76,12 @@ def parse_direct_open(plain: bytes, end: int) -> tuple[int, int, int, str, int] 
     message type, the payload ends at ``end``): the peer's channel number, window and
     packet size, the target host and port. None for anything else or anything unusual
     (asyncssh's own path then handles the packet and raises the right error)."""
+    return parse_open(plain, end, _DIRECT_TCPIP)
+
+
+def parse_open(plain: bytes, end: int, chantype_wanted: bytes) -> tuple[int, int, int, str, int] | None:
+    """As :func:`parse_direct_open` for a channel type of the same layout (``forwarded-tcpip``:
+    the host and port are the listener's)."""
     fields: list[Any] = []
     pos = 2
     for kind in "sUUUsUsU":  # type, channel, window, packet size, host, port, originator, its port
@@ -91,7 +97,7 @@ def parse_direct_open(plain: bytes, end: int) -> tuple[int, int, int, str, int] 
         else:
             fields.append(value)
     chantype, send_chan, send_window, send_pktsize, host, port, orig_host = fields[:7]
-    if pos != end or chantype != _DIRECT_TCPIP or not send_pktsize:
+    if pos != end or chantype != chantype_wanted or not send_pktsize:
         return None
     try:
         orig_host.decode("utf-8")  # asyncssh refuses the open otherwise
