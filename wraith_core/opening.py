@@ -10,6 +10,7 @@ finds the socket gone closes its channel.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import logging
 from typing import Any
@@ -25,7 +26,7 @@ log = logging.getLogger("wraith.channels")
 HOLD_LIMIT = 64 * 1024
 
 
-class ChannelOpening(asyncio.Protocol):
+class ChannelOpening(asyncio.Protocol, metaclass=abc.ABCMeta):
     __slots__ = ("_transport", "_lost", "_eof", "_paused", "_chan", "_timer")
 
     def __init__(self) -> None:
@@ -47,13 +48,13 @@ class ChannelOpening(asyncio.Protocol):
 
     # -- for subclasses ------------------------------------------------------------
 
+    @abc.abstractmethod
     def _answered(self, failure: ChannelOpenFailed | None) -> bool:
         """The server answered: tell the socket; True if the relay starts now."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _held_data(self) -> bytes:
         """What the socket sent while the channel was opening."""
-        raise NotImplementedError
 
     def _hold_check(self, held: int) -> None:
         """Pause reading once ``held`` bytes wait for the channel (most clients wait for

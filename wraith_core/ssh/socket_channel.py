@@ -1,7 +1,7 @@
-"""A direct-tcpip channel fused with the TCP socket it relays: the per-connection hot path.
+"""A channel fused with the TCP socket it relays: the per-connection hot path.
 
-A SOCKS5 connection (client) or a connection to an IP-address target (server) is one
-socket joined to one channel. With asyncssh's channel objects that join takes a channel,
+A SOCKS5, ``-L`` or ``-R`` connection (client), or a connection to a target or from a
+remote-forward listener (server), is one socket joined to one channel. With asyncssh's channel objects that join takes a channel,
 a session object and two relay ends, and every message crosses several layers of each.
 Here one object is both the socket's asyncio protocol and the channel in the
 connection's channel table: socket bytes become CHANNEL_DATA in one step, channel data
@@ -59,7 +59,7 @@ class SocketChannel(asyncio.Protocol):
     client: by the peer's confirmation). The socket's transport arrives with
     ``connection_made`` (server: after the confirmation; client: after the SOCKS reply)."""
 
-    __slots__ = ("conn", "recv_chan", "window", "pktsize", "recv_window", "send_hdr", "send_window",
+    __slots__ = ("conn", "recv_chan", "window", "recv_window", "send_hdr", "send_window",
                  "send_pktsize", "transport", "held", "queue", "queued", "on_open", "is_open", "eof_in",
                  "eof_out", "eof_sent", "close_in", "close_out", "sock_lost", "reading_paused",
                  "writing_paused", "last", "timer")
@@ -67,7 +67,6 @@ class SocketChannel(asyncio.Protocol):
     def __init__(self, conn: Any, window: int, pktsize: int, on_open: OpenCallback | None = None) -> None:
         self.conn = conn
         self.window = window            # the receive window we grant
-        self.pktsize = pktsize
         self.recv_window = window
         self.send_hdr = b""             # the peer's channel number, encoded
         self.send_window = 0
