@@ -1,6 +1,8 @@
-"""The one bidirectional pump.
+"""The bidirectional pump for any two ends (in-process streams, the daemon, streamlocal).
 
-A relay joins two byte streams. Each side is a :class:`RelayEnd`, which is at
+A socket joined to a channel (SOCKS5, forwards, the server's targets) is instead one
+``ssh/socket_channel.SocketChannel``, which keeps the same rules. A relay here joins
+two byte streams. Each side is a :class:`RelayEnd`, which is at
 once an asyncio ``Protocol`` (for sockets) and an asyncssh ``SSHTCPSession``
 (for channels): both kinds of transport offer ``write``, ``write_eof``,
 ``pause_reading``, ``resume_reading``, ``close`` and ``abort``, and call back

@@ -1,13 +1,12 @@
 """Channel manager: direct-tcpip, streamlocal and tcpip-forward on the session.
 
 Opening a direct-tcpip channel is the per-connection hot path (every SOCKS
-request, every ``-L`` connection). asyncssh's ``create_connection`` drives it
-through a chain of coroutines, a future and a second task that starts
-reading; here the CHANNEL_OPEN is sent at once and the peer's answer is
-handled by a callback the moment it is read (``start_open``), on asyncssh's
-own channel object, so the channel then behaves exactly as one asyncssh
-opened. If asyncssh's internals are not what this expects, asyncssh's
-``create_connection`` is used instead.
+request, every ``-L`` connection): ``start_socket_open`` sends the CHANNEL_OPEN at
+once on a SocketChannel, whose answer is handled the moment it is read. In-process
+streams (``open_relay``) keep asyncssh's channel object, opened the same way by
+callback (``start_open``); if asyncssh's internals are not what this expects,
+asyncssh's ``create_connection`` is used instead. Remote forwards' opens for our
+own listeners are dialed straight into a SocketChannel (``_forwarded_open``).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@
   (``wraith-control:0`` goes to the control handler); other targets are
   dialed first and the channel is confirmed only once the target is
   connected, so a failure is a proper channel-open failure;
-* ``tcpip-forward``: our own listener, relaying through the one relay;
+* ``tcpip-forward``: our own listener, each socket on a SocketChannel;
 * logs never contain destinations, DNS names or byte counts.
 """
 
@@ -407,7 +407,7 @@ class _ForwardedConn(HoldingOpening):
 
 class RemoteForwardListener:
     """A server-side ``tcpip-forward`` listener; each accepted socket becomes a
-    ``forwarded-tcpip`` channel back to the client, joined by the one relay."""
+    ``forwarded-tcpip`` channel back to the client, on a SocketChannel."""
 
     def __init__(self, runner: SSHServerRunner, conn: asyncssh.SSHServerConnection, listen_host: str) -> None:
         self._runner = runner
