@@ -164,6 +164,66 @@ async def test_tcp_endpoint_token(tmp_path, procs) -> None:
     assert "Traceback" not in p.log() and "ERROR" not in p.log()
 
 
+async def test_tcp_events_need_the_token(tmp_path, procs, monkeypatch) -> None:
+    """--events tcp://: a ZeroMQ subscriber without the daemon's token (ZeroMQ PLAIN,
+    checked by a ZAP handler) gets nothing; with it, the events. The unix WebSocket
+    stays token-free, and the Python client finds the token through daemon.json."""
+    import zmq
+
+    import wraith_client
+
+    p, info = start_daemon(tmp_path, "--events", "tcp://127.0.0.1:0")
+    procs.append(p)
+    assert info["events"].startswith("tcp://127.0.0.1:") and info["ws"].startswith("unix:")
+    token_file = Path(info["tokenFile"])
+    assert mode(token_file) == 0o600
+    token = token_file.read_text().strip()
+    ctx = zmq.Context()
+    subs: dict[str, zmq.Socket] = {}
+    try:
+        for name, password in (("none", None), ("wrong", "x" + token[1:]), ("right", token)):
+            sub = ctx.socket(zmq.SUB)
+            sub.setsockopt(zmq.LINGER, 0)
+            if password is not None:
+                sub.plain_username = b"wraith"
+                sub.plain_password = password.encode()
+            sub.setsockopt(zmq.SUBSCRIBE, b"")
+            sub.connect(info["events"])
+            subs[name] = sub
+        await asyncio.sleep(1.0)  # handshakes done (or refused) before anything is published
+        # an event: a session that cannot come up (nothing listens on that port)
+        closed = socket.socket()
+        closed.bind(("127.0.0.1", 0))
+        with pytest.raises(wraith_client.WraithError):
+            await wraith_client.connect(server=f"127.0.0.1:{closed.getsockname()[1]}", identity="/nonexistent",
+                                        host_key="SHA256:" + "A" * 43, daemon=info["ws"], target="127.0.0.1:9")
+        closed.close()
+        assert subs["right"].poll(10_000), "the subscriber with the token got no event"
+        assert subs["right"].recv_multipart()[0].startswith(b"session.")
+        for name in ("none", "wrong"):
+            assert not subs[name].poll(500), f"a subscriber with {name} token got an event"
+    finally:
+        for sub in subs.values():
+            sub.close(0)
+        ctx.term()
+    # the Python client's zmq_events(): endpoint and token found through daemon.json
+    import wraith_client.daemon
+
+    monkeypatch.setattr(wraith_client.daemon, "default_dir", lambda: tmp_path / "daemon-dir")
+    monkeypatch.delenv("WRAITH_DAEMON", raising=False)
+    monkeypatch.delenv("WRAITH_DAEMON_TOKEN", raising=False)
+    agen = wraith_client.zmq_events(["session."])
+    nxt = asyncio.ensure_future(agen.__anext__())
+    await asyncio.sleep(1.0)
+    with pytest.raises(wraith_client.WraithError):
+        await wraith_client.connect(server="127.0.0.1:9", identity="/nonexistent",
+                                    host_key="SHA256:" + "A" * 43, daemon=info["ws"], target="127.0.0.1:9")
+    ev = await asyncio.wait_for(nxt, 10)
+    assert ev["event"].startswith("session.")
+    await agen.aclose()
+    assert "Traceback" not in p.log() and "ERROR" not in p.log()
+
+
 @pytest.fixture
 def other_user():
     name = "wrt" + uuid.uuid4().hex[:8]

@@ -41,12 +41,22 @@ class Feed:
             self.dropped += 1
 
 
+# ZeroMQ PLAIN credentials for the tcp:// endpoint: user "wraith", password = the daemon's token
+ZAP_DOMAIN = "wraith"
+ZAP_USER = "wraith"
+
+
 class EventBus:
-    def __init__(self, zmq_endpoint: str | None) -> None:
+    """``token``: required of every subscriber to a ``tcp://`` endpoint (ZeroMQ PLAIN,
+    checked by a ZAP handler); an ``ipc://`` endpoint is guarded by its file mode."""
+
+    def __init__(self, zmq_endpoint: str | None, token: str | None = None) -> None:
         self.zmq_endpoint = zmq_endpoint
         self.bound_endpoint: str | None = None
+        self._token = token
         self._ctx: Any = None
         self._pub: Any = None
+        self._auth: Any = None
         self.feeds: set[Feed] = set()
         self.listeners: list[Callable[[dict[str, Any]], None]] = []
 
@@ -67,6 +77,8 @@ class EventBus:
         pub.setsockopt(zmq.SNDHWM, ZMQ_HWM)
         pub.setsockopt(zmq.LINGER, 0)
         endpoint = self.zmq_endpoint
+        if endpoint.startswith("tcp://"):
+            self._require_token(pub)
         if endpoint.startswith("ipc://"):
             clear_stale_socket(endpoint[6:])
         try:
@@ -74,6 +86,7 @@ class EventBus:
                 pub.bind(endpoint)
         except zmq.ZMQError as exc:
             pub.close(0)
+            self._stop_auth()
             from ..errors import WraithError
 
             raise WraithError(f"cannot bind events endpoint {endpoint}: {exc}", "EDAEMON") from None
@@ -81,6 +94,25 @@ class EventBus:
             os.chmod(endpoint[6:], 0o600)
         self.bound_endpoint = pub.getsockopt_string(zmq.LAST_ENDPOINT)
         self._pub = pub
+
+    def _require_token(self, pub: Any) -> None:
+        """Any local user can reach a loopback TCP port: subscribers must present the
+        token (the one in the daemon's 0600 token file) or the handshake is refused."""
+        from zmq.auth.thread import ThreadAuthenticator
+
+        if not self._token:
+            raise ValueError("a tcp:// events endpoint needs a token")
+        auth = ThreadAuthenticator(self._ctx, log=logging.getLogger("wraith.daemon.zap"))
+        auth.start()
+        auth.configure_plain(domain=ZAP_DOMAIN, passwords={ZAP_USER: self._token})
+        self._auth = auth
+        pub.plain_server = True
+        pub.zap_domain = ZAP_DOMAIN.encode()
+
+    def _stop_auth(self) -> None:
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
 
     def publish(self, event: str, **data: Any) -> None:
         msg = {"event": event, "time": time.time(), "data": data}
@@ -106,6 +138,7 @@ class EventBus:
         if self._pub is not None:
             self._pub.close(0)
             self._pub = None
+            self._stop_auth()
             if self.bound_endpoint and self.bound_endpoint.startswith("ipc://"):
                 try:
                     os.unlink(self.bound_endpoint[6:])

@@ -53,13 +53,13 @@ class Daemon:
         if events == "default":
             events = f"ipc://{self.dir / 'events.sock'}"
         token = None
-        if endpoint.kind == "tcp":
-            self._token_file = paths.write_token(self.dir)
+        if endpoint.kind == "tcp" or (events or "").startswith("tcp://"):
+            self._token_file = paths.write_token(self.dir)  # one token for both TCP endpoints
             token = paths.read_token(self._token_file)
-        self.bus = EventBus(events)
+        self.bus = EventBus(events, token)
         self.bus.start()
         self.pool = SessionPool(self.bus, linger=cfg.linger)
-        self.ipc = IPCServer(endpoint, self.bus, self.pool, token)
+        self.ipc = IPCServer(endpoint, self.bus, self.pool, token if endpoint.kind == "tcp" else None)
         try:
             await self.ipc.start()
         except OSError as exc:

@@ -122,9 +122,17 @@ async def zmq_events(topics: list[str] | None = None, daemon: str | None = None,
     if not ep.events:
         raise WraithError("the daemon's ZeroMQ endpoint is not known (found via "
                           f"{ep.source}); use events() or daemon.json discovery", "EUSAGE")
+    tcp = ep.events.startswith("tcp://")
+    secret = ep.token if tcp else None
+    if tcp and not secret:
+        raise WraithError("the daemon's ZeroMQ tcp:// endpoint needs its token: pass token=, "
+                          "set WRAITH_DAEMON_TOKEN, or let daemon.json name its token file", "EUSAGE")
     ctx = zmq.asyncio.Context.instance()
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.LINGER, 0)
+    if secret:  # ZeroMQ PLAIN: the daemon's ZAP handler checks the token
+        sub.plain_username = b"wraith"
+        sub.plain_password = secret.encode()
     for t in topics or [""]:
         sub.setsockopt(zmq.SUBSCRIBE, t.encode())
     sub.connect(ep.events)

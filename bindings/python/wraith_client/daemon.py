@@ -162,8 +162,10 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return info
 
 
-def _token_for(ws: str, explicit: str | None, token_file: str | None) -> str | None:
-    if not ws.startswith("tcp:"):
+def _token_for(ws: str, explicit: str | None, token_file: str | None, events: str | None = None) -> str | None:
+    """The daemon's token, needed only for its TCP endpoints (the WebSocket's
+    ``tcp:`` and the ZeroMQ ``tcp://``, which share it)."""
+    if not ws.startswith("tcp:") and not (events or "").startswith("tcp://"):
         return None
     if explicit:
         return explicit
@@ -298,8 +300,9 @@ def _start_child() -> Endpoint:
         child = ChildDaemon(_python())
         info = child.wait_ready()
         _child = child
-        _child_endpoint = Endpoint(info["ws"], _token_for(info["ws"], None, info.get("tokenFile")),
-                                   info.get("events"), "child daemon")
+        events = info.get("events")
+        _child_endpoint = Endpoint(info["ws"], _token_for(info["ws"], None, info.get("tokenFile"), events),
+                                   events, "child daemon")
         return _child_endpoint
 
 
@@ -331,7 +334,8 @@ def discover(daemon: str | None = None, token: str | None = None) -> Endpoint | 
     info = _read_json(default_dir() / "daemon.json")
     if info is not None:
         ws = info["ws"]
-        return Endpoint(ws, _token_for(ws, token, info.get("tokenFile")), info.get("events"), "daemon.json")
+        events = info.get("events")
+        return Endpoint(ws, _token_for(ws, token, info.get("tokenFile"), events), events, "daemon.json")
     return None
 
 
