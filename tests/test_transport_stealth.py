@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from helpers import Keys, curl, sha, start_client, start_server, wraith
+from helpers import Keys, curl, sha, start_client, start_server, wait_for_log, wraith
 from openssh import ssh_base
 from transport_helpers import Certs, tls_server_args
 
@@ -183,3 +183,52 @@ def test_stealth_library_options(keys, certs) -> None:
         opts.check()
     opts = opts.replace(transport="tls", tls_cert=str(certs.cert), tls_key=str(certs.key))
     opts.check()
+
+
+def _refused(port: int) -> bool:
+    """True if the server resets a new connection at once (refused at accept)."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    try:
+        s.settimeout(3)
+        return s.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except socket.timeout:
+        return False
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize("stealth_on", [False, True], ids=["tls", "stealth"])
+def test_per_ip_limit_counts_connections_before_ssh(keys, certs, tmp_path, procs, stealth_on: bool) -> None:
+    """--max-connections-per-ip holds for connections still in their TLS handshake and,
+    in stealth mode, for those that finished it and stay silent: one address cannot
+    pile up connections in the phases before SSH."""
+    extra = ["--stealth", "--stealth-timeout", "30"] if stealth_on else []
+    server, port = start_server(keys, tmp_path, *tls_server_args(certs), "--max-connections-per-ip", "2",
+                                "--login-grace-time", "30", *extra)
+    procs.append(server)
+    held: list[socket.socket] = []
+    for _ in range(2):  # stealth: handshake done, silent; plain TLS: TCP only, no ClientHello
+        held.append(_tls_socket(port) if stealth_on else socket.create_connection(("127.0.0.1", port)))
+    time.sleep(0.5)  # both accepted
+    assert _refused(port)
+    wait_for_log(server, "connection refused remote_addr=127.0.0.1 reason=max-connections-per-ip")
+    for s in held:
+        s.close()
+    deadline = time.monotonic() + 10
+    while True:  # their places are given back once the server sees them go
+        try:
+            tls = _tls_socket(port)
+            break
+        except (ssl.SSLError, ConnectionResetError):
+            assert time.monotonic() < deadline, "the limit never freed up"
+            time.sleep(0.2)
+    try:
+        tls.settimeout(10)
+        if stealth_on:
+            tls.sendall(b"SSH-2.0-probe\r\n")
+        assert tls.recv(4) == b"SSH-"
+    finally:
+        tls.close()
+    assert "Traceback" not in server.log()

@@ -475,11 +475,32 @@ class SSHServerRunner:
             text += "\n" + keys.cert_authority_lines(options.cert_authority)
         self.authorized_keys = asyncssh.import_authorized_keys(text)
         self.per_ip: Counter[str] = Counter()
+        self.handshaking: Counter[str] = Counter()  # TLS handshakes / stealth peeks not yet SSH
         self.conns: set[_ServerConn] = set()
         self.closing = False
         self.acceptor: Acceptor = make_acceptor(options)
+        if hasattr(self.acceptor, "admit"):  # an acceptor with a phase before SSH (TLS)
+            self.acceptor.admit = self._admit
         self._ssh: asyncssh.SSHAcceptor | None = None
         self._closed = asyncio.Event()
+
+    def _admit(self, ip: str) -> Callable[[], None] | None:
+        """A TCP connection accepted before its TLS handshake: a place in the per-IP limit
+        until it reaches SSH (the gate counts it from then on) or ends; None if refused."""
+        if self.closing:
+            return None
+        limit = self.options.max_connections_per_ip
+        if limit and self.per_ip[ip] + self.handshaking[ip] >= limit:
+            log.info("connection refused remote_addr=%s reason=max-connections-per-ip", ip)
+            return None
+        self.handshaking[ip] += 1
+
+        def release() -> None:
+            self.handshaking[ip] -= 1
+            if self.handshaking[ip] <= 0:
+                del self.handshaking[ip]
+
+        return release
 
     async def start(self) -> None:
         opts = self.options

@@ -72,9 +72,11 @@ def nginx_404(head_only: bool = False, date: str | None = None) -> bytes:
 class StealthPeek(asyncio.Protocol):
     """First protocol on an accepted TLS stream in stealth mode."""
 
-    def __init__(self, inner_factory: ProtocolFactory, timeout: float) -> None:
+    def __init__(self, inner_factory: ProtocolFactory, timeout: float,
+                 on_done: Callable[[], None] | None = None) -> None:
         self._inner_factory = inner_factory
         self._timeout = timeout
+        self._on_done = on_done  # called once the peek is over (handed to SSH, or lost)
         self._transport: asyncio.Transport | None = None
         self._buf = bytearray()
         self._mode = "peek"  # peek -> ssh | http -> done
@@ -131,6 +133,7 @@ class StealthPeek(asyncio.Protocol):
         inner = self._inner_factory()
         transport.set_protocol(inner)
         inner.connection_made(transport)
+        self._done()
         if transport.is_closing():
             return
         # the inner protocol may itself have handed over (the server's admission gate does)
@@ -167,7 +170,10 @@ class StealthPeek(asyncio.Protocol):
         self._disarm()
         self._mode = "done"
         self._transport = None
+        self._done()
 
+    def _done(self) -> None:
+        on_done, self._on_done = self._on_done, None
+        if on_done is not None:
+            on_done()
 
-def stealth_factory(inner_factory: ProtocolFactory, timeout: float) -> ProtocolFactory:
-    return lambda: StealthPeek(inner_factory, timeout)

@@ -12,10 +12,15 @@ each accepted stream first runs the peek protocol from ``stealth.py``.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
+import socket
 import ssl
+import struct
 import tempfile
+from collections.abc import Callable
+from typing import Any
 
 from ..errors import ConnectError, UsageError
 from ..keys import KeyInput, read_key_input
@@ -131,27 +136,155 @@ class TLSConnector:
 
 
 class TLSAcceptor(TCPAcceptor):
+    """Accepts TCP itself, so a connection is admitted (``admit``, the server's per-IP
+    limit) before its TLS handshake: handshakes, and in stealth mode the silent
+    wait for the client's first bytes, hold a place in that limit too. Otherwise a
+    single address could keep any number of connections open in those phases."""
+
     kind = "tls"
 
     def __init__(self, options: ServeOptions) -> None:
         super().__init__(options)
         self._options = options
         self._ctx = server_context(options)
+        # per accepted address: a release callback for its place, or None (refused)
+        self.admit: Callable[[str], Callable[[], None] | None] | None = None
+        self._listeners: list[socket.socket] = []
+        self._factory: ProtocolFactory | None = None
+        self._handshakes: set[asyncio.Task[None]] = set()
 
     async def start(self, protocol_factory: ProtocolFactory) -> None:
-        opts = self._options
-        factory = protocol_factory
-        handshake_timeout = opts.login_grace_time
-        if opts.stealth:
-            from .stealth import stealth_factory
-
-            factory = stealth_factory(protocol_factory, opts.stealth_timeout)
-            handshake_timeout = opts.stealth_timeout
-        loop = asyncio.get_running_loop()
+        self._factory = protocol_factory
         host: str | None = None if self.host in ("", "*") else self.host
         try:
-            self._server = await loop.create_server(
-                factory, host, self.port, reuse_address=True, backlog=1024, ssl=self._ctx,
-                ssl_handshake_timeout=max(1.0, handshake_timeout))
+            self._listeners = await listen_sockets(host, self.port)
         except OSError as exc:
             raise ConnectError(f"cannot listen on {self.host}:{self.port}: {exc.strerror or exc}") from None
+        self._serve()
+
+    def _serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        for lsock in self._listeners:
+            loop.add_reader(lsock.fileno(), self._accept, lsock)
+
+    def _accept(self, lsock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, addr = lsock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    # out of descriptors or memory: stop accepting for a moment (as asyncio does)
+                    log.warning("cannot accept connections: %s; pausing for 1 s", exc.strerror or exc)
+                    for ls in self._listeners:
+                        loop.remove_reader(ls.fileno())
+                    loop.call_later(1.0, self._resume)
+                    return
+                continue  # e.g. ECONNABORTED: that one connection is gone
+            release = self.admit(str(addr[0])) if self.admit is not None else _nothing
+            if release is None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_ZERO)
+                sock.close()
+                continue
+            task = loop.create_task(self._handshake(sock, release))
+            self._handshakes.add(task)
+            task.add_done_callback(self._handshakes.discard)
+
+    def _resume(self) -> None:
+        if self._listeners:
+            self._serve()
+
+    async def _handshake(self, sock: socket.socket, release: Callable[[], None]) -> None:
+        opts = self._options
+        inner = self._factory
+        assert inner is not None
+        factory: ProtocolFactory = inner
+        timeout = opts.login_grace_time
+        once = _Once(release)
+        if opts.stealth:  # the place is held until the peek is over: handed to SSH, or closed
+            from .stealth import StealthPeek
+
+            timeout = opts.stealth_timeout
+            factory = lambda: StealthPeek(inner, opts.stealth_timeout, on_done=once)  # noqa: E731
+        try:
+            sock.setblocking(False)
+            await asyncio.get_running_loop().connect_accepted_socket(
+                factory, sock, ssl=self._ctx, ssl_handshake_timeout=max(1.0, timeout))
+        except asyncio.CancelledError:
+            sock.close()
+            once()
+            raise
+        except Exception as exc:  # a failed or timed-out handshake: that connection only
+            log.debug("tls handshake failed: %s", type(exc).__name__)
+            sock.close()
+            once()
+        else:
+            if not opts.stealth:  # the server's gate has counted the connection by now
+                once()
+
+    def bound(self) -> list[tuple[str, int]]:
+        return [s.getsockname()[:2] for s in self._listeners]
+
+    def close(self) -> None:
+        if self._listeners:
+            loop = asyncio.get_running_loop()
+            for lsock in self._listeners:
+                loop.remove_reader(lsock.fileno())
+                lsock.close()
+            self._listeners = []
+        for task in list(self._handshakes):
+            task.cancel()
+
+    async def wait_closed(self) -> None:
+        await asyncio.sleep(0)
+
+
+ACCEPT_BATCH = 128  # connections taken per wake-up of a listening socket
+LINGER_ZERO = struct.pack("ii", 1, 0)  # close = RST: a refused connection ends at once
+
+
+def _nothing() -> None:
+    pass
+
+
+class _Once:
+    """Call ``fn`` the first time only."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Callable[[], None]) -> None:
+        self.fn: Callable[[], None] | None = fn
+
+    def __call__(self) -> None:
+        fn, self.fn = self.fn, None
+        if fn is not None:
+            fn()
+
+
+async def listen_sockets(host: str | None, port: int, backlog: int = 1024) -> list[socket.socket]:
+    """Listening, non-blocking sockets for ``host`` (None: every interface, IPv4 and
+    IPv6), bound the way ``loop.create_server`` binds them."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                         flags=socket.AI_PASSIVE)
+    socks: list[socket.socket] = []
+    seen: set[tuple[int, Any]] = set()
+    try:
+        for family, type_, proto, _, addr in infos:
+            if (family, addr) in seen:
+                continue
+            seen.add((family, addr))
+            s = socket.socket(family, type_, proto)
+            socks.append(s)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6 and hasattr(socket, "IPPROTO_IPV6"):
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            s.bind(addr)
+            s.listen(backlog)
+            s.setblocking(False)
+    except OSError:
+        for s in socks:
+            s.close()
+        raise
+    return socks
