@@ -18,6 +18,9 @@ from typing import IO
 
 PY = sys.executable
 ROOT = Path(__file__).resolve().parent.parent
+# env for a wraith process that relays through the generic pump (tests/fallback/sitecustomize.py)
+GENERIC_PUMP_ENV = {"PYTHONPATH": str(ROOT / "tests" / "fallback")}
+GENERIC_PUMP_MARK = "generic relay pump on"
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -7,17 +7,30 @@ import hashlib
 import os
 
 
-from helpers import Keys, curl, free_port, sha, socks_connect, start_client, start_server, wait_for_log
+import pytest
+
+from helpers import (GENERIC_PUMP_ENV, GENERIC_PUMP_MARK, Keys, curl, free_port, sha, socks_connect, start_client,
+                     start_server, wait_for_log)
+
+# "fused": the default relay (SocketChannel); "generic": asyncssh's channel + relay.RelayEnd,
+# the path taken when the fused one cannot apply (tests/fallback/sitecustomize.py)
+PUMPS = pytest.mark.parametrize("pump", ["fused", "generic"])
 
 
-def test_local_and_remote_forwards(keys: Keys, files, tmp_path, procs) -> None:
-    server, sport = start_server(keys, tmp_path)
+def _env(pump: str) -> dict[str, str] | None:
+    return GENERIC_PUMP_ENV if pump == "generic" else None
+
+
+@PUMPS
+def test_local_and_remote_forwards(keys: Keys, files, tmp_path, procs, pump: str) -> None:
+    server, sport = start_server(keys, tmp_path, env=_env(pump))
     procs.append(server)
     lport, rport = free_port(), free_port()
     client, _ = start_client(keys, tmp_path, sport,
                              "--forward", f"127.0.0.1:{lport}:localhost:{files.port}",
-                             "--remote-forward", f"{rport}:127.0.0.1:{files.port}")
+                             "--remote-forward", f"{rport}:127.0.0.1:{files.port}", env=_env(pump))
     procs.append(client)
+    assert (GENERIC_PUMP_MARK in server.log() + client.log()) == (pump == "generic")
     wait_for_log(client, "remote forward up")
     for port in (lport, rport):
         for name in ("small.bin", "big.bin", "empty.bin"):
@@ -59,8 +72,9 @@ async def _reverse_half_close_round(socks: int, port: int, payload: bytes) -> No
     writer.close()
 
 
-def test_half_close_both_directions_under_load(keys: Keys, tmp_path, procs) -> None:
-    server, sport = start_server(keys, tmp_path)
+@PUMPS
+def test_half_close_both_directions_under_load(keys: Keys, tmp_path, procs, pump: str) -> None:
+    server, sport = start_server(keys, tmp_path, env=_env(pump))
     procs.append(server)
     client, socks = start_client(keys, tmp_path, sport)
     procs.append(client)
@@ -98,12 +112,13 @@ def test_half_close_both_directions_under_load(keys: Keys, tmp_path, procs) -> N
     asyncio.run(main())
 
 
-def test_echo_with_early_eof_loses_nothing(keys: Keys, tmp_path, procs) -> None:
+@PUMPS
+def test_echo_with_early_eof_loses_nothing(keys: Keys, tmp_path, procs, pump: str) -> None:
     """Write a lot and EOF at once to an echo target: the echo and its EOF arrive whole.
 
     Here the target's EOF reaches wraith serve while the echoed bytes still wait for SSH
     window; closing the channel then must not drop that EOF (nor reset the stream)."""
-    server, sport = start_server(keys, tmp_path)
+    server, sport = start_server(keys, tmp_path, env=_env(pump))
     procs.append(server)
     client, socks = start_client(keys, tmp_path, sport)
     procs.append(client)

@@ -8,12 +8,17 @@ import struct
 
 import pytest
 
-from helpers import HTTPFiles, Keys, curl, free_port, sha, start_client, start_server
+from helpers import (GENERIC_PUMP_ENV, GENERIC_PUMP_MARK, HTTPFiles, Keys, curl, free_port, sha, start_client,
+                     start_server)
 
 
-@pytest.fixture
-def tunnel(keys: Keys, tmp_path, procs):
-    server, sport = start_server(keys, tmp_path)
+@pytest.fixture(params=["fused", "generic"])
+def tunnel(request, keys: Keys, tmp_path, procs):
+    """``fused``: the server's default relay (SocketChannel); ``generic``: the server dials
+    through asyncssh's channel and relay.RelayEnd, its path when the fused one cannot apply."""
+    generic = request.param == "generic"
+    server, sport = start_server(keys, tmp_path, env=GENERIC_PUMP_ENV if generic else None)
+    assert (GENERIC_PUMP_MARK in server.log()) == generic
     procs.append(server)
     client, socks = start_client(keys, tmp_path, sport)
     procs.append(client)
