@@ -87,7 +87,10 @@ def _one_line_error(args: list[str], env: dict[str, str] | None = None) -> str:
 def test_iroh_usage_errors(keys: Keys, tmp_path) -> None:
     base = ["connect", "--identity", str(keys.client), "--host-key", str(keys.host_pub),
             "--socks5", "127.0.0.1:0", "--transport", "iroh", "--iroh-relay", "none"]
-    assert "--peer" in _one_line_error(wraith(*base, "--peer", "garbage-not-a-ticket"))
+    err = _one_line_error(wraith(*base, "--peer", "garbage-not-a-ticket"))
+    assert "--peer" in err and ".rs:" not in err and "cargo" not in err, err  # no Rust source paths
+    err = _one_line_error(wraith(*base, "--peer", "endpointabcdef"))
+    assert "--peer" in err and ".rs:" not in err, err
     assert "--proxy" in _one_line_error(wraith(*base, "--peer", "endpointaa", "--proxy", "socks5://127.0.0.1:1"))
     bare_id = "179e061d42434283bc53bbff825a422e593bc48b7bb2538bdab7b6eb4131d531"
     assert "ticket" in _one_line_error(wraith(*base, "--peer", bare_id))

@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import re
 from collections import deque
 from typing import Any
 
@@ -78,7 +79,12 @@ def _one_line(exc: BaseException) -> str:
         with contextlib.suppress(Exception):
             text = str(message())
     text = (text or str(exc)).strip() or type(exc).__name__
+    text = _RUST_LOCATION.sub("", text)  # the build machine's source paths mean nothing to a user
     return " ".join(text.split())[:300]
+
+
+# "(/…/.cargo/registry/src/…/key.rs:486:9)" in the Rust library's error texts
+_RUST_LOCATION = re.compile(r"\s*\([^()]*\.rs:\d+:\d+\)")
 
 
 def endpoint_options(ffi: Any, relay: str | None, *, alpns: list[bytes] | None = None,
