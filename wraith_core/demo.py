@@ -24,7 +24,7 @@ from .server_api import WraithServer
 PAGE = b"<html><body><h1>Hello through wraith</h1><p>This page came over SSH.</p></body></html>\n"
 
 
-async def _page_server() -> asyncio.AbstractServer:
+async def _page_server() -> asyncio.Server:
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             await reader.readuntil(b"\r\n\r\n")

@@ -38,7 +38,7 @@ class LocalForwarder:
     def __init__(self, manager: ChannelManager, spec: ForwardSpec) -> None:
         self.manager = manager
         self.spec = spec
-        self._server: asyncio.AbstractServer | None = None
+        self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
         spec = self.spec

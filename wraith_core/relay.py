@@ -31,7 +31,7 @@ from typing import Any
 HIGH_WATER = 512 * 1024
 
 
-class RelayEnd:
+class RelayEnd(asyncio.Protocol):
     """One side of a relay. ``half_open_timeout``: a relay with EOF in one direction
     only and no bytes moving for that long is torn down (set per process from the
     ``half_open_timeout`` option; ``0`` disables it)."""

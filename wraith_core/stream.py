@@ -48,9 +48,9 @@ async def open_stream(options: ConnectOptions, target: str = CONTROL_TARGET, **o
     stream.session = session
     try:
         if unix_path:
-            await manager.open_unix_relay(stream, unix_path)  # type: ignore[arg-type]
+            await manager.open_unix_relay(stream, unix_path)
         else:
-            await manager.open_relay(stream, host, port)  # type: ignore[arg-type]
+            await manager.open_relay(stream, host, port)
     except BaseException:
         await session.close()
         raise

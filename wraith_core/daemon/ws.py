@@ -232,7 +232,7 @@ class IPCServer:
             assert entry.manager is not None
             stream = ChannelStream(limit=STREAM_LIMIT, info={"target": (host, port)})
             try:
-                await entry.manager.open_relay(stream, host, port)  # type: ignore[arg-type]
+                await entry.manager.open_relay(stream, host, port)
             except WraithError as exc:
                 raise map_error(exc, "ECHANNEL") from None
             sid = self._id("s")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -264,7 +265,7 @@ def _decode_event(o: dict[str, Any]) -> Event:
     return Event(_str(o, "event"), float(t), _map(o, "data", required=False))  # type: ignore[arg-type]
 
 
-_DECODERS = {
+_DECODERS: dict[str, Callable[[dict[str, Any]], Message]] = {
     "open": _decode_open,
     "data": _decode_data,
     "eof": lambda o: Eof(),
@@ -287,7 +288,7 @@ def decode(raw: bytes | bytearray | memoryview | str, allowed: frozenset[str] | 
     dec = _DECODERS.get(t)
     if dec is None:
         raise IPCError(f"unknown message type {t!r}")
-    return dec(obj)  # type: ignore[no-any-return]
+    return dec(obj)
 
 
 def decode_client(raw: bytes | bytearray | memoryview | str) -> Message:

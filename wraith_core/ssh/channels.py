@@ -15,7 +15,7 @@ import asyncio
 import functools
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol, cast
 
 import asyncssh
 from asyncssh.constants import MSG_CHANNEL_OPEN
@@ -31,6 +31,21 @@ from . import target_open
 from .client import Session
 from .internals import has_names, next_channel_number, release
 from .socket_channel import SocketChannel
+
+
+class ChannelEnd(Protocol):
+    """What runs on an asyncssh channel as its session: a relay end (``RelayEnd``), a
+    stream (``DuplexStream``, the daemon's ``ChannelStream``) — asyncssh's session
+    callbacks, plus ``abort`` to tear it down."""
+
+    def connection_made(self, transport: Any) -> None: ...
+    def session_started(self) -> None: ...
+    def data_received(self, data: bytes, datatype: Any = None) -> None: ...
+    def eof_received(self) -> bool: ...
+    def pause_writing(self) -> None: ...
+    def resume_writing(self) -> None: ...
+    def connection_lost(self, exc: BaseException | None) -> None: ...
+    def abort(self) -> None: ...
 
 log = logging.getLogger("wraith.channels")
 
@@ -107,7 +122,7 @@ class _OpenWaiter:
             callback(packet, exc)
 
 
-def _opened(chan: Any, end: RelayEnd, done: OpenDone, packet: Any, exc: BaseException | None) -> None:
+def _opened(chan: Any, end: ChannelEnd, done: OpenDone, packet: Any, exc: BaseException | None) -> None:
     """The peer answered our CHANNEL_OPEN (runs inside asyncssh's packet handling: never raise)."""
     failure: ChannelOpenFailed | None = None
     if isinstance(exc, asyncssh.ChannelOpenError):
@@ -155,7 +170,7 @@ class ChannelManager:
         session.up_hooks.append(self._request_remote_forwards)
 
     @property
-    def _window(self) -> dict[str, int]:
+    def _window(self) -> dict[str, Any]:
         o = self.session.options
         return {"window": o.window, "max_pktsize": o.max_pktsize}
 
@@ -169,7 +184,7 @@ class ChannelManager:
         """Until the session is up (ChannelOpenFailed, ESESSION, if it does not come back)."""
         await self._conn()
 
-    def start_open(self, end: RelayEnd, host: str, port: int, done: OpenDone) -> bool:
+    def start_open(self, end: ChannelEnd, host: str, port: int, done: OpenDone) -> bool:
         """Send a direct-tcpip CHANNEL_OPEN for ``host:port`` now; ``end`` runs on the
         channel once it is open and ``done(None)`` is called, or ``done(failure)``.
         False (nothing sent, ``done`` never called) when the session is down or
@@ -219,7 +234,7 @@ class ChannelManager:
         _send_open(conn, chan.recv_chan, opts.window, opts.max_pktsize, host, port)
         return chan
 
-    async def open_relay(self, end: RelayEnd, host: str, port: int) -> None:
+    async def open_relay(self, end: ChannelEnd, host: str, port: int) -> None:
         """Open a direct-tcpip channel to ``host:port`` running ``end``."""
         conn = await self._conn()
         answer: asyncio.Future[ChannelOpenFailed | None] = asyncio.get_running_loop().create_future()
@@ -241,7 +256,8 @@ class ChannelManager:
                 raise failure
             return
         try:
-            await conn.create_connection(lambda: end, host, port, **self._window)
+            # (asyncssh types its session factories by its own classes; ``end`` has their methods)
+            await conn.create_connection(cast(Any, lambda: end), host, port, **self._window)
         except asyncssh.ChannelOpenError as exc:
             raise _failure(exc) from None
         except (asyncssh.Error, OSError) as exc:
@@ -249,14 +265,14 @@ class ChannelManager:
 
     async def open_stream(self, host: str, port: int) -> DuplexStream:
         stream = DuplexStream(info={"target": (host, port)})
-        await self.open_relay(stream, host, port)  # type: ignore[arg-type]
+        await self.open_relay(stream, host, port)
         return stream
 
-    async def open_unix_relay(self, end: RelayEnd, path: str) -> None:
+    async def open_unix_relay(self, end: ChannelEnd, path: str) -> None:
         """Open a streamlocal channel (a Unix socket on the server) running ``end``."""
         conn = await self._conn()
         try:
-            await conn.create_unix_connection(lambda: end, path, **self._window)
+            await conn.create_unix_connection(cast(Any, lambda: end), path, **self._window)
         except asyncssh.ChannelOpenError as exc:
             raise _failure(exc) from None
         except (asyncssh.Error, OSError) as exc:

@@ -24,7 +24,7 @@ import unicodedata
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import asyncssh
 from asyncssh.constants import MSG_CHANNEL_OPEN
@@ -116,13 +116,14 @@ class _Gate(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         runner = self._runner
         info = transport_info(transport, runner.kind)
+        stream = cast(asyncio.Transport, transport)
         if runner.closing:
-            transport.abort()
+            stream.abort()
             return
         limit = runner.options.max_connections_per_ip
         if limit and runner.per_ip[info.remote_addr] >= limit:
             log.info("connection refused remote_addr=%s reason=max-connections-per-ip", info.remote_addr)
-            transport.abort()
+            stream.abort()
             return
         runner.per_ip[info.remote_addr] += 1
         conn = self._make_conn()
@@ -183,17 +184,17 @@ class _ServerConn(asyncssh.SSHServer):
         keyboard-interactive, …) are refused by asyncssh without asking us: a client
         that ignores the offered method list would get unlimited, unlogged tries.
         Each one is logged as a reject and counts toward ``max_auth_attempts``."""
-        original = conn._finish_userauth  # type: ignore[attr-defined]
+        original = conn._finish_userauth
 
         async def finish_userauth(begin_auth: bool, method: bytes, packet: Any) -> None:
             await original(begin_auth, method, packet)
-            if method in (b"none", b"publickey") or conn._auth_complete:  # type: ignore[attr-defined]
+            if method in (b"none", b"publickey") or conn._auth_complete:
                 return
             log.info("auth attempt remote_addr=%s user=%s key_fingerprint=none method=%s result=reject",
                      self._info.remote_addr, _safe(self._user), _OTHER_METHODS.get(method, "other"))
             self._auth_failed()
 
-        conn._finish_userauth = finish_userauth  # type: ignore[attr-defined]
+        conn._finish_userauth = finish_userauth  # type: ignore[method-assign]
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
@@ -432,7 +433,7 @@ class RemoteForwardListener:
     def open_channel(self, conn: _ForwardedConn, transport: Any) -> SocketChannel | None:
         """Send the ``forwarded-tcpip`` open for an accepted socket (None: the session is gone)."""
         ssh = self._conn
-        if not ssh._transport:  # type: ignore[attr-defined]
+        if not ssh._transport:
             return None
         peer = transport.get_extra_info("peername")
         orig_host, orig_port = (str(peer[0]), int(peer[1])) if peer else ("", 0)

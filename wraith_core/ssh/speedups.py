@@ -64,7 +64,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
+from typing import Any, cast
 
 from . import lean_recv
 from .internals import has_names
@@ -177,11 +177,11 @@ def _lean_channel_writes(chan: Any) -> None:
             chan._send_buf_len -= size
             chan._send_window -= size
             if datatype is not None:
-                chan.send_packet(MSG_CHANNEL_EXTENDED_DATA, UInt32(datatype), String(data))
+                chan.send_packet(MSG_CHANNEL_EXTENDED_DATA, UInt32(datatype), String(cast(bytes, data)))
             elif chan._send_chan is not None and not (
                     chan._conn is not None
                     and _send_lean(chan._conn, MSG_CHANNEL_DATA, (UInt32(chan._send_chan) + UInt32(size), data))):
-                chan.send_packet(MSG_CHANNEL_DATA, String(data))
+                chan.send_packet(MSG_CHANNEL_DATA, String(cast(bytes, data)))  # (a memoryview)
         chan._pause_resume_writing()
         if not send_buf:
             if chan._send_state == "eof_pending":
@@ -313,7 +313,7 @@ def _send_lean(conn: Any, pkttype: int, parts: tuple[Any, ...]) -> bool:
     return True
 
 
-_pad_pool = [b"", 0]  # random bytes from the OS, and how many of them are used
+_pad_pool: list[Any] = [b"", 0]  # random bytes from the OS, and how many of them are used
 
 
 def _padding(n: int) -> bytes:

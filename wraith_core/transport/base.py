@@ -89,11 +89,11 @@ def make_connector(options: ConnectOptions) -> Connector:
 
         return TCPConnector(options)
     if kind == "tls":
-        from .tls import TLSConnector  # type: ignore[import-not-found]
+        from .tls import TLSConnector
 
         return TLSConnector(options)
     if kind == "iroh":
-        from .iroh import IrohConnector  # type: ignore[import-not-found]
+        from .iroh import IrohConnector
 
         return IrohConnector(options)
     raise UsageError(f"unknown transport {kind!r}")
@@ -106,11 +106,11 @@ def make_acceptor(options: ServeOptions) -> Acceptor:
 
         return TCPAcceptor(options)
     if kind == "tls":
-        from .tls import TLSAcceptor  # type: ignore[import-not-found]
+        from .tls import TLSAcceptor
 
         return TLSAcceptor(options)
     if kind == "iroh":
-        from .iroh import IrohAcceptor  # type: ignore[import-not-found]
+        from .iroh import IrohAcceptor
 
         return IrohAcceptor(options)
     raise UsageError(f"unknown transport {kind!r}")

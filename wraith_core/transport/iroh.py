@@ -190,8 +190,9 @@ class IrohStreamTransport(asyncio.Transport):
         if not self._done.done():
             self._done.set_result(None)
         protocol = self._protocol
-        if protocol is not None:
-            protocol.connection_lost(exc)
+        if protocol is not None:  # (asyncio's protocols take an Exception: a cancellation is a reset)
+            protocol.connection_lost(exc if exc is None or isinstance(exc, Exception)
+                                     else ConnectionResetError(f"iroh stream cancelled: {type(exc).__name__}"))
 
     def _fatal(self, exc: BaseException) -> None:
         if self._lost:

@@ -76,14 +76,15 @@ def _memmove_write(self: Any, value: Any) -> None:
 _memmove_write._wraith_memmove = True  # type: ignore[attr-defined]
 
 
-def _build(ffi: ModuleType, value: bytes) -> bytes:
+def _build(ffi: ModuleType, value: bytes | memoryview) -> bytes:
     builder = ffi._UniffiRustBufferBuilder()
     try:
         builder.write_u8(7)
         builder.write(value)
         builder.write_u8(9)
         rbuf = builder.rbuf
-        return ctypes.string_at(ctypes.cast(rbuf.data, ctypes.c_void_p).value, rbuf.len)
+        address = ctypes.cast(rbuf.data, ctypes.c_void_p).value
+        return ctypes.string_at(address, rbuf.len) if address else b""
     finally:
         builder.discard()
 
@@ -92,7 +93,7 @@ def apply(ffi: ModuleType | None = None) -> str:
     """Patch ``iroh.iroh_ffi`` in place if it has the slow copy; returns the new ``status``."""
     global status
     if ffi is None:
-        from iroh import iroh_ffi as ffi  # type: ignore[no-redef]
+        from iroh import iroh_ffi as ffi
     assert ffi is not None
     builder = ffi._UniffiRustBufferBuilder if hasattr(ffi, "_UniffiRustBufferBuilder") else None
     if builder is not None and getattr(builder.write, "_wraith_memmove", False):

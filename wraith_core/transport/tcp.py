@@ -65,9 +65,9 @@ def _code_for(exc: BaseException | None) -> str:
     """A stable error code for a failed connect, from the errno rather than the text."""
     if isinstance(exc, TimeoutError):
         return "ETIMEDOUT"
-    code = getattr(exc, "errno", None)
+    code: int | None = getattr(exc, "errno", None)
     return {errno.ECONNREFUSED: "ECONNREFUSED", errno.ETIMEDOUT: "ETIMEDOUT",
-            errno.EHOSTUNREACH: "EHOSTUNREACH", errno.ENETUNREACH: "ENETUNREACH"}.get(code, "ECONNECT")
+            errno.EHOSTUNREACH: "EHOSTUNREACH", errno.ENETUNREACH: "ENETUNREACH"}.get(code or 0, "ECONNECT")
 
 
 class TCPAcceptor:
@@ -75,7 +75,7 @@ class TCPAcceptor:
 
     def __init__(self, options: ServeOptions) -> None:
         self.host, self.port = options.listen_address()
-        self._server: asyncio.AbstractServer | None = None
+        self._server: asyncio.Server | None = None
 
     async def start(self, protocol_factory: ProtocolFactory) -> None:
         loop = asyncio.get_running_loop()
