@@ -96,7 +96,7 @@ class Stream:
         if n == 0:
             return b""
         if n < 0:
-            parts = []
+            parts: list[bytes] = []
             while True:
                 part = await self.read(1 << 20)
                 if not part:
