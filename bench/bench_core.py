@@ -15,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import connect_latency, download, med, pct, start_openssh_socks, start_target, upload
+from common import PHASES, connect_phases, download, med, pct, start_openssh_socks, start_target, upload
 
 from helpers import Keys, Proc, start_client, start_server  # noqa: E402
 
@@ -49,12 +49,15 @@ def main() -> None:
                 res[name]["down"].append(download(port, tport, size))
                 res[name]["up"].append(upload(port, tport, size))
         round_ratios: list[float] = []
+        phases: dict[str, list[tuple[float, ...]]] = {k: [] for k in peers}
         per_round = max(1, args.probes // args.rounds)
         for rnd in range(args.rounds):
             lat: dict[str, list[float]] = {k: [] for k in peers}
             for _ in range(per_round if rnd < args.rounds - 1 else args.probes - per_round * rnd):
                 for name, port in peers.items():
-                    lat[name].append(connect_latency(port, tport))
+                    parts = connect_phases(port, tport)
+                    phases[name].append(parts)
+                    lat[name].append(sum(parts))
             for name in peers:
                 res[name]["lat"] += lat[name]
             if lat["wraith"] and lat["openssh"]:
@@ -71,6 +74,10 @@ def main() -> None:
         print("(throughput ratio = wraith/OpenSSH, higher is better; latency ratio: lower is better)")
         print(f"connect latency ratio per round of {per_round} probes: "
               + " ".join(f"{x:.2f}" for x in round_ratios) + f"  (median {med(round_ratios):.2f})")
+        print("connect latency by phase, median us (wraith / OpenSSH):")
+        for i, phase in enumerate(PHASES):
+            wm, om = (med([p[i] for p in phases[n]]) * 1e6 for n in ("wraith", "openssh"))
+            print(f"  {phase:16}{wm:8.0f}{om:8.0f}   {wm / om:5.2f}x")
     finally:
         for p in procs:
             p.stop()

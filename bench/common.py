@@ -162,14 +162,37 @@ def upload(socks_port: int, target_port: int, size: int) -> float:
     return size / dt
 
 
-def connect_latency(socks_port: int, target_port: int) -> float:
-    t0 = time.perf_counter()
-    s = socks_open(socks_port, "127.0.0.1", target_port)
+PHASES = ("tcp connect", "socks greeting", "socks request", "first byte")
+
+
+def connect_phases(socks_port: int, target_port: int) -> tuple[float, float, float, float]:
+    """One connect + first-byte probe, timed per phase (seconds, as ``PHASES``): the TCP
+    connect to the proxy; the SOCKS5 greeting and its answer; the CONNECT request and its
+    reply (the proxy opens the way to the target); a byte to the target and its answer."""
+    pc = time.perf_counter
+    t0 = pc()
+    s = socket.create_connection(("127.0.0.1", socks_port))
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    t1 = pc()
+    s.sendall(b"\x05\x01\x00")
+    if _recv_n(s, 2) != b"\x05\x00":
+        raise ConnectionError("socks method refused")
+    t2 = pc()
+    name = b"127.0.0.1"
+    s.sendall(b"\x05\x01\x00\x03" + bytes([len(name)]) + name + struct.pack(">H", target_port))
+    if _recv_n(s, 10)[1] != 0:
+        raise ConnectionError("socks failure")
+    t3 = pc()
     s.sendall(b"P")
     recv_exact(s, 1)
-    dt = time.perf_counter() - t0
+    t4 = pc()
     s.close()
-    return dt
+    return t1 - t0, t2 - t1, t3 - t2, t4 - t3
+
+
+def connect_latency(socks_port: int, target_port: int) -> float:
+    """SOCKS5 connect + first byte back, in seconds (the sum of ``connect_phases``)."""
+    return sum(connect_phases(socks_port, target_port))
 
 
 def pct(values: list[float], q: float) -> float:
