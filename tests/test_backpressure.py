@@ -60,3 +60,55 @@ def test_slow_reader_bounded_memory(keys: Keys, tmp_path, procs) -> None:
         assert end[0] - base[0] < 40 and end[1] - base[1] < 40
 
     asyncio.run(main())
+
+
+def test_a_peer_that_stops_reading_cannot_grow_the_server(keys: Keys, tmp_path, procs) -> None:
+    """An SSH client grants a huge window (2^31, plus adjusts that would pass 2^32 - 1),
+    opens a channel to a target that sends as fast as it can, then stops reading its TCP
+    socket. The server must stop reading the target once the connection's own send buffer
+    is full — before, the window was the only limit, and RSS grew by ~470 MB per channel."""
+    import asyncssh
+    from asyncssh.constants import MSG_CHANNEL_WINDOW_ADJUST
+    from asyncssh.packet import UInt32
+
+    async def main() -> None:
+        async def firehose(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            chunk = bytes(1 << 20)
+            try:
+                for _ in range(4000):
+                    w.write(chunk)
+                    await w.drain()
+            except ConnectionError:
+                pass
+            w.close()
+
+        srv = await asyncio.start_server(firehose, "127.0.0.1", 0)
+        tport = srv.sockets[0].getsockname()[1]
+        server, sport = await asyncio.to_thread(start_server, keys, tmp_path)
+        procs.append(server)
+        conn = await asyncssh.connect("127.0.0.1", sport, username="u", client_keys=[str(keys.client)],
+                                      known_hosts=None, encryption_algs=["aes128-gcm@openssh.com"])
+        try:
+            base = rss_mib(server.p.pid)
+
+            class Quiet(asyncssh.SSHTCPSession[bytes]):
+                def data_received(self, data: bytes, datatype: object) -> None:
+                    pass
+
+            chan, _ = await conn.create_connection(Quiet, "127.0.0.1", tport, window=1 << 31,
+                                                   max_pktsize=1 << 18, encoding=None)
+            conn._transport.pause_reading()  # the peer stops reading its TCP socket
+            for _ in range(4):  # legal one by one, but the sum passes 2^32 - 1
+                conn.send_packet(MSG_CHANNEL_WINDOW_ADJUST, UInt32(chan._send_chan), UInt32(1 << 31))
+            peak = base
+            for _ in range(12):
+                await asyncio.sleep(0.25)
+                peak = max(peak, rss_mib(server.p.pid))
+            assert peak - base < 64, f"server RSS grew by {peak - base} MiB"
+        finally:
+            conn.abort()
+            srv.close()
+        assert "Traceback" not in server.log()
+
+    asyncio.run(main())
+

@@ -314,3 +314,77 @@ async def test_discard_leaves_no_trace() -> None:
     chan.connection_made(t)
     chan.discard()
     assert conn._channels == {} and conn.sent == [] and t.events == ["abort"]
+
+
+async def test_half_open_relay_with_flow_controlled_bytes_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Half-open, and bytes move only as flow control lets them: the peer's window
+    adjustments (our queue drains) and the socket taking what we wrote (we grant
+    window). Both are activity: the idle timer must not cut such a relay."""
+    monkeypatch.setattr(RelayEnd, "half_open_timeout", 0.2)
+    conn, chan, t = open_channel(send_window=0)
+    chan.process_packet(MSG_CHANNEL_EOF, 0, packet())  # the peer is done sending: half-open
+    chan.data_received(b"q" * (HIGH_WATER + 1))  # waits for the peer's window; reading pauses
+    assert t.paused
+    for _ in range(6):  # window trickles in: the queue drains, no socket read, no channel data
+        await asyncio.sleep(0.1)
+        chan.process_packet(MSG_CHANNEL_WINDOW_ADJUST, 0, packet(UInt32(PKTSIZE)))
+    assert t.events == ["eof"]
+    conn2, chan2, t2 = open_channel()
+    chan2.eof_received()  # our socket is done sending: half-open the other way
+    chan2.pause_writing()
+    chan2.process_packet(MSG_CHANNEL_DATA, 0, data_packet(b"d" * (WINDOW - 1)))  # no window back
+    for _ in range(6):  # the socket drains slowly: all we see is resume_writing
+        await asyncio.sleep(0.1)
+        chan2.resume_writing()
+        chan2.pause_writing()
+    assert t2.events == []
+    await asyncio.sleep(0.5)  # and once nothing moves any more, it goes
+    assert t2.events == ["abort"] and conn2.types()[-1] == MSG_CHANNEL_CLOSE
+
+
+async def test_window_granted_only_once_the_socket_takes_held_data() -> None:
+    """Channel data held before the socket's transport existed is handed over at once;
+    if that fills the socket's buffer past high water, the window waits for it to drain."""
+    conn = FakeConn()
+    chan = SocketChannel(conn, WINDOW, PKTSIZE)
+    chan.opened(3, WINDOW, PKTSIZE)
+    chan.process_packet(MSG_CHANNEL_DATA, 0, data_packet(b"h" * (WINDOW - 10)))
+
+    class Filling(FakeTransport):
+        def writelines(self, chunks: list[bytes]) -> None:
+            super().writelines(chunks)
+            chan.pause_writing()  # what a real transport does past its high-water mark
+
+    t = Filling()
+    chan.connection_made(t)
+    assert len(t.written) == WINDOW - 10 and MSG_CHANNEL_WINDOW_ADJUST not in conn.types()
+    chan.resume_writing()
+    assert conn.types() == [MSG_CHANNEL_WINDOW_ADJUST]
+
+
+async def test_a_full_connection_send_buffer_pauses_the_sockets_that_feed_it() -> None:
+    """The SSH connection's transport reports its own send buffer (pause_writing and
+    resume_writing on the connection): while it is full, sockets that send into it stop
+    being read, whatever window the peer grants; they resume when it drains, unless
+    they still wait for the window."""
+    conn, chan, t = open_channel()
+    conn.pause_writing()
+    chan.data_received(b"x" * 100)
+    assert sent_data(conn) == b"x" * 100 and t.paused
+    conn.resume_writing()
+    assert not t.paused
+    conn2, chan2, t2 = open_channel(send_window=0)
+    chan2.data_received(b"y" * (HIGH_WATER + 1))  # paused: no window
+    conn2.pause_writing()
+    chan2.data_received(b"z")
+    conn2.resume_writing()
+    assert t2.paused  # still waiting for the window
+    chan2.process_packet(MSG_CHANNEL_WINDOW_ADJUST, 0, packet(UInt32(WINDOW)))
+    assert not t2.paused
+
+
+async def test_window_adjustments_never_pass_2_to_the_32() -> None:
+    conn, chan, _t = open_channel(send_window=0xFFFF_0000)
+    for _ in range(3):
+        chan.process_packet(MSG_CHANNEL_WINDOW_ADJUST, 0, packet(UInt32(0xFFFF_FFFF)))
+    assert chan.send_window == 0xFFFF_FFFF

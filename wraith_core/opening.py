@@ -85,7 +85,9 @@ class ChannelOpening(asyncio.Protocol, metaclass=abc.ABCMeta):
             self._chan = manager.start_socket_open(host, port, self._socket_opened)
             if self._chan is not None:
                 return
-            if manager.session.conn is not None:  # up, yet no channel: asyncssh is not what we expect
+            conn = manager.session.conn
+            if conn is not None and getattr(conn, "_transport", None):  # up, yet no channel:
+                # asyncssh is not what we expect (a connection that is closing gets another wait)
                 log.error("cannot open channels on this asyncssh version")
                 self._socket_opened(ChannelOpenFailed("channel open failed", Reply.GENERAL_FAILURE))
                 return

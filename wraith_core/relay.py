@@ -167,6 +167,8 @@ class RelayEnd(asyncio.Protocol):
             self.peer._set_paused(2, True)
 
     def resume_writing(self) -> None:
+        if self._last:  # our transport took what was written: bytes are moving
+            self._last = time.monotonic()
         if self._close_pending:
             # drained; asyncssh sends a pending EOF right after this callback returns
             asyncio.get_running_loop().call_soon(self._deferred_close)

@@ -47,6 +47,12 @@ log = logging.getLogger("wraith.channels")
 
 # Socket bytes queued for the peer's window past this pause reading; below LOW_WATER it resumes.
 LOW_WATER = HIGH_WATER // 4
+# The SSH connection's own send buffer. A peer's windows do not bound it (a peer may grant
+# up to 4 GiB per channel and then stop reading its socket), so past CONN_HIGH every socket
+# that sends into it pauses reading, until the buffer is back under CONN_LOW.
+CONN_HIGH = 8 * HIGH_WATER
+CONN_LOW = CONN_HIGH // 4
+_MAX_WINDOW = 0xFFFF_FFFF  # RFC 4254 §5.2: a window never exceeds 2^32 - 1
 
 _NO_FIELDS = SSHPacket(b"")  # a confirmation's remaining payload, when there is none
 
@@ -62,7 +68,7 @@ class SocketChannel(asyncio.Protocol):
     __slots__ = ("conn", "recv_chan", "window", "recv_window", "send_hdr", "send_window",
                  "send_pktsize", "transport", "held", "queue", "queued", "on_open", "is_open", "eof_in",
                  "eof_out", "eof_sent", "close_in", "close_out", "sock_lost", "reading_paused",
-                 "writing_paused", "last", "timer")
+                 "writing_paused", "backlog", "backlog_wait", "last", "timer")
 
     def __init__(self, conn: Any, window: int, pktsize: int, on_open: OpenCallback | None = None) -> None:
         self.conn = conn
@@ -85,6 +91,8 @@ class SocketChannel(asyncio.Protocol):
         self.sock_lost = False
         self.reading_paused = False     # socket reading paused: the peer's window is full
         self.writing_paused = False     # socket write buffer above high water: no window granted
+        self.backlog: _Backlog = conn.__dict__.get("wraith_backlog") or _watch_backlog(conn)
+        self.backlog_wait = False       # socket reading paused: the connection's send buffer is full
         self.last = 0.0                 # last activity while half-open (0: not half-open)
         self.timer: asyncio.TimerHandle | None = None
         self.recv_chan: int = conn.add_channel(self)
@@ -154,7 +162,8 @@ class SocketChannel(asyncio.Protocol):
         held, self.held = self.held, None
         if held:
             transport.writelines(held)
-            self._grant()
+            if not self.writing_paused:  # (writelines may have just paused it)
+                self._grant()
         if self.eof_in:
             transport.write_eof()
             self._half_open()
@@ -168,13 +177,19 @@ class SocketChannel(asyncio.Protocol):
         if not self.queue and n <= self.send_window and n <= self.send_pktsize:
             self.send_window -= n
             self._send(MSG_CHANNEL_DATA, self.send_hdr + n.to_bytes(4, "big"), data)
-            return
-        self.queue.append(memoryview(data))
-        self.queued += n
-        self._flush()
-        if self.queued > HIGH_WATER and not self.reading_paused and not self.sock_lost:
-            self.reading_paused = True
-            self.transport.pause_reading()
+        else:
+            self.queue.append(memoryview(data))
+            self.queued += n
+            self._flush()
+            if self.queued > HIGH_WATER and not self.reading_paused and not self.sock_lost:
+                self.reading_paused = True
+                if not self.backlog_wait:
+                    self.transport.pause_reading()
+        if self.backlog.full and not self.backlog_wait and not self.sock_lost:
+            self.backlog_wait = True  # until the connection's send buffer drains
+            self.backlog.waiting.append(self)
+            if not self.reading_paused:
+                self.transport.pause_reading()
 
     def eof_received(self) -> bool:
         if self.eof_out or self.close_out:
@@ -209,7 +224,15 @@ class SocketChannel(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.writing_paused = False
+        if self.last:  # the socket took what we wrote: bytes are moving
+            self.last = time.monotonic()
         self._grant()
+
+    def backlog_cleared(self) -> None:
+        """The connection's send buffer has drained (see CONN_LOW)."""
+        self.backlog_wait = False
+        if not self.reading_paused and not self.sock_lost and not self.close_out:
+            self.transport.resume_reading()
 
     # -- the channel (asyncssh's connection calls these) -------------------------
 
@@ -256,7 +279,9 @@ class SocketChannel(asyncio.Protocol):
         if pkttype == MSG_CHANNEL_WINDOW_ADJUST:
             adjust = packet.get_uint32()
             packet.check_end()
-            self.send_window += adjust
+            self.send_window = min(self.send_window + adjust, _MAX_WINDOW)
+            if self.last:
+                self.last = time.monotonic()
             if self.queue:
                 self._flush()
         elif pkttype == MSG_CHANNEL_EOF:
@@ -329,7 +354,8 @@ class SocketChannel(asyncio.Protocol):
             self._send(MSG_CHANNEL_DATA, self.send_hdr + n.to_bytes(4, "big"), data)
         if self.reading_paused and self.queued <= LOW_WATER and not self.sock_lost:
             self.reading_paused = False
-            self.transport.resume_reading()
+            if not self.backlog_wait:
+                self.transport.resume_reading()
         if not queue and self.eof_out and not self.eof_sent:
             self._send_eof()
             if self.sock_lost and not self.close_out:
@@ -443,6 +469,44 @@ class SocketChannel(asyncio.Protocol):
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+
+
+class _Backlog:
+    """Per SSH connection: whether its send buffer is over CONN_HIGH, and the channels
+    that paused reading their socket for it."""
+
+    __slots__ = ("full", "waiting")
+
+    def __init__(self) -> None:
+        self.full = False
+        self.waiting: list[SocketChannel] = []
+
+
+def _watch_backlog(conn: Any) -> _Backlog:
+    """Have ``conn``'s transport report its send buffer against CONN_HIGH / CONN_LOW
+    (asyncssh's own ``pause_writing``/``resume_writing`` do nothing; these instance
+    attributes take their place)."""
+    backlog = _Backlog()
+    conn.wraith_backlog = backlog
+
+    def pause_writing() -> None:
+        backlog.full = True
+
+    def resume_writing() -> None:
+        backlog.full = False
+        waiting, backlog.waiting = backlog.waiting, []
+        for chan in waiting:
+            chan.backlog_cleared()
+
+    conn.pause_writing = pause_writing
+    conn.resume_writing = resume_writing
+    transport = conn._transport
+    if transport is not None:
+        try:
+            transport.set_write_buffer_limits(high=CONN_HIGH, low=CONN_LOW)
+        except (AttributeError, NotImplementedError):  # a transport without flow control
+            pass
+    return backlog
 
 
 class _GoneConnection:
