@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import time
 
-from helpers import Keys, start_client, start_server
+import pytest
+
+from helpers import GENERIC_PUMP_ENV, GENERIC_PUMP_MARK, Keys, start_client, start_server
 
 
 def rss_mib(pid: int) -> int:
@@ -62,7 +64,8 @@ def test_slow_reader_bounded_memory(keys: Keys, tmp_path, procs) -> None:
     asyncio.run(main())
 
 
-def test_a_peer_that_stops_reading_cannot_grow_the_server(keys: Keys, tmp_path, procs) -> None:
+@pytest.mark.parametrize("pump", ["fused", "generic"])
+def test_a_peer_that_stops_reading_cannot_grow_the_server(keys: Keys, tmp_path, procs, pump: str) -> None:
     """An SSH client grants a huge window (2^31, plus adjusts that would pass 2^32 - 1),
     opens a channel to a target that sends as fast as it can, then stops reading its TCP
     socket. The server must stop reading the target once the connection's own send buffer
@@ -84,8 +87,10 @@ def test_a_peer_that_stops_reading_cannot_grow_the_server(keys: Keys, tmp_path, 
 
         srv = await asyncio.start_server(firehose, "127.0.0.1", 0)
         tport = srv.sockets[0].getsockname()[1]
-        server, sport = await asyncio.to_thread(start_server, keys, tmp_path)
+        env = GENERIC_PUMP_ENV if pump == "generic" else None
+        server, sport = await asyncio.to_thread(start_server, keys, tmp_path, env=env)
         procs.append(server)
+        assert (GENERIC_PUMP_MARK in server.log()) == (pump == "generic")
         conn = await asyncssh.connect("127.0.0.1", sport, username="u", client_keys=[str(keys.client)],
                                       known_hosts=None, encryption_algs=["aes128-gcm@openssh.com"])
         try:

@@ -27,6 +27,8 @@ import struct
 import time
 from typing import Any
 
+from .ssh.backlog import Backlog, backlog_of
+
 # Write buffer high-water mark for channel and socket transports in a relay.
 HIGH_WATER = 512 * 1024
 
@@ -40,7 +42,7 @@ class RelayEnd(asyncio.Protocol):
 
     __slots__ = (
         "transport", "peer", "_early", "_eof_in", "_eof_out", "_lost", "_clean",
-        "_paused_by", "_last", "_timer", "_close_pending", "_resuming",
+        "_paused_by", "_last", "_timer", "_close_pending", "_resuming", "_backlog",
     )
 
     def __init__(self) -> None:
@@ -51,7 +53,8 @@ class RelayEnd(asyncio.Protocol):
         self._eof_out = False     # EOF written to our transport
         self._lost = False
         self._clean = False       # lost after EOF both ways and without error
-        self._paused_by = 0       # bit 1: waiting for peer, bit 2: peer's buffer full
+        self._paused_by = 0       # bit 1: waiting for peer, 2: peer's buffer full, 4: its connection's
+        self._backlog: Backlog | None = None  # an SSH channel's end: its connection's send buffer
         self._last = 0.0          # last activity once half-open (0: not half-open)
         self._timer: asyncio.TimerHandle | None = None
         self._close_pending = False
@@ -90,6 +93,9 @@ class RelayEnd(asyncio.Protocol):
         self.transport = transport
         if hasattr(transport, "set_write_buffer_limits"):
             transport.set_write_buffer_limits(high=HIGH_WATER)
+        conn = getattr(transport, "_conn", None)  # an asyncssh channel: its SSH connection
+        if conn is not None and hasattr(conn, "__dict__") and getattr(conn, "_transport", None) is not None:
+            self._backlog = backlog_of(conn)
         peer = self.peer
         if peer is None or peer.transport is None:
             # The other side does not exist yet. Reading stays on (pausing and resuming
@@ -119,6 +125,10 @@ class RelayEnd(asyncio.Protocol):
             self._last = time.monotonic()
         if peer is not None and peer.transport is not None and not peer._lost:
             peer.transport.write(data)
+            backlog = peer._backlog
+            if backlog is not None and backlog.full and not self._paused_by & 4:
+                backlog.waiting.append(self)  # the SSH connection's send buffer is full
+                self._set_paused(4, True)
         elif peer is not None and peer.transport is None:
             if self._early is None:
                 self._early = []
@@ -161,6 +171,10 @@ class RelayEnd(asyncio.Protocol):
         else:
             self._timer = asyncio.get_running_loop().call_later(self.half_open_timeout - idle,
                                                                 self._half_open_check)
+
+    def backlog_cleared(self) -> None:
+        """The SSH connection we send into has drained its send buffer (ssh/backlog.py)."""
+        self._set_paused(4, False)
 
     def pause_writing(self) -> None:
         if self.peer is not None:

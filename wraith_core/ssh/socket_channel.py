@@ -41,17 +41,13 @@ from asyncssh.misc import ProtocolError
 from asyncssh.packet import SSHPacket
 
 from ..relay import HIGH_WATER, RelayEnd, linger_zero
+from .backlog import backlog_of
 from .speedups import send_lean
 
 log = logging.getLogger("wraith.channels")
 
 # Socket bytes queued for the peer's window past this pause reading; below LOW_WATER it resumes.
 LOW_WATER = HIGH_WATER // 4
-# The SSH connection's own send buffer. A peer's windows do not bound it (a peer may grant
-# up to 4 GiB per channel and then stop reading its socket), so past CONN_HIGH every socket
-# that sends into it pauses reading, until the buffer is back under CONN_LOW.
-CONN_HIGH = 8 * HIGH_WATER
-CONN_LOW = CONN_HIGH // 4
 _MAX_WINDOW = 0xFFFF_FFFF  # RFC 4254 §5.2: a window never exceeds 2^32 - 1
 
 _NO_FIELDS = SSHPacket(b"")  # a confirmation's remaining payload, when there is none
@@ -91,8 +87,8 @@ class SocketChannel(asyncio.Protocol):
         self.sock_lost = False
         self.reading_paused = False     # socket reading paused: the peer's window is full
         self.writing_paused = False     # socket write buffer above high water: no window granted
-        self.backlog: _Backlog = conn.__dict__.get("wraith_backlog") or _watch_backlog(conn)
-        self.backlog_wait = False       # socket reading paused: the connection's send buffer is full
+        self.backlog = backlog_of(conn)  # the connection's own send buffer (backlog.py)
+        self.backlog_wait = False       # socket reading paused: that buffer is full
         self.last = 0.0                 # last activity while half-open (0: not half-open)
         self.timer: asyncio.TimerHandle | None = None
         self.recv_chan: int = conn.add_channel(self)
@@ -229,7 +225,7 @@ class SocketChannel(asyncio.Protocol):
         self._grant()
 
     def backlog_cleared(self) -> None:
-        """The connection's send buffer has drained (see CONN_LOW)."""
+        """The connection's send buffer has drained (backlog.py)."""
         self.backlog_wait = False
         if not self.reading_paused and not self.sock_lost and not self.close_out:
             self.transport.resume_reading()
@@ -469,44 +465,6 @@ class SocketChannel(asyncio.Protocol):
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-
-
-class _Backlog:
-    """Per SSH connection: whether its send buffer is over CONN_HIGH, and the channels
-    that paused reading their socket for it."""
-
-    __slots__ = ("full", "waiting")
-
-    def __init__(self) -> None:
-        self.full = False
-        self.waiting: list[SocketChannel] = []
-
-
-def _watch_backlog(conn: Any) -> _Backlog:
-    """Have ``conn``'s transport report its send buffer against CONN_HIGH / CONN_LOW
-    (asyncssh's own ``pause_writing``/``resume_writing`` do nothing; these instance
-    attributes take their place)."""
-    backlog = _Backlog()
-    conn.wraith_backlog = backlog
-
-    def pause_writing() -> None:
-        backlog.full = True
-
-    def resume_writing() -> None:
-        backlog.full = False
-        waiting, backlog.waiting = backlog.waiting, []
-        for chan in waiting:
-            chan.backlog_cleared()
-
-    conn.pause_writing = pause_writing
-    conn.resume_writing = resume_writing
-    transport = conn._transport
-    if transport is not None:
-        try:
-            transport.set_write_buffer_limits(high=CONN_HIGH, low=CONN_LOW)
-        except (AttributeError, NotImplementedError):  # a transport without flow control
-            pass
-    return backlog
 
 
 class _GoneConnection:
