@@ -200,3 +200,37 @@ async def test_a_session_that_drops_is_a_connection_error_on_the_stream(keys: Ke
     finally:
         await server.close()
         target.close()
+
+
+async def test_drain_waits_for_a_full_connection_send_buffer() -> None:
+    """drain() waits not only for the channel's window but also while the SSH connection's
+    own send buffer is full (a peer that grants windows and reads slowly, or not at all):
+    otherwise a writer that awaits drain() could still fill memory without bound."""
+    from wraith_core.duplex import DuplexStream
+
+    class Conn:
+        _transport = object()
+
+    class Channel:
+        _conn = Conn()
+
+        def write(self, data: bytes) -> None:
+            pass
+
+    s = DuplexStream()
+    chan = Channel()
+    s.connection_made(chan)
+    await asyncio.wait_for(s.drain(), 1)  # nothing holds it
+    chan._conn.pause_writing()  # the connection's transport: its buffer passed the limit
+    s.write(b"x")
+    waiting = asyncio.ensure_future(s.drain())
+    await asyncio.sleep(0.1)
+    assert not waiting.done()
+    chan._conn.resume_writing()
+    await asyncio.wait_for(waiting, 1)
+    s.pause_writing()  # the channel's own window still counts
+    waiting = asyncio.ensure_future(s.drain())
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    s.resume_writing()
+    await asyncio.wait_for(waiting, 1)

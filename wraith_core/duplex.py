@@ -19,6 +19,8 @@ import asyncio
 import errno
 from typing import Any
 
+from .ssh.backlog import Backlog, backlog_of
+
 DEFAULT_LIMIT = 1024 * 1024
 
 
@@ -38,6 +40,8 @@ class DuplexStream:
         self._write_paused = False
         self._read_waiter: asyncio.Future[None] | None = None
         self._drain_waiters: list[asyncio.Future[None]] = []
+        self._backlog: Backlog | None = None  # the SSH connection's send buffer (ssh/backlog.py)
+        self._backlog_wait = False
         self._closed = asyncio.get_running_loop().create_future()
         self._local_close = False
         self.info: dict[str, Any] = dict(info or {})
@@ -46,6 +50,9 @@ class DuplexStream:
 
     def connection_made(self, transport: Any) -> None:
         self._transport = transport
+        conn = getattr(transport, "_conn", None)  # an asyncssh channel: its SSH connection
+        if conn is not None and hasattr(conn, "__dict__") and getattr(conn, "_transport", None) is not None:
+            self._backlog = backlog_of(conn)
 
     def session_started(self) -> None:  # asyncssh SSHSession interface
         pass
@@ -167,16 +174,33 @@ class DuplexStream:
         self._transport.write(bytes(data) if not isinstance(data, bytes) else data)
 
     async def drain(self) -> None:
+        """Wait while the channel cannot take more: its window is used up, or the SSH
+        connection's own send buffer is full (the peer or the network is slower)."""
         if self._exc is not None:
             raise self._exc
         if self._closed.done():
             raise StreamClosedError("stream is closed")
-        if self._write_paused:
+        while True:
+            backlog = self._backlog
+            full = backlog is not None and backlog.full
+            if not self._write_paused and not full:
+                return
+            if full and not self._backlog_wait:
+                assert backlog is not None
+                self._backlog_wait = True
+                backlog.waiting.append(self)
             fut = asyncio.get_running_loop().create_future()
             self._drain_waiters.append(fut)
             await fut
             if self._exc is not None:
                 raise self._exc
+            if self._closed.done():
+                return
+
+    def backlog_cleared(self) -> None:
+        """The SSH connection's send buffer has drained (ssh/backlog.py)."""
+        self._backlog_wait = False
+        self._wake_drainers()
 
     def write_eof(self) -> None:
         if self._transport is not None and not self._closed.done():
