@@ -210,15 +210,20 @@ class TLSAcceptor(TCPAcceptor):
             factory = lambda: StealthPeek(inner, opts.stealth_timeout, on_done=once)  # noqa: E731
         try:
             sock.setblocking(False)
+        except OSError:
+            sock.close()
+            once()
+            return
+        # From here the loop owns the socket, and closes it on failure: closing it here
+        # too could close a descriptor number that a new connection has taken meanwhile.
+        try:
             await asyncio.get_running_loop().connect_accepted_socket(
                 factory, sock, ssl=self._ctx, ssl_handshake_timeout=max(1.0, timeout))
         except asyncio.CancelledError:
-            sock.close()
             once()
             raise
         except Exception as exc:  # a failed or timed-out handshake: that connection only
             log.debug("tls handshake failed: %s", type(exc).__name__)
-            sock.close()
             once()
         else:
             if not opts.stealth:  # the server's gate has counted the connection by now
