@@ -77,6 +77,7 @@ def test_valid_certificate_accepted(keys: Keys, ca_server, tmp_path, procs, file
     ("not-yet-valid", ["-n", "root", "-V", "+1h:+2h"]),
     ("wrong-principal", ["-n", "alice", "-V", "-5m:+1h"]),
     ("wrong-source", ["-n", "root", "-V", "-5m:+1h", "-O", "source-address=10.9.8.7/32"]),
+    ("no-principals", ["-V", "-5m:+1h"]),  # "valid for any user": OpenSSH's TrustedUserCAKeys refuses it too
 ])
 def test_bad_certificates_refused(keys: Keys, ca_server, tmp_path, procs, files, case: str, opts: list[str]) -> None:
     ca, server, port = ca_server

@@ -197,10 +197,18 @@ def test_reserved_destinations_never_dialed(keys: Keys, tmp_path, procs, files) 
         async with asyncssh.connect("127.0.0.1", sport, username="root", client_keys=[str(keys.client)],
                                     known_hosts=None, agent_path=None, config=None) as conn:
             for host in ("\uff57\uff52\uff41\uff49\uff54\uff48-control", "w\u200braith-control",
-                         "wr\u00adaith-x", "WRAITH\u200d-y", "\uff37raith-x"):
+                         "wr\u00adaith-x", "WRAITH\u200d-y", "\uff37raith-x",
+                         # resolver escapes (glibc reads \DDD and \X), and what a proxy may split on
+                         "\\119raith-control", "\\wraith-control", "wraith\\-control", "w\\114aith-secret",
+                         "[wraith-control]", "x@wraith-control", "wraith-control%00", "wraith-control\x00"):
                 with pytest.raises(asyncssh.ChannelOpenError) as info:
                     await conn.open_connection(host, 80)
                 assert info.value.code == asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, host
+            # ports past 65535 would wrap to port % 65536 in the dial: refused
+            for port in (files.port + 65536, 0):
+                with pytest.raises(asyncssh.ChannelOpenError) as info:
+                    await conn.open_connection("127.0.0.1", port)
+                assert info.value.code == asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, port
         srv.close()
 
     asyncio.run(main())
@@ -227,3 +235,31 @@ def test_no_destinations_in_logs_even_at_debug(keys: Keys, tmp_path, procs, file
         assert str(files.port) not in log
         assert marker_host not in log and "no-such-name" not in log
         assert str(8 * 1024 * 1024) not in log  # no byte counts
+
+
+async def test_no_destinations_in_logs_when_used_as_a_library(keys: Keys, files, caplog) -> None:
+    """A program that runs serve() and open_stream() with its own logging at DEBUG: asyncssh's
+    records (which name destinations) are never created, whatever the program set up."""
+    import logging
+
+    import wraith_core
+    from wraith_core.options import ConnectOptions, ServeOptions
+
+    caplog.set_level(logging.DEBUG)  # the root logger and everything under it
+    logging.getLogger("asyncssh").setLevel(logging.NOTSET)
+    server = await wraith_core.serve(ServeOptions(key=str(keys.host), authorized_keys=str(keys.authorized),
+                                                  listen="127.0.0.1:0"))
+    try:
+        port = int(server.addresses()[0].rsplit(":", 1)[1])
+        opts = ConnectOptions(server=f"127.0.0.1:{port}", identity=str(keys.client), host_key=str(keys.host_pub))
+        stream = await wraith_core.open_stream(opts, f"localhost:{files.port}")
+        stream.write(b"GET /small.bin HTTP/1.0\r\n\r\n")
+        body = (await asyncio.wait_for(stream.read(), 10)).split(b"\r\n\r\n", 1)[1]
+        assert sha(body) == files.hashes["small.bin"]
+        with pytest.raises(Exception):
+            await wraith_core.open_stream(opts, f"no-such-name.invalid:{files.port}")
+    finally:
+        await server.close()
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert caplog.records, "nothing logged at all: the test would not see a leak"
+    assert "localhost" not in text and "no-such-name" not in text and str(files.port) not in text, text

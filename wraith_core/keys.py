@@ -6,9 +6,11 @@ refused with a message that names the conversion command.
 
 from __future__ import annotations
 
+import datetime
 import os
 import shlex
 import stat
+import time
 from pathlib import Path
 
 import asyncssh
@@ -111,14 +113,61 @@ def load_certificate(value: KeyInput, what: str = "certificate") -> asyncssh.SSH
         raise KeyError_(f"{label}: not an OpenSSH certificate ({exc})") from None
 
 
+# authorized_keys options wraith enforces, or that concern only what it never offers
+# (shells, ptys, X11, agent or tun forwarding). Any other option is refused at start-up:
+# ignoring an option one relies on (a misspelt "permitopen") would fail open.
+ENFORCED_OPTIONS = frozenset({"from", "permitopen", "permitlisten", "no-port-forwarding", "port-forwarding",
+                              "restrict", "cert-authority", "principals", "expiry-time", "no-touch-required",
+                              "verify-required"})
+INERT_OPTIONS = frozenset({"command", "environment", "pty", "no-pty", "user-rc", "no-user-rc", "x11-forwarding",
+                           "no-x11-forwarding", "agent-forwarding", "no-agent-forwarding", "tunnel"})
+
+
 def authorized_keys_text(value: KeyInput, what: str = "authorized keys") -> str:
     data, label = read_key_input(value, what)
     text = data.decode("utf-8", "replace")
     try:
-        asyncssh.import_authorized_keys(text)
+        parsed = asyncssh.import_authorized_keys(text)
     except (asyncssh.KeyImportError, ValueError) as exc:
         raise KeyError_(f"{label}: invalid authorized_keys content ({exc})") from None
+    for entry in [*getattr(parsed, "_user_entries", []), *getattr(parsed, "_ca_entries", [])]:
+        options = getattr(entry, "options", {}) or {}
+        for name in options:
+            if name.lower() not in ENFORCED_OPTIONS | INERT_OPTIONS:
+                raise KeyError_(f"{label}: key option {name!r} is not supported by wraith serve")
+        for spec in options.get("expiry-time") or []:
+            try:
+                parse_expiry(spec)
+            except ValueError:
+                raise KeyError_(f"{label}: bad expiry-time {spec!r} (expected YYYYMMDD[HHMM[SS]][Z])") from None
     return text
+
+
+def parse_expiry(spec: str) -> float:
+    """OpenSSH's ``expiry-time`` (``YYYYMMDD[HHMM[SS]]``, local time, or UTC with a ``Z``)
+    as a Unix time."""
+    utc = spec.endswith(("Z", "z"))
+    digits = spec[:-1] if utc else spec
+    formats = {8: "%Y%m%d", 12: "%Y%m%d%H%M", 14: "%Y%m%d%H%M%S"}
+    if not digits.isdigit() or len(digits) not in formats:
+        raise ValueError(spec)
+    when = datetime.datetime.strptime(digits, formats[len(digits)])
+    return when.replace(tzinfo=datetime.timezone.utc).timestamp() if utc else time.mktime(when.timetuple())
+
+
+def ca_public_keys(value: KeyInput) -> set[bytes]:
+    """The public key blobs of the CAs in ``value`` (as for ``cert_authority_lines``)."""
+    out = set()
+    for line in cert_authority_lines(value).splitlines():
+        fields = line.split()
+        key_at = next((i for i, f in enumerate(fields) if f.startswith(("ssh-", "ecdsa-", "sk-"))), None)
+        if key_at is None:
+            continue
+        try:
+            out.add(bytes(asyncssh.import_public_key(" ".join(fields[key_at:])).public_data))
+        except (asyncssh.KeyImportError, ValueError):
+            continue
+    return out
 
 
 def cert_authority_lines(value: KeyInput) -> str:

@@ -21,6 +21,21 @@ class _DropChatty(logging.Filter):
         return True
 
 
+def quiet_asyncssh() -> None:
+    """asyncssh's records below ERROR are never created, whatever logging the program
+    that uses wraith as a library has set up: they name forwarding destinations.
+    (Run by every server and client session, not only by the CLI.)"""
+    lg = logging.getLogger("asyncssh")
+    if lg.level == logging.NOTSET or lg.level < logging.ERROR:
+        lg.setLevel(logging.ERROR)
+    try:
+        import asyncssh
+
+        asyncssh.set_debug_level(1)
+    except ImportError:
+        pass
+
+
 def setup_logging(level: str = "info", stream: object = None) -> None:
     root = logging.getLogger()
     for h in list(root.handlers):
@@ -32,11 +47,4 @@ def setup_logging(level: str = "info", stream: object = None) -> None:
     handler.addFilter(_DropChatty())
     root.addHandler(handler)
     root.setLevel(getattr(logging, level.upper(), logging.INFO))
-    logging.getLogger("asyncssh").setLevel(logging.ERROR)
-    # asyncssh's debug levels (debug1..3) are off unless asked for
-    try:
-        import asyncssh
-
-        asyncssh.set_debug_level(1)
-    except ImportError:
-        pass
+    quiet_asyncssh()

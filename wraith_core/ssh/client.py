@@ -19,6 +19,7 @@ import asyncssh
 
 from .. import keys
 from ..errors import AuthError, ChannelError, ConnectError, HostKeyError, UsageError, WraithError
+from ..logs import quiet_asyncssh
 from ..options import ConnectOptions
 from ..transport.base import Connector, make_connector
 from . import conn_fixes
@@ -76,6 +77,7 @@ class Session:
     def __init__(self, options: ConnectOptions, *, reconnect: bool = True,
                  on_state: StateCallback | None = None) -> None:
         options.check()
+        quiet_asyncssh()
         self.options = options
         self.reconnect = reconnect
         self.on_state = on_state

@@ -18,7 +18,9 @@ from __future__ import annotations
 import asyncio
 import fnmatch
 import functools
+import ipaddress
 import logging
+import re
 import time
 import unicodedata
 from collections import Counter
@@ -37,6 +39,7 @@ from ..duplex import DuplexStream
 from ..opening import HoldingOpening
 from ..options import ServeOptions
 from ..protocol.socks5 import Reply
+from ..logs import quiet_asyncssh
 from ..relay import RelayEnd
 from ..transport.base import Acceptor, TransportInfo, make_acceptor, transport_info
 from . import conn_fixes, target_open
@@ -55,10 +58,23 @@ _OTHER_METHODS = {m.encode(): m for m in ("password", "keyboard-interactive", "h
                                           "gssapi-with-mic", "gssapi-keyex")}
 
 
+# A destination host: an IP literal, or a name of letters, digits, "-", "_" and "." (and
+# non-ASCII letters, for IDN). Nothing else reaches a resolver or a proxy: "\119raith-x" or
+# "wraith\-x" would be unescaped into a reserved name by the resolver; CR/LF, spaces, "@",
+# "[" and "]" would be read differently by an HTTP or SOCKS proxy than by this check.
+_NAME = re.compile(r"[0-9A-Za-z_.\-\u0080-\U0010FFFF]+")
+
+
 def _safe_target(host: str) -> bool:
-    """A destination without spaces or control characters (CR/LF would smuggle requests
-    into the HTTP CONNECT sent to --proxy; no resolver takes them either)."""
-    return 0 < len(host) <= 255 and host.isprintable() and " " not in host
+    if not 0 < len(host) <= 255:
+        return False
+    if _NAME.fullmatch(host) is not None:
+        return host.isprintable()  # (no non-ASCII control or format characters either)
+    try:
+        ipaddress.ip_address(host)  # IPv6 literals ("::1", "fe80::1%eth0")
+    except ValueError:
+        return False
+    return True
 
 
 def is_reserved(host: str) -> bool:
@@ -161,7 +177,7 @@ class _ServerConn(asyncssh.SSHServer):
         original = conn.validate_public_key
 
         async def validate_public_key(username: str, key_data: bytes, msg: bytes, signature: bytes) -> bool:
-            ok = await original(username, key_data, msg, signature)
+            ok = await original(username, key_data, msg, signature) and self._policy_allows(conn, key_data)
             if ok and not msg:
                 return True  # a query; the signed attempt that follows is logged
             fp = _key_fingerprint(key_data)
@@ -178,6 +194,24 @@ class _ServerConn(asyncssh.SSHServer):
             self._count_other_methods(conn)
         else:  # pragma: no cover - only if asyncssh renames these
             log.warning("password/keyboard-interactive attempts are not counted (asyncssh internals changed)")
+
+    def _policy_allows(self, conn: asyncssh.SSHServerConnection, key_data: bytes) -> bool:
+        """What asyncssh does not check of a key it accepted: the key's ``expiry-time``
+        (OpenSSH's), and that a certificate signed by a ``--cert-authority`` CA names
+        principals at all (asyncssh takes an empty list as valid for every user;
+        OpenSSH's TrustedUserCAKeys refuses it: "Certificate lacks principal list")."""
+        now = time.time()
+        for spec in cast(list[str], conn.get_key_option("expiry-time") or []):
+            if now >= keys.parse_expiry(str(spec)):
+                return False
+        if self._runner.server_cas:
+            try:
+                cert: Any = decode_ssh_certificate(key_data)  # (asyncssh's OpenSSH certificate type)
+            except (asyncssh.KeyImportError, ValueError):
+                return True  # a plain key
+            if bytes(cert.signing_key.public_data) in self._runner.server_cas and not cert.principals:
+                return False
+        return True
 
     def _count_other_methods(self, conn: asyncssh.SSHServerConnection) -> None:
         """Requests for any method but ``none`` and ``publickey`` (password,
@@ -287,7 +321,7 @@ class _ServerConn(asyncssh.SSHServer):
                                             "Reserved destination")
         if not self._forwarding_allowed():
             raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, "Port forwarding not permitted")
-        if not _safe_target(dest_host):
+        if not _safe_target(dest_host) or not 0 < dest_port <= 65535:
             raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, "Invalid destination")
         opts = runner.options
         address = target_open.numeric_address(dest_host, dest_port) if runner.proxy is None else None
@@ -330,6 +364,9 @@ class _ServerConn(asyncssh.SSHServer):
         assert self._conn is not None
         if not self._forwarding_allowed() or not self._listen_permitted(listen_host, listen_port):
             log.info("remote forward refused remote_addr=%s reason=key-options", self._info.remote_addr)
+            return False
+        if 0 < listen_port < 1024:  # as OpenSSH for any login but root: a key is not root
+            log.info("remote forward refused remote_addr=%s reason=privileged-port", self._info.remote_addr)
             return False
         listener = RemoteForwardListener(self._runner, self._conn, listen_host)
         try:
@@ -463,6 +500,7 @@ class SSHServerRunner:
 
     def __init__(self, options: ServeOptions, on_control: ControlHandler | None = None) -> None:
         options.check()
+        quiet_asyncssh()
         self.options = options
         self.on_control = on_control
         self.kind = options.transport
@@ -472,8 +510,10 @@ class SSHServerRunner:
         text = ""
         if options.authorized_keys is not None:
             text += keys.authorized_keys_text(options.authorized_keys)
+        self.server_cas: set[bytes] = set()
         if options.cert_authority is not None:
             text += "\n" + keys.cert_authority_lines(options.cert_authority)
+            self.server_cas = keys.ca_public_keys(options.cert_authority)
         self.authorized_keys = asyncssh.import_authorized_keys(text)
         self.per_ip: Counter[str] = Counter()
         self.handshaking: Counter[str] = Counter()  # TLS handshakes / stealth peeks not yet SSH
