@@ -577,7 +577,10 @@ class TcpConnection:
         return self._buf_seq + len(self._sndbuf)
 
     def _rcv_wnd(self) -> int:
-        return max(0, self.config.rcv_buf - len(self._rcvbuf) - self._ooo_bytes)
+        # Out-of-order bytes already lie inside [rcv_nxt, rcv_nxt + this): counting them
+        # again would pull the right edge back (RFC 7323 §2.4) and drop what the app sent
+        # inside the window it was offered. Their memory is capped in _receive_data.
+        return max(0, self.config.rcv_buf - len(self._rcvbuf))
 
     def _adv_window(self) -> int:
         wnd = self._rcv_wnd()

@@ -129,13 +129,51 @@ def test_aaaa_and_others_answer_empty_noerror() -> None:
         assert r.header.rcode == RCODE.NOERROR and not r.rr
 
 
-def test_mappings_expire_after_last_use() -> None:
+def test_mappings_outlive_keep_until_their_address_is_needed() -> None:
+    """A program that resolved once may keep using the address long after: the mapping
+    lasts until the pool needs that address for another name (then only if unused for
+    ``keep``). Addresses never handed out name nothing."""
     dns = VirtualDns(keep=60)
     addr = dns.address_for("a.test", 0.0)
     assert dns.name_for(addr, 50.0) == "a.test"  # use refreshes
-    assert dns.name_for(addr, 100.0) == "a.test"
-    assert dns.name_for(addr, 200.0) is None  # expired
+    assert dns.name_for(addr, 1000.0) == "a.test"  # long unused: still there
     assert dns.name_for(bytes([198, 18, 200, 200]), 0.0) is None  # never handed out
+
+
+def test_an_exhausted_pool_keeps_answering_after_the_mappings_age() -> None:
+    """Every address handed out, all of them older than keep, then a connection to each
+    (which used to drop its mapping and lose the address for good, until a new query
+    found the pool empty and raised): new names still get addresses, recycled LRU."""
+    dns = VirtualDns(network="198.18.0.0/29", keep=100)
+    addrs = [dns.address_for(f"h{i}.test", 0.0) for i in range(6)]
+    for a in addrs:
+        assert dns.name_for(a, 500.0) is not None
+    late = [dns.address_for(f"late{i}.test", 700.0) for i in range(6)]
+    assert sorted(late) == sorted(addrs)  # (bytes | None: a None would fail the sort)
+    r = ask(dns, "later.test", now=700.0)
+    assert r.header.rcode == RCODE.SERVFAIL  # all six just used: none is re-pointed
+
+
+def test_crafted_compression_pointers_cost_nothing() -> None:
+    """One datagram: a name of 16,000 one-byte labels and thousands of questions pointing
+    at it. dnslib's parser took 80 s and 4.5 GB for this; it is refused on sight now (more
+    than one question, and a query's only name never needs a pointer)."""
+    import struct
+    import time
+
+    name = b"\x01a" * 16000 + b"\x00"
+    questions = b"\xc0\x0c\x00\x01\x00\x01" * 5000
+    bomb = struct.pack("!6H", 1, 0x0100, 5001, 0, 0, 0) + name + b"\x00\x01\x00\x01" + questions
+    pointer = struct.pack("!6H", 2, 0x0100, 1, 0, 0, 0) + b"\xc0\x0c\x00\x01\x00\x01"
+    long_name = struct.pack("!6H", 3, 0x0100, 1, 0, 0, 0) + (b"\x3f" + b"a" * 63) * 5 + b"\x00\x00\x01\x00\x01"
+    dns = VirtualDns()
+    t0 = time.perf_counter()
+    assert dns.handle(bomb, 0.0) is None  # longer than any query
+    assert dns.handle(bomb[:4000], 0.0) is not None  # within the size: FORMERR (5001 questions)
+    assert DNSRecord.parse(dns.handle(bomb[:4000], 0.0) or b"").header.rcode == RCODE.FORMERR
+    assert dns.handle(pointer, 0.0) is None
+    assert dns.handle(long_name, 0.0) is None  # a name over 255 bytes
+    assert time.perf_counter() - t0 < 1.0 and len(dns) == 0
 
 
 def test_small_pool_recycles_only_mappings_unused_for_keep() -> None:

@@ -696,3 +696,20 @@ def test_tiny_mss_is_raised_to_a_floor(v6: bool, announced: int | None, want: in
         syn = mk(SYN, ISN, mss=announced)
     assert isinstance(syn, ip.TcpSegment)
     assert tcp.TcpConnection(syn, 0.0, None, iss=ISS).mss == want
+
+
+def test_out_of_order_bytes_do_not_shrink_the_window() -> None:
+    """A lost segment, then four that arrive: they lie inside the window we offered, so
+    the window's right edge stays put (RFC 7323 §2.4), and once the hole is filled all
+    five are taken. (Counting them twice moved the edge left and dropped 2,220 of 7,300.)"""
+    cfg = tcp.TcpConfig(mtu=1500, rcv_buf=8000)
+    conn = established(cfg)
+    base, mss = ISN + 1, 1460
+    segs = [(base + i * mss, bytes([65 + i]) * mss) for i in range(5)]
+    for seq, data in segs[1:]:
+        conn.receive(mk(ACK | PSH, seq, ISS + 1, data), 1.0)
+        (ack,) = out(conn)
+        assert ack.ack == base and ack.ack + ack.window == base + 8000  # same right edge
+    conn.receive(mk(ACK | PSH, segs[0][0], ISS + 1, segs[0][1]), 1.1)
+    out(conn)
+    assert conn.rcv_nxt == base + 5 * mss
