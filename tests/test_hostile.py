@@ -509,3 +509,53 @@ async def test_slow_readers_bounded_memory(keys: Keys, tmp_path: Path, procs: li
         echo.kill()
         target.wait(5)
         echo.wait(5)
+
+
+async def test_connects_in_flight_are_bounded_per_connection(keys: Keys, tmp_path: Path, procs: list,
+                                                               echo_target: int) -> None:
+    """One client opens hundreds of channels to a target that never answers (its accept
+    queue is full, so SYNs are dropped): each would hold a descriptor until the connect
+    timeout. Past 256 in flight on that SSH connection the opens are refused at once
+    (resource shortage); other connections are untouched, and the budget comes back."""
+    import asyncssh
+
+    black_hole = socket.socket()
+    black_hole.bind(("127.0.0.1", 0))
+    black_hole.listen(0)  # never accepted: once the queue is full, SYNs are dropped
+    hole = black_hole.getsockname()[1]
+    fillers = []
+    for _ in range(4):  # fill the accept queue
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex(("127.0.0.1", hole))
+        fillers.append(s)
+    server, sport = await asyncio.to_thread(start_server, keys, tmp_path)  # connects time out after 10 s
+    procs.append(server)
+
+    def connect() -> Awaitable[asyncssh.SSHClientConnection]:
+        return asyncssh.connect("127.0.0.1", sport, username="u", client_keys=[str(keys.client)],
+                                known_hosts=None, agent_path=None, config=None)
+
+    async def try_open(conn: asyncssh.SSHClientConnection, port: int) -> int:
+        try:
+            chan, _ = await conn.create_connection(asyncssh.SSHTCPSession, "127.0.0.1", port)
+        except asyncssh.ChannelOpenError as exc:
+            return exc.code
+        chan.close()
+        return 0
+
+    try:
+        async with connect() as greedy, connect() as other:
+            t0 = asyncio.get_running_loop().time()
+            codes = await asyncio.gather(*[try_open(greedy, hole) for _ in range(300)],
+                                         try_open(other, echo_target))
+            assert codes[-1] == 0  # the other connection was never held up
+            refused = Counter(codes[:300])
+            assert refused[asyncssh.OPEN_RESOURCE_SHORTAGE] >= 300 - 256, refused
+            assert asyncio.get_running_loop().time() - t0 < 30
+            assert await try_open(greedy, echo_target) == 0  # the budget came back
+    finally:
+        black_hole.close()
+        for s in fillers:
+            s.close()
+    assert "Traceback" not in server.log()

@@ -51,6 +51,9 @@ from .tunnel import AcceptorTunnel
 log = logging.getLogger("wraith.server")
 
 CONTROL_HOST = "wraith-control"
+# target connects in flight per SSH connection (target_open.DialBudget); opens past it are
+# refused with "resource shortage" until some of them have an outcome
+MAX_DIALS_PER_CONNECTION = 256
 RESERVED_PREFIX = "wraith-"
 # asyncssh's names we hook to see requests for auth methods other than public keys
 _USERAUTH_NAMES = ("_finish_userauth", "_auth_complete")
@@ -162,6 +165,7 @@ class _ServerConn(asyncssh.SSHServer):
         self._counted = False
         self._lost = False
         self._listeners: set[RemoteForwardListener] = set()
+        self._dials = target_open.DialBudget(MAX_DIALS_PER_CONNECTION)
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -298,10 +302,13 @@ class _ServerConn(asyncssh.SSHServer):
         address = target_open.numeric_address(host, port)  # an IP address is never a wraith-* name
         if address is None or self._conn is None:
             return False
+        if not self._dials.take():
+            return False  # asyncssh's path refuses it, in connection_requested
         opts = self._runner.options
         pending = target_open.pending_channel(self._conn, address, opts.connect_timeout, opts.window,
-                                              opts.max_pktsize)
+                                              opts.max_pktsize, self._dials)
         if pending is None:
+            self._dials.give()
             return False
         pending[0].process_open(send_chan, send_window, send_pktsize, None)
         return True
@@ -323,14 +330,16 @@ class _ServerConn(asyncssh.SSHServer):
             raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, "Port forwarding not permitted")
         if not _safe_target(dest_host) or not 0 < dest_port <= 65535:
             raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, "Invalid destination")
+        if not self._dials.take():
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_RESOURCE_SHORTAGE, "Too many connects in progress")
         opts = runner.options
         address = target_open.numeric_address(dest_host, dest_port) if runner.proxy is None else None
         if address is not None:  # connects, confirms, then builds the channel: by callback
             pending = target_open.pending_channel(self._conn, address, opts.connect_timeout, opts.window,
-                                                  opts.max_pktsize)
+                                                  opts.max_pktsize, self._dials)
         else:  # resolves (or goes through --proxy) and connects in a task
             pending = target_open.pending_dial(self._conn, dest_host, dest_port, opts.connect_timeout,
-                                               opts.window, opts.max_pktsize, runner.proxy)
+                                               opts.window, opts.max_pktsize, runner.proxy, self._dials)
         if pending is not None:
             return pending
         chan = self._conn.create_tcp_channel(window=opts.window, max_pktsize=opts.max_pktsize)
@@ -355,6 +364,8 @@ class _ServerConn(asyncssh.SSHServer):
             raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, exc.reason) from None
         except Exception:  # never let an unexpected error escape into asyncssh's open task
             raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, "Connection failed") from None
+        finally:
+            self._dials.give()
         return chan_end
 
     def server_requested(self, listen_host: str, listen_port: int) -> Any:

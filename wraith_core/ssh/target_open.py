@@ -58,14 +58,37 @@ def numeric_address(host: str, port: int) -> Address | None:
     return None
 
 
+class DialBudget:
+    """Target connects in flight on one SSH connection, at most ``limit``. Each holds a
+    descriptor until it answers or times out: without a bound, one client opening
+    channels to a black-holed address could use up the server's descriptors, and so
+    refuse everybody else's connections."""
+
+    __slots__ = ("limit", "used")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def take(self) -> bool:
+        if self.used >= self.limit:
+            return False
+        self.used += 1
+        return True
+
+    def give(self) -> None:
+        self.used -= 1
+
+
 def pending_channel(conn: Any, address: Address, timeout: float, window: int,
-                    pktsize: int) -> tuple[Any, None] | None:
+                    pktsize: int, budget: DialBudget | None = None) -> tuple[Any, None] | None:
     """What ``connection_requested`` returns for an IP-address target: a stand-in for the
     channel, whose ``process_open`` (called by asyncssh) connects, and no session (the
-    channel is its own). None when asyncssh's connection is not what this expects."""
+    channel is its own). None when asyncssh's connection is not what this expects.
+    ``budget``: taken already, given back when the connect has an outcome."""
     if not has_names(conn, _CONN_NAMES):
         return None
-    return _PendingChannel(conn, address, timeout, window, pktsize), None
+    return _PendingChannel(conn, address, timeout, window, pktsize, budget), None
 
 
 _DIRECT_TCPIP = b"direct-tcpip"
@@ -111,9 +134,11 @@ class _PendingChannel:
     the target has answered; a failed connect needs no channel at all, only the
     open-failure message."""
 
-    __slots__ = ("conn", "address", "timeout", "window", "pktsize", "send", "sock", "timer", "loop")
+    __slots__ = ("conn", "address", "timeout", "window", "pktsize", "send", "sock", "timer", "loop", "budget")
 
-    def __init__(self, conn: Any, address: Address, timeout: float, window: int, pktsize: int) -> None:
+    def __init__(self, conn: Any, address: Address, timeout: float, window: int, pktsize: int,
+                 budget: DialBudget | None = None) -> None:
+        self.budget = budget
         self.conn = conn
         self.address = address
         self.timeout = timeout
@@ -205,12 +230,19 @@ class _PendingChannel:
             self.sock.close()
             self.sock = None
 
+    def _settle_budget(self) -> None:
+        budget, self.budget = self.budget, None
+        if budget is not None:
+            budget.give()
+
     def _fail(self, reason: str) -> None:
+        self._settle_budget()
         if self.conn._transport:
             self.conn.send_channel_open_failure(self.send[0], asyncssh.OPEN_CONNECT_FAILED, reason, DEFAULT_LANG)
 
     def _connected(self) -> None:
         """Confirm now, on a channel fused with the socket; give the socket its transport later."""
+        self._settle_budget()
         conn, sock = self.conn, self.sock
         assert sock is not None
         self.sock = None
@@ -232,20 +264,21 @@ class _PendingChannel:
 
 
 def pending_dial(conn: Any, host: str, port: int, timeout: float, window: int, pktsize: int,
-                 proxy: Any) -> tuple[Any, None] | None:
+                 proxy: Any, budget: DialBudget | None = None) -> tuple[Any, None] | None:
     """As :func:`pending_channel`, for a host name or a target reached through ``proxy``:
     a task resolves and dials (``dial.py``), straight into a SocketChannel that is
     confirmed once connected. None when asyncssh's connection is not what this expects."""
     if not has_names(conn, _CONN_NAMES):
         return None
-    return _PendingDial(conn, host, port, timeout, window, pktsize, proxy), None
+    return _PendingDial(conn, host, port, timeout, window, pktsize, proxy, budget), None
 
 
 class _PendingDial:
-    __slots__ = ("conn", "host", "port", "timeout", "window", "pktsize", "proxy")
+    __slots__ = ("conn", "host", "port", "timeout", "window", "pktsize", "proxy", "budget")
 
     def __init__(self, conn: Any, host: str, port: int, timeout: float, window: int, pktsize: int,
-                 proxy: Any) -> None:
+                 proxy: Any, budget: DialBudget | None = None) -> None:
+        self.budget = budget
         self.conn = conn
         self.host = host
         self.port = port
@@ -258,7 +291,14 @@ class _PendingDial:
         """asyncssh passes the channel's peer names (nothing here keeps them)."""
 
     def process_open(self, send_chan: int, send_window: int, send_pktsize: int, session: Any) -> None:
-        spawn(self._dial(send_chan, send_window, send_pktsize))
+        spawn(self._dial_within_budget(send_chan, send_window, send_pktsize))
+
+    async def _dial_within_budget(self, send_chan: int, send_window: int, send_pktsize: int) -> None:
+        try:
+            await self._dial(send_chan, send_window, send_pktsize)
+        finally:
+            if self.budget is not None:
+                self.budget.give()
 
     async def _dial(self, send_chan: int, send_window: int, send_pktsize: int) -> None:
         conn = self.conn
