@@ -117,3 +117,45 @@ def test_a_peer_that_stops_reading_cannot_grow_the_server(keys: Keys, tmp_path, 
 
     asyncio.run(main())
 
+
+
+async def test_a_server_that_stops_reading_cannot_grow_the_client(keys: Keys, monkeypatch) -> None:
+    """A hostile server stops reading its socket and floods requests that want a reply:
+    the client answers each into its send buffer (no relay feeds it, so nothing pauses).
+    Past the hard limit the client drops the connection instead of growing without bound.
+    (The limit is lowered here so the test takes seconds, not a quarter GiB.)"""
+    import asyncssh
+    from asyncssh.constants import MSG_GLOBAL_REQUEST
+    from asyncssh.packet import Boolean, String
+
+    from wraith_core.options import ConnectOptions
+    from wraith_core.ssh import backlog
+    from wraith_core.ssh.client import Session
+
+    monkeypatch.setattr(backlog, "CONN_ABORT", 2 * backlog.CONN_HIGH)
+    conns: list[asyncssh.SSHServerConnection] = []
+
+    class Hostile(asyncssh.SSHServer):
+        def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+            conns.append(conn)
+
+    srv = await asyncssh.create_server(Hostile, "127.0.0.1", 0, server_host_keys=[str(keys.host)],
+                                       authorized_client_keys=str(keys.authorized))
+    port = srv.sockets[0].getsockname()[1]
+    session = Session(ConnectOptions(server=f"127.0.0.1:{port}", identity=str(keys.client),
+                                     host_key=str(keys.host_pub)), reconnect=False)
+    await session.start()
+    try:
+        conn = await session.connection(timeout=10)
+        peer = conns[-1]
+        peer._transport.pause_reading()  # never reads the client's answers again
+        for _ in range(600):  # up to ~1.2 M requests; the client must give up long before
+            if conn.is_closed():
+                break
+            for _ in range(2000):
+                peer.send_packet(MSG_GLOBAL_REQUEST, String(b"x"), Boolean(True))
+            await asyncio.sleep(0.01)
+        assert conn.is_closed(), "the client kept buffering its answers"
+    finally:
+        await session.close()
+        srv.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 
 import pytest
 
@@ -125,3 +126,28 @@ def test_wraith_connect_against_sshd_rekeying_often(keys, files, tmp_path, procs
         r = curl("--socks5-hostname", f"127.0.0.1:{socks}", files.url("big.bin", "localhost"))
         assert r.returncode == 0 and sha(r.stdout) == files.hashes["big.bin"], r.stderr
     assert "session up" in p.log() and "error" not in p.log().lower()
+
+
+def test_wraith_connect_pins_the_key_of_an_sshd_with_a_host_certificate(keys, tmp_path, procs) -> None:
+    """sshd offers a host certificate (HostCertificate): a --host-key pin (the key, or its
+    SHA256 fingerprint) trusts that key, not a CA, so wraith asks for the plain key. It
+    used to take the certificate, find no trusted CA, and retry forever."""
+    import subprocess
+
+    from helpers import wait_for_log
+    from wraith_core.keys import fingerprint, load_public_key
+
+    ca = tmp_path / "host_ca"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(ca)], check=True)
+    subprocess.run(["ssh-keygen", "-q", "-s", str(ca), "-I", "host", "-h", "-n", "127.0.0.1", str(keys.host_pub)],
+                   check=True)
+    cert = Path(str(keys.host_pub)[: -len(".pub")] + "-cert.pub")
+    sshd, port = start_sshd(keys, tmp_path, [f"HostCertificate {cert}"])
+    procs.append(sshd)
+    fp = fingerprint(load_public_key(str(keys.host_pub)))
+    for name, pin in (("key", str(keys.host_pub)), ("fingerprint", fp)):
+        p = Proc(["python3", "-m", "wraith_core", "connect", "--server", f"root@127.0.0.1:{port}",
+                  "--identity", str(keys.client), "--host-key", pin, "--socks5", "127.0.0.1:0"],
+                 tmp_path / f"connect-{name}.log", ready=r"socks5 listening")
+        procs.append(p)
+        wait_for_log(p, "session up")

@@ -263,3 +263,30 @@ async def test_no_destinations_in_logs_when_used_as_a_library(keys: Keys, files,
     text = "\n".join(r.getMessage() for r in caplog.records)
     assert caplog.records, "nothing logged at all: the test would not see a leak"
     assert "localhost" not in text and "no-such-name" not in text and str(files.port) not in text, text
+
+
+async def test_a_disconnect_reason_cannot_forge_log_lines(keys: Keys, tmp_path, procs) -> None:
+    """The server's DISCONNECT reason (which even a machine in the middle can send, before
+    the key exchange) goes into the client's log with its line breaks and escapes shown,
+    not acted on: it cannot forge a 'session up' line or clear the terminal."""
+
+    async def hostile(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"SSH-2.0-hostile\r\n")
+        await writer.drain()
+        await reader.readline()  # the client's banner
+        reason = b"bye\n2026-01-01T00:00:00 INFO session up transport=tcp\x1b[2J"
+        body = bytes([1]) + struct.pack(">I", 11) + struct.pack(">I", len(reason)) + reason + struct.pack(">I", 0)
+        pad = 8 - (len(body) + 5) % 8 + 8
+        writer.write(struct.pack(">IB", len(body) + pad + 1, pad) + body + bytes(pad))
+        await writer.drain()
+        writer.close()
+
+    srv = await asyncio.start_server(hostile, "127.0.0.1", 0)
+    port = srv.sockets[0].getsockname()[1]
+    client, _ = await asyncio.to_thread(start_client, keys, tmp_path, port, wait_up=False)
+    procs.append(client)
+    await asyncio.to_thread(wait_for_log, client, "session failed")
+    srv.close()
+    log = client.log()
+    assert "bye\\x0a2026" in log and "\x1b" not in log
+    assert not any(line.startswith("2026-01-01") for line in log.splitlines()), log

@@ -21,6 +21,13 @@ class _DropChatty(logging.Filter):
         return True
 
 
+def peer_text(text: str, limit: int = 200) -> str:
+    """Text the peer chose (a DISCONNECT or open-failure reason), safe for a log line: no
+    line breaks or terminal escapes (each would forge or hide log lines), not too long."""
+    cleaned = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" if ord(c) < 256 else "?" for c in text)
+    return cleaned[:limit] + ("…" if len(cleaned) > limit else "")
+
+
 def quiet_asyncssh() -> None:
     """asyncssh's records below ERROR are never created, whatever logging the program
     that uses wraith as a library has set up: they name forwarding destinations.

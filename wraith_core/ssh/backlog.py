@@ -12,10 +12,20 @@ back under CONN_LOW (``backlog_cleared()``).
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from typing import Any, Protocol
+
+log = logging.getLogger("wraith.ssh")
 
 CONN_HIGH = 4 * 1024 * 1024  # eight relays' worth of HIGH_WATER
 CONN_LOW = CONN_HIGH // 4
+# Past this, the peer is taken to have stopped reading for good and the connection is
+# dropped (a client reconnects). Relays stop feeding the buffer at CONN_HIGH, but the
+# connection keeps reading the peer's packets and answering those that want a reply: a
+# peer that sends requests and never reads would otherwise grow it without bound.
+CONN_ABORT = 64 * CONN_HIGH
+CHECK_EVERY = 1.0  # seconds, while the buffer is over CONN_HIGH
 
 
 class Waiter(Protocol):
@@ -25,11 +35,12 @@ class Waiter(Protocol):
 class Backlog:
     """Per SSH connection: whether its send buffer is over CONN_HIGH, and who waits."""
 
-    __slots__ = ("full", "waiting")
+    __slots__ = ("full", "waiting", "timer")
 
     def __init__(self) -> None:
         self.full = False
         self.waiting: list[Waiter] = []
+        self.timer: asyncio.TimerHandle | None = None
 
 
 def backlog_of(conn: Any) -> Backlog:
@@ -40,11 +51,27 @@ def backlog_of(conn: Any) -> Backlog:
     backlog = Backlog()
     conn.wraith_backlog = backlog
 
+    def check() -> None:
+        backlog.timer = None
+        transport = getattr(conn, "_transport", None)
+        if not backlog.full or transport is None:
+            return
+        if transport.get_write_buffer_size() > CONN_ABORT:
+            log.warning("SSH peer stopped reading: connection dropped")
+            conn.abort()
+            return
+        backlog.timer = asyncio.get_running_loop().call_later(CHECK_EVERY, check)
+
     def pause_writing() -> None:
         backlog.full = True
+        if backlog.timer is None:
+            backlog.timer = asyncio.get_running_loop().call_later(CHECK_EVERY, check)
 
     def resume_writing() -> None:
         backlog.full = False
+        if backlog.timer is not None:
+            backlog.timer.cancel()
+            backlog.timer = None
         waiting, backlog.waiting = backlog.waiting, []
         for waiter in waiting:
             waiter.backlog_cleared()

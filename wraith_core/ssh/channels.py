@@ -25,6 +25,7 @@ from ..addr import ForwardSpec
 from ..dial import DialError, dial, reply_for_reason
 from ..duplex import DuplexStream
 from ..errors import ChannelError
+from ..logs import peer_text
 from ..protocol.socks5 import Reply
 from ..relay import RelayEnd
 from . import target_open
@@ -72,7 +73,7 @@ class ChannelOpenFailed(ChannelError):
 def _failure(exc: asyncssh.ChannelOpenError) -> ChannelOpenFailed:
     prohibited = exc.code == asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED
     reply = reply_for_reason(exc.reason, prohibited)
-    return ChannelOpenFailed(f"channel open failed: {exc.reason}", reply)
+    return ChannelOpenFailed(f"channel open failed: {peer_text(exc.reason)}", reply)
 
 
 OpenDone = Callable[[ChannelOpenFailed | None], None]
@@ -295,7 +296,7 @@ class ChannelManager:
                 log.info("remote forward up listen=%s:%d", spec.bind_host, spec.bind_port)
             except Exception as exc:  # asyncssh raises ChannelListenError, OSError, …
                 log.warning("remote forward refused by server listen=%s:%d (%s)",
-                            spec.bind_host, spec.bind_port, getattr(exc, "reason", exc))
+                            spec.bind_host, spec.bind_port, peer_text(str(getattr(exc, "reason", exc))))
 
     def _forwarded_open(self, conn: Any, granted: dict[tuple[str, int], ForwardSpec], plain: bytes, end: int) -> bool:
         """A ``forwarded-tcpip`` open for one of our remote forwards, from the decrypted packet

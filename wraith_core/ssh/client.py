@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import asyncssh
+from asyncssh.public_key import get_public_key_algs
 
 from .. import keys
 from ..errors import AuthError, ChannelError, ConnectError, HostKeyError, UsageError, WraithError
-from ..logs import quiet_asyncssh
+from ..logs import peer_text, quiet_asyncssh
 from ..options import ConnectOptions
 from ..transport.base import Connector, make_connector
 from . import conn_fixes
@@ -43,6 +44,14 @@ class _HostKeyPin:
             self.fingerprint = value.strip()
         else:
             self.key = keys.load_public_key(value, "host key")
+
+    def host_key_algs(self) -> list[str]:
+        """Ask the server for its plain key, never a host certificate: asyncssh prefers
+        certificates, and with no CA trusted (a pin trusts a key, not a CA) a server that
+        has one would be refused even when its key is the pinned one."""
+        if self.key is not None:
+            return [a.decode() for a in self.key.sig_algorithms]
+        return [a.decode() for a in get_public_key_algs()]
 
     def matches(self, key: asyncssh.SSHKey) -> bool:
         if self.fingerprint is not None:
@@ -145,6 +154,7 @@ class Session:
                 username=opts.ssh_user(),
                 client_keys=client_keys,
                 known_hosts=self.known_hosts,
+                server_host_key_algs=self.pin.host_key_algs() if self.pin is not None else "default",
                 agent_path=None,
                 password=None,
                 kbdint_auth=False,
@@ -167,11 +177,11 @@ class Session:
         except asyncio.TimeoutError:
             raise ConnectError(f"timed out connecting to {self.connector.describe()}", "ETIMEDOUT") from None
         except (asyncssh.Error, OSError, ValueError) as exc:
-            text = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
+            text = peer_text(getattr(exc, "reason", None) or str(exc) or type(exc).__name__)
             raise ConnectError(f"SSH connection to {self.connector.describe()} failed: {text}") from None
         except Exception as exc:  # anything else a transport raises: one failed attempt, not the end of retrying
             raise ConnectError(f"SSH connection to {self.connector.describe()} failed: "
-                               f"{type(exc).__name__}: {exc}") from None
+                               f"{type(exc).__name__}: {peer_text(str(exc))}") from None
         return conn
 
     async def start(self) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 from . import speedups
+from .backlog import backlog_of
 from .internals import has_names
 
 _CHANNEL_ATTRS = ("_flush_recv_buf", "_recv_state", "_recv_buf", "_session")
@@ -27,6 +28,7 @@ _CHANNEL_ATTRS = ("_flush_recv_buf", "_recv_state", "_recv_buf", "_session")
 
 def install(conn: Any) -> None:
     speedups.install(conn)
+    backlog_of(conn)  # the send buffer watched from the start, channels or not
     for name in ("create_tcp_channel", "create_unix_channel"):
         original = getattr(conn, name, None)
         if original is not None:
