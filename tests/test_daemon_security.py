@@ -298,3 +298,81 @@ def test_python_check_of_default_dir(tmp_path) -> None:
     env["XDG_RUNTIME_DIR"] = str(tmp_path)
     out = subprocess.run([PY, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.strip()
     assert out == f"{tmp_path}/wraith"
+
+
+async def _msg(ws) -> dict:
+    import msgpack
+
+    return msgpack.unpackb(await asyncio.wait_for(ws.recv(), 20), raw=False)
+
+
+async def _send(ws, obj: dict) -> None:
+    import msgpack
+
+    await ws.send(msgpack.packb(obj, use_bin_type=True))
+
+
+async def test_only_the_serve_control_can_accept_its_incoming_streams(tmp_path, procs) -> None:
+    """Another daemon client sees server.incoming in the events, but what it names there is
+    not the id that accepts the stream: only the serve control learns that. (Ids were a
+    counter, published in the events: anyone could take another client's connections.)"""
+    from helpers import Keys
+
+    keys = Keys.make(tmp_path / "keys")
+    p, info = start_daemon(tmp_path)
+    procs.append(p)
+    control = await raw_ws(info)
+    await _send(control, {"type": "open", "kind": "serve", "options": {
+        "hostKey": str(keys.host), "authorizedKeys": str(keys.authorized), "listen": "127.0.0.1:0"}})
+    port = int((await _msg(control))["addresses"][0].rsplit(":", 1)[1])
+    spy = await raw_ws(info)
+    await _send(spy, {"type": "open", "kind": "events"})
+    await _msg(spy)
+    peer = await raw_ws(info)
+    await _send(peer, {"type": "open", "kind": "connect", "options": {
+        "server": f"127.0.0.1:{port}", "identity": str(keys.client), "hostKey": str(keys.host_pub)}})
+    assert (await _msg(peer))["type"] == "opened"
+    while (ev := await _msg(spy)).get("event") != "server.incoming":
+        pass
+    seen = ev["data"]["stream"]
+    incoming = await _msg(control)
+    assert incoming["type"] == "incoming" and incoming["id"] != seen and len(incoming["id"]) > 20
+    for guess in (seen, seen + "-", incoming["id"][:-1]):
+        thief = await raw_ws(info)
+        await _send(thief, {"type": "open", "kind": "accept", "id": guess})
+        answer = await _msg(thief)
+        assert answer["type"] == "error" and answer["code"] == "EUSAGE", answer
+        await thief.close()
+    owner = await raw_ws(info)
+    await _send(owner, {"type": "open", "kind": "accept", "id": incoming["id"]})
+    assert (await _msg(owner))["type"] == "opened"
+    await _send(peer, {"type": "data", "data": b"for the owner"})
+    assert (await _msg(owner))["data"] == b"for the owner"
+    for ws in (control, spy, peer, owner):
+        await ws.close()
+
+
+async def test_hostile_messages_stay_cheap(tmp_path, procs) -> None:
+    """A 16 MiB message of empty maps (msgpack makes an object per byte: 1.2 GB and a
+    blocked loop), a 1 GiB window (the daemon holds about a window per stalled stream):
+    refused at once, one line each; the daemon's memory stays where it was."""
+    from test_daemon_support import rss_kib
+
+    p, info = start_daemon(tmp_path)
+    procs.append(p)
+    base = rss_kib(p.p.pid)
+    for _ in range(3):
+        ws = await raw_ws(info)
+        await ws.send(b"\xdd" + (16 * 1024 * 1024 - 8).to_bytes(4, "big") + b"\x80" * (16 * 1024 * 1024 - 8))
+        answer = await _msg(ws)
+        assert answer["type"] == "error" and answer["code"] == "EPROTO", answer
+        await ws.close()
+    ws = await raw_ws(info)
+    await _send(ws, {"type": "open", "kind": "connect", "options": {
+        "server": "127.0.0.1:9", "identity": "/nonexistent", "hostKey": "SHA256:" + "A" * 43,
+        "window": 1 << 30}})
+    answer = await _msg(ws)
+    assert answer["type"] == "error" and answer["code"] == "EUSAGE" and "window" in answer["message"], answer
+    await ws.close()
+    assert rss_kib(p.p.pid) - base < 200 * 1024, "the daemon grew by hundreds of MiB"
+    assert "Traceback" not in p.log()

@@ -16,6 +16,7 @@ Backpressure, end to end:
 from __future__ import annotations
 
 import asyncio
+import secrets
 import collections
 import hmac
 import logging
@@ -55,7 +56,7 @@ STREAM_LIMIT = 2 * 1024 * 1024  # receive buffer per stream (pauses the SSH chan
 WS_SETTINGS: dict[str, Any] = {
     "compression": None,             # no permessage-deflate: bytes are opaque, CPU matters
     "max_size": ipc.MAX_MESSAGE,
-    "max_queue": 4,                  # received messages held before we stop reading the socket
+    "max_queue": 1,                  # received messages held before we stop reading the socket
     "write_limit": 2 * 1024 * 1024,  # send() waits above this much unsent data
     "ping_interval": None,           # local socket; a stream under backpressure may sit for long
     "ping_timeout": None,
@@ -192,7 +193,7 @@ class IPCServer:
         try:
             msg = ipc.decode_client(raw)
             if not isinstance(msg, ipc.Open):
-                raise ipc.IPCError(f"the first message must be 'open', not {msg.type!r}")
+                raise ipc.IPCError(f"the first message must be 'open', not {ipc.shown(msg.type)}")
         except ipc.IPCError as exc:
             log.info("ipc: protocol error: %s", exc)
             await _fail(ws, exc.code, str(exc), 1002 if exc.code == "EPROTO" else 1000)
@@ -217,6 +218,11 @@ class IPCServer:
 
     async def _connect(self, ws: ServerConnection, msg: ipc.Open) -> None:
         fields, target = ipc.connect_fields(msg.options)
+        for name in ("window", "max_pktsize"):
+            value = fields.get(name)
+            if isinstance(value, int) and value > ipc.MAX_DAEMON_WINDOW:
+                raise ipc.IPCError(f"option {name!r} is at most {ipc.MAX_DAEMON_WINDOW} through the daemon",
+                                   "EUSAGE")
         try:
             host, port = parse_hostport(target, "target", allow_zero=True)
             opts = ConnectOptions(socks5=None, **fields)
@@ -278,14 +284,17 @@ class IPCServer:
             if self.closing:
                 stream.abort()
                 return
-            in_id = self._id("in")
+            # The id is the capability to accept: unguessable, and told only to this serve
+            # control. Events name the stream by a number that grants nothing.
+            label = self._id("in")
+            in_id = label + "-" + secrets.token_urlsafe(18)
             d = {"remoteAddress": info.remote_address, "transport": info.transport,
                  "user": info.user, "keyFingerprint": info.key_fingerprint}
             loop = asyncio.get_running_loop()
             timer = loop.call_later(ACCEPT_TIMEOUT, self._expire, in_id)
             self.incoming[in_id] = _Pending(stream, d, timer)
             mine.add(in_id)
-            self.bus.publish("server.incoming", server=srv_id, stream=in_id, info=d)
+            self.bus.publish("server.incoming", server=srv_id, stream=label, info=d)
             queue.put_nowait((in_id, d))
 
         server.on_connection(on_connection)
@@ -314,7 +323,7 @@ class IPCServer:
                     except ipc.IPCError as exc:
                         await _fail(ws, exc.code, str(exc), 1002)
                         break
-                    await _fail(ws, "EPROTO", f"a serve control takes no {m.type!r} messages", 1002)
+                    await _fail(ws, "EPROTO", f"a serve control takes no {ipc.shown(m.type)} messages", 1002)
                     break
             finally:
                 _stop(sender)
@@ -331,14 +340,14 @@ class IPCServer:
     def _expire(self, in_id: str) -> None:
         p = self.incoming.pop(in_id, None)
         if p is not None:
-            log.info("ipc: incoming stream %s not accepted in time", in_id)
+            log.info("ipc: incoming stream %s not accepted in time", in_id.split("-", 1)[0])
             p.abort()
 
     async def _accept(self, ws: ServerConnection, msg: ipc.Open) -> None:
         assert msg.id is not None
         p = self.incoming.pop(msg.id, None)
         if p is None:
-            raise ipc.IPCError(f"no incoming stream {msg.id!r} waits to be accepted", "EUSAGE")
+            raise ipc.IPCError(f"no incoming stream {ipc.shown(msg.id)} waits to be accepted", "EUSAGE")
         p.timer.cancel()
         if type(p.stream) is DuplexStream:
             ChannelStream.adopt(p.stream)  # same layout; flow control that holds (see above)
@@ -648,7 +657,7 @@ class _Pump:
                         stream.write_eof()
                 else:
                     assert msg is not None
-                    raise ipc.IPCError(f"unexpected {msg.type!r} on an open stream")
+                    raise ipc.IPCError(f"unexpected {ipc.shown(msg.type)} on an open stream")
             except ipc.IPCError as exc:
                 log.info("ipc: protocol error on a stream: %s", exc)
                 stream.abort()

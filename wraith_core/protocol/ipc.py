@@ -25,6 +25,15 @@ MAX_MESSAGE = 16 * 1024 * 1024
 # The daemon sends data messages of at most this size.
 DATA_CHUNK = 1024 * 1024
 MAX_TOPICS, MAX_TOPIC_LENGTH = 256, 256  # an events feed's prefixes (each event is checked against all)
+# Every message but ``data`` is small: an ``open`` carries options (inline keys, a
+# known_hosts file), the rest a few fields. msgpack builds a Python object per byte at
+# worst (one 16 MiB message of empty maps was 1.2 GB and seconds of a blocked loop),
+# so these are decoded only under these bounds.
+MAX_CONTROL_MESSAGE = 1024 * 1024
+_UNPACK_LIMITS = {"max_array_len": 1024, "max_map_len": 64, "max_ext_len": 0}
+# What a client may ask of the daemon's own buffers: its receive window per stream and
+# SSH packet size (a stalled reader holds about a window; 4 GiB was accepted).
+MAX_DAEMON_WINDOW = 16 * 1024 * 1024
 
 KINDS = ("connect", "serve", "accept", "events")
 
@@ -185,13 +194,21 @@ def error_bytes(code: str, message: str) -> bytes:
 # -- decoding ------------------------------------------------------------------
 
 
+def shown(value: object, limit: int = 80) -> str:
+    """A client-chosen value quoted in an error (sent back, and logged): repr, cut short."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
 def _unpack(raw: bytes | bytearray | memoryview | str) -> dict[str, Any]:
     if isinstance(raw, str):
         raise IPCError("text frames are not allowed: send msgpack in binary frames")
-    if len(raw) > MAX_MESSAGE:
-        raise IPCError(f"message larger than {MAX_MESSAGE} bytes")
+    # only a data message laid out as the bindings send it (two entries, a bin) may be large
+    limit = MAX_MESSAGE if data_payload(raw) is not None else MAX_CONTROL_MESSAGE
+    if len(raw) > limit:
+        raise IPCError(f"message larger than {limit} bytes")
     try:
-        obj = msgpack.unpackb(raw, raw=False, strict_map_key=True)
+        obj = msgpack.unpackb(raw, raw=False, strict_map_key=True, **_UNPACK_LIMITS)
     except msgpack.ExtraData:
         raise IPCError("trailing bytes after the msgpack message") from None
     except (ValueError, TypeError, msgpack.UnpackException, UnicodeDecodeError) as exc:
@@ -211,7 +228,7 @@ def _str(obj: dict[str, Any], name: str, required: bool = True) -> str | None:
     if v is None and not required:
         return None
     if not isinstance(v, str):
-        raise IPCError(f"field {name!r} of {obj.get('type')!r} must be a string")
+        raise IPCError(f"field {shown(name)} of {shown(obj.get('type'))} must be a string")
     return v
 
 
@@ -220,14 +237,14 @@ def _map(obj: dict[str, Any], name: str, required: bool = True) -> dict[str, Any
     if v is None and not required:
         return {}
     if not isinstance(v, dict) or not all(isinstance(k, str) for k in v):
-        raise IPCError(f"field {name!r} of {obj.get('type')!r} must be a map with string keys")
+        raise IPCError(f"field {shown(name)} of {shown(obj.get('type'))} must be a map with string keys")
     return v
 
 
 def _decode_open(o: dict[str, Any]) -> Open:
     kind = _str(o, "kind")
     if kind not in KINDS:
-        raise IPCError(f"unknown open kind {kind!r} (expected one of {', '.join(KINDS)})")
+        raise IPCError(f"unknown open kind {shown(kind)} (expected one of {', '.join(KINDS)})")
     if kind in ("connect", "serve"):
         return Open(kind, _map(o, "options"))
     if kind == "accept":
@@ -284,10 +301,10 @@ def decode(raw: bytes | bytearray | memoryview | str, allowed: frozenset[str] | 
     obj = _unpack(raw)
     t = obj["type"]
     if allowed is not None and t not in allowed:
-        raise IPCError(f"unexpected message type {t!r}")
+        raise IPCError(f"unexpected message type {shown(t)}")
     dec = _DECODERS.get(t)
     if dec is None:
-        raise IPCError(f"unknown message type {t!r}")
+        raise IPCError(f"unknown message type {shown(t)}")
     return dec(obj)
 
 
@@ -361,7 +378,7 @@ def _convert(options: dict[str, Any], table: dict[str, tuple[str, tuple[type, ..
             continue
         spec = table.get(name)
         if spec is None:
-            raise IPCError(f"unknown {what} option {name!r}", "EUSAGE")
+            raise IPCError(f"unknown {what} option {shown(name)}", "EUSAGE")
         snake, types = spec
         # bool is an int subclass: never let True pass as a number, nor 1 as a bool
         ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
