@@ -376,3 +376,51 @@ async def test_hostile_messages_stay_cheap(tmp_path, procs) -> None:
     await ws.close()
     assert rss_kib(p.p.pid) - base < 200 * 1024, "the daemon grew by hundreds of MiB"
     assert "Traceback" not in p.log()
+
+
+def test_a_daemon_that_fails_to_start_leaves_the_running_one_alone(tmp_path, procs) -> None:
+    """A second daemon on the same directory cannot listen: it exits with one line, and
+    the first one's token file (and socket) are still there and still its own."""
+    p, info = start_daemon(tmp_path, "--ws", "tcp:127.0.0.1:0")
+    procs.append(p)
+    token_file = Path(info["tokenFile"])
+    token = token_file.read_text()
+    d = tmp_path / "daemon-dir"
+    r = subprocess.run(wraith("daemon", "--dir", str(d), "--ws", info["ws"]), capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode != 0 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+    assert token_file.read_text() == token
+    q = subprocess.run(wraith("daemon", "--dir", str(d)), capture_output=True, text=True, timeout=30)
+    assert q.returncode != 0 and "already listening" in q.stderr, q.stderr  # its events socket is live
+    assert (d / "events.sock").exists() and token_file.read_text() == token
+
+
+def test_a_busy_socket_is_not_taken_for_a_stale_one(tmp_path) -> None:
+    """clear_stale_socket removes a socket only when nobody listens (ECONNREFUSED): a live
+    listener whose queue is full answers EAGAIN, and must keep its socket."""
+    from wraith_core.daemon.paths import clear_stale_socket
+    from wraith_core.errors import WraithError
+
+    path = str(tmp_path / "busy.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(0)
+    fillers = []
+    try:
+        for _ in range(8):  # fill the backlog (never accepted)
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.setblocking(False)
+            try:
+                s.connect(path)
+            except BlockingIOError:
+                pass
+            fillers.append(s)
+        with pytest.raises(WraithError):
+            clear_stale_socket(path)
+        assert os.path.exists(path)
+    finally:
+        for s in fillers:
+            s.close()
+        listener.close()
+    clear_stale_socket(path)  # nobody listens now: a leftover, removed
+    assert not os.path.exists(path)

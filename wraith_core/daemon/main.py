@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import os
+import secrets
 import signal
 import sys
 import threading
@@ -42,6 +43,7 @@ class Daemon:
         self.info: dict[str, Any] = {}
         self._json: Path | None = None
         self._token_file: Path | None = None
+        self._token = ""
 
     async def start(self) -> dict[str, Any]:
         cfg = self.config
@@ -54,8 +56,8 @@ class Daemon:
             events = f"ipc://{self.dir / 'events.sock'}"
         token = None
         if endpoint.kind == "tcp" or (events or "").startswith("tcp://"):
-            self._token_file = paths.write_token(self.dir)  # one token for both TCP endpoints
-            token = paths.read_token(self._token_file)
+            token = secrets.token_urlsafe(32)  # one token for both TCP endpoints; its file is
+            # written once both are ours (a daemon that fails to start leaves another's alone)
         self.bus = EventBus(events, token)
         self.bus.start()
         self.pool = SessionPool(self.bus, linger=cfg.linger)
@@ -68,6 +70,9 @@ class Daemon:
         except BaseException:
             self.bus.close()
             raise
+        if token is not None:
+            self._token_file = paths.write_token(self.dir, token)
+            self._token = token
         self.info = {
             "version": paths.VERSION,
             "pid": os.getpid(),
@@ -96,7 +101,8 @@ class Daemon:
             self.bus.close()
         if self._token_file is not None:
             try:
-                self._token_file.unlink()
+                if paths.read_token(self._token_file) == self._token:  # still ours
+                    self._token_file.unlink()
             except OSError:
                 pass
 

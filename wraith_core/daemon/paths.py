@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import json
 import os
-import secrets
 import socket
 import stat
 import tempfile
@@ -67,9 +67,13 @@ def clear_stale_socket(path: str) -> None:
     try:
         s.settimeout(1)
         s.connect(path)
-    except OSError:
-        os.unlink(path)  # nobody home: a leftover of a daemon that died
-        return
+    except OSError as exc:
+        if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
+            os.unlink(path)  # nobody home: a leftover of a daemon that died
+            return
+        # busy (a full backlog answers EAGAIN) or slow: somebody is there
+        raise WraithError(f"a daemon may be listening on {path} ({exc.strerror or 'no answer'}); "
+                          "refusing to replace it", "EDAEMON") from None
     finally:
         s.close()
     raise WraithError(f"another daemon is already listening on {path}", "EDAEMON")
@@ -147,13 +151,13 @@ def check_events(spec: str) -> str | None:
     raise UsageError(f"--events {spec}: expected ipc://PATH or tcp://127.0.0.1:PORT")
 
 
-def write_token(directory: Path) -> Path:
+def write_token(directory: Path, token: str) -> Path:
     path = directory / "token"
     with private_umask():
         tmp = directory / f".token.{os.getpid()}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_urlsafe(32) + "\n")
+            f.write(token + "\n")
         os.chmod(tmp, 0o600)
         os.replace(tmp, path)
     return path
