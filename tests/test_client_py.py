@@ -340,6 +340,11 @@ def test_discovery_trusts_only_a_private_daemon_json(tmp_path, monkeypatch) -> N
     assert d.discover() is None
     monkeypatch.setenv("WRAITH_DAEMON", "tcp:127.0.0.1:9")  # explicit endpoint: token from the private dir
     assert d.discover() is not None and d.discover().token == "good-token"  # type: ignore[union-attr]
+    for elsewhere in ("tcp:198.51.100.7:9", "tcp:example.com:80", "tcp:[2001:db8::1]:9"):
+        monkeypatch.setenv("WRAITH_DAEMON", elsewhere)  # the local token file goes to no other host
+        assert d.discover().token is None, elsewhere  # type: ignore[union-attr]
+    monkeypatch.setenv("WRAITH_DAEMON", "tcp:[::1]:9")
+    assert d.discover().token == "good-token"  # type: ignore[union-attr]
     os.chmod(home / "token", 0o644)
     os.chown(home / "token", 65534, 65534)
     assert d.discover().token is None  # type: ignore[union-attr]

@@ -7,6 +7,7 @@
 // dies with this process (its stdin is our pipe) and is stopped on exit.
 
 const fs = require('node:fs');
+const net = require('node:net');
 const os = require('node:os');
 const path = require('node:path');
 const { spawn } = require('node:child_process');
@@ -96,10 +97,18 @@ function readDaemonJson(file) {
   return info;
 }
 
+function isLoopback(host) {
+  const h = host.replace(/^\[|\]$/g, '');
+  if (h === 'localhost' || h === '::1') return true;
+  return net.isIPv4(h) && h.startsWith('127.');
+}
+
 function tokenFor(ws, explicit, tokenFile) {
   if (!ws.startsWith('tcp:')) return null;
   if (explicit) return explicit;
   if (process.env.WRAITH_DAEMON_TOKEN) return process.env.WRAITH_DAEMON_TOKEN;
+  // the local daemon's token file goes to no other host, whatever names it
+  if (!isLoopback(ws.slice(4, ws.lastIndexOf(':')))) return null;
   const text = readPrivateFile(tokenFile || path.join(defaultDir(), 'token'));
   const token = text === null ? '' : text.trim();
   return token && /^[\x21-\x7e]+$/.test(token) ? token : null;

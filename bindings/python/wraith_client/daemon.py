@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import ipaddress
 import json
 import os
 import shutil
@@ -92,6 +93,16 @@ def _deepen_socket_buffers(ws: ClientConnection) -> None:
         pass
 
 
+def _loopback(host: str) -> bool:
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def parse_endpoint(spec: str) -> str:
     if spec.startswith(("unix:", "tcp:")):
         return spec
@@ -172,6 +183,8 @@ def _token_for(ws: str, explicit: str | None, token_file: str | None, events: st
     env = os.environ.get("WRAITH_DAEMON_TOKEN")
     if env:
         return env
+    if ws.startswith("tcp:") and not _loopback(ws[4:].rpartition(":")[0]):
+        return None  # the local daemon's token goes to no other host, whatever names it
     data = _private_file(Path(token_file) if token_file else default_dir() / "token")
     if data is None:
         return None

@@ -47,6 +47,12 @@ test('discovery ignores a daemon.json or token another user could have planted',
     assert.equal(discover(), null);
     process.env.WRAITH_DAEMON = 'tcp:127.0.0.1:9';
     assert.equal(discover().token, 'good-token');
+    for (const elsewhere of ['tcp:198.51.100.7:9', 'tcp:example.com:80', 'tcp:[2001:db8::1]:9']) {
+      process.env.WRAITH_DAEMON = elsewhere; // the local token file goes to no other host
+      assert.equal(discover().token, null, elsewhere);
+    }
+    process.env.WRAITH_DAEMON = 'tcp:[::1]:9';
+    assert.equal(discover().token, 'good-token');
     fs.chmodSync(home, 0o711);
     assert.equal(discover().token, null);
   } finally {
