@@ -352,8 +352,9 @@ class TcpConnection:
             self._receive_data(seq, payload)
         if flags & FIN and self.state in _CAN_RECEIVE | {State.CLOSE_WAIT, State.CLOSING, State.LAST_ACK, State.TIME_WAIT}:
             fin_seq = seq + len(payload)
-            if self._peer_fin_seq is None and fin_seq <= self.rcv_nxt + max(wnd, 0):
+            if self._peer_fin_seq is None and self.rcv_nxt <= fin_seq <= self.rcv_nxt + max(wnd, 0):
                 self._peer_fin_seq = fin_seq
+                self._trim_ooo(fin_seq)  # nothing lies past the FIN, whatever came before it
             self._ack_pending = True
         self._check_fin(now)
         self._output(now)
@@ -494,6 +495,16 @@ class TcpConnection:
                 return  # over budget: the app will retransmit
             self._ooo[seq] = payload
             self._ooo_bytes += extra
+
+    def _trim_ooo(self, end: int) -> None:
+        """Drop stored out-of-order bytes at or past ``end`` (the app's FIN): merged, they
+        would carry rcv_nxt past the FIN, which then never counts, and the flow never closes."""
+        for s in [s for s in self._ooo if s + len(self._ooo[s]) > end]:
+            data = self._ooo.pop(s)
+            self._ooo_bytes -= len(data)
+            if s < end:
+                self._ooo[s] = data[: end - s]
+                self._ooo_bytes += end - s
 
     def _merge_ooo(self) -> None:
         progressed = True

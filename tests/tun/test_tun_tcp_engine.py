@@ -417,6 +417,18 @@ def test_out_of_order_fin_waits_for_the_hole() -> None:
     assert conn.state is tcp.State.CLOSE_WAIT
 
 
+def test_a_fin_before_stored_out_of_order_bytes_still_closes() -> None:
+    """Bytes stored out of order past where the app's FIN later says the stream ends (a
+    crafted sequence): they are dropped at the FIN, so filling the hole reaches the FIN
+    and the flow closes, instead of merging past it and never counting it."""
+    conn = established()
+    conn.receive(mk(ACK, ISN + 6, ISS + 1, b"world and more"), 0.1)  # stored, past a hole
+    conn.receive(mk(ACK | FIN, ISN + 6, ISS + 1, b"world"), 0.2)  # the stream ends after "world"
+    conn.receive(mk(ACK, ISN + 1, ISS + 1, b"hello"), 0.3)
+    assert conn.read() == b"helloworld" and conn.at_eof
+    assert conn.state is tcp.State.CLOSE_WAIT
+
+
 def test_rst_from_app_exact_inwindow_and_outside() -> None:
     conn = established()
     conn.receive(mk(RST, ISN + 100, 0), 0.1)  # in window, not exact: challenge ACK
