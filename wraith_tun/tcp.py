@@ -396,7 +396,8 @@ class TcpConnection:
                 self._dupacks += 1
                 if self._dupacks == 3:
                     self._fast_retransmit()
-        self._update_window(seg, seq, ack)
+        if ack >= self.snd_una:  # an older ACK says nothing of the window now (RFC 1122 §4.2.2.20)
+            self._update_window(seg, seq, ack)
         if self._persist:
             self.retries = 0  # the app answers our probes: it is alive, just not reading
             if self.snd_wnd > 0:

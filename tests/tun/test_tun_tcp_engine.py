@@ -725,3 +725,16 @@ def test_out_of_order_bytes_do_not_shrink_the_window() -> None:
     conn.receive(mk(ACK | PSH, segs[0][0], ISS + 1, segs[0][1]), 1.1)
     out(conn)
     assert conn.rcv_nxt == base + 5 * mss
+
+
+def test_an_old_ack_does_not_set_the_window() -> None:
+    """A segment whose ACK is older than what is already acknowledged (reordered on the
+    way) carries a stale window: it must not close or open the window we send into."""
+    conn = established(window=65535)
+    conn.send(b"x" * 3000, 0.0)
+    out(conn)
+    conn.receive(mk(ACK, ISN + 1, ISS + 1 + 3000, window=65535), 0.1)  # all acknowledged
+    conn.receive(mk(ACK | PSH, ISN + 1, ISS + 1 + 3000, b"hi", window=65535), 0.2)
+    # newer data, but an ACK from before (the app's stack reordered): its window 0 is stale
+    conn.receive(mk(ACK | PSH, ISN + 3, ISS + 1 + 1000, b"yo", window=0), 0.3)
+    assert conn.read() == b"hiyo" and conn.snd_wnd == 65535
