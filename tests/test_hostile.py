@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import PY, Keys, Proc, start_client, start_server, wait_for_log
+from helpers import PY, Keys, Proc, free_port, start_client, start_server, wait_for_log
 from loadgen import socks_open, transfer
 
 HERE = Path(__file__).resolve().parent
@@ -559,3 +559,57 @@ async def test_connects_in_flight_are_bounded_per_connection(keys: Keys, tmp_pat
         for s in fillers:
             s.close()
     assert "Traceback" not in server.log()
+
+
+async def test_a_server_cannot_make_the_client_dial_without_bound(keys: Keys, tmp_path: Path, procs: list) -> None:
+    """A hostile server sends hundreds of forwarded-tcpip opens for a granted -R listener
+    whose local target never answers: the client holds at most 256 dials in flight on that
+    connection and refuses the rest at once (resource shortage)."""
+    import asyncssh
+
+    black_hole = socket.socket()
+    black_hole.bind(("127.0.0.1", 0))
+    black_hole.listen(0)
+    hole = black_hole.getsockname()[1]
+    fillers = []
+    for _ in range(4):
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex(("127.0.0.1", hole))
+        fillers.append(s)
+    conns: list[asyncssh.SSHServerConnection] = []
+
+    class Forwarding(asyncssh.SSHServer):
+        def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+            conns.append(conn)
+
+        def server_requested(self, listen_host: str, listen_port: int) -> bool:
+            return True
+
+    srv = await asyncssh.create_server(Forwarding, "127.0.0.1", 0, server_host_keys=[str(keys.host)],
+                                       authorized_client_keys=str(keys.authorized))
+    sport = srv.sockets[0].getsockname()[1]
+    rport = free_port()
+    client, _ = await asyncio.to_thread(start_client, keys, tmp_path, sport,
+                                        "--remote-forward", f"127.0.0.1:{rport}:127.0.0.1:{hole}")
+    procs.append(client)
+    try:
+        await asyncio.to_thread(wait_for_log, client, "remote forward up")
+
+        async def forwarded() -> int:
+            try:
+                chan, _ = await conns[-1].create_connection(asyncssh.SSHTCPSession, "127.0.0.1", rport,
+                                                            "203.0.113.9", 4444)
+            except asyncssh.ChannelOpenError as exc:
+                return exc.code
+            chan.close()
+            return 0
+
+        codes = Counter(await asyncio.wait_for(asyncio.gather(*[forwarded() for _ in range(300)]), 60))
+        assert codes[asyncssh.OPEN_RESOURCE_SHORTAGE] >= 300 - 256, codes
+    finally:
+        srv.close()
+        black_hole.close()
+        for s in fillers:
+            s.close()
+    assert "Traceback" not in client.log()

@@ -34,6 +34,10 @@ from .internals import has_names, next_channel_number, release
 from .socket_channel import SocketChannel
 
 
+# local dials in flight for remote forwards, per SSH connection (the server sends the opens)
+MAX_FORWARD_DIALS = 256
+
+
 class ChannelEnd(Protocol):
     """What runs on an asyncssh channel as its session: a relay end (``RelayEnd``), a
     stream (``DuplexStream``, the daemon's ``ChannelStream``) — asyncssh's session
@@ -286,19 +290,22 @@ class ChannelManager:
 
     async def _request_remote_forwards(self, conn: asyncssh.SSHClientConnection) -> None:
         granted: dict[tuple[str, int], ForwardSpec] = {}  # (listen host, port) -> where it goes
+        # the server decides how many forwarded connections arrive: bound the dials in flight
+        budget = target_open.DialBudget(MAX_FORWARD_DIALS)
         if self.remote_forwards and has_names(conn, _SOCKET_NAMES):
-            conn.wraith_open = functools.partial(self._forwarded_open, conn, granted)  # type: ignore[attr-defined]
+            conn.wraith_open = functools.partial(self._forwarded_open, conn, granted, budget)  # type: ignore[attr-defined]
         for spec in self.remote_forwards:
             try:
-                listener = await conn.create_server(self._forward_factory(spec), spec.bind_host, spec.bind_port,
-                                                    **self._window)
+                listener = await conn.create_server(self._forward_factory(spec, budget), spec.bind_host,
+                                                    spec.bind_port, **self._window)
                 granted[(spec.bind_host, listener.get_port())] = spec
                 log.info("remote forward up listen=%s:%d", spec.bind_host, spec.bind_port)
             except Exception as exc:  # asyncssh raises ChannelListenError, OSError, …
                 log.warning("remote forward refused by server listen=%s:%d (%s)",
                             spec.bind_host, spec.bind_port, peer_text(str(getattr(exc, "reason", exc))))
 
-    def _forwarded_open(self, conn: Any, granted: dict[tuple[str, int], ForwardSpec], plain: bytes, end: int) -> bool:
+    def _forwarded_open(self, conn: Any, granted: dict[tuple[str, int], ForwardSpec], budget: target_open.DialBudget,
+                        plain: bytes, end: int) -> bool:
         """A ``forwarded-tcpip`` open for one of our remote forwards, from the decrypted packet
         (lean_recv calls this): the local target is dialed straight into a SocketChannel. False
         (anything else, or a listener we do not know): asyncssh's own path decides."""
@@ -307,26 +314,29 @@ class ChannelManager:
             return False
         send_chan, send_window, send_pktsize, host, port = fields
         spec = granted.get((host, port))
-        if spec is None:
-            return False
+        if spec is None or not budget.take():
+            return False  # (asyncssh's path: the factory refuses it when over budget)
         opts = self.session.options
         pending, _ = target_open.pending_dial(conn, spec.host, spec.port, opts.connect_timeout, opts.window,
-                                              opts.max_pktsize, None) or (None, None)
+                                              opts.max_pktsize, None, budget) or (None, None)
         if pending is None:
+            budget.give()
             return False
         pending.process_open(send_chan, send_window, send_pktsize, None)
         return True
 
-    def _forward_factory(self, spec: ForwardSpec) -> Any:
+    def _forward_factory(self, spec: ForwardSpec, budget: target_open.DialBudget) -> Any:
         timeout = self.session.options.connect_timeout
 
         def factory(orig_host: str, orig_port: int) -> Any:
-            return _dial_local(spec.host, spec.port, timeout)
+            return _dial_local(spec.host, spec.port, timeout, budget)
 
         return factory
 
 
-async def _dial_local(host: str, port: int, timeout: float) -> RelayEnd:
+async def _dial_local(host: str, port: int, timeout: float, budget: target_open.DialBudget) -> RelayEnd:
+    if not budget.take():
+        raise asyncssh.ChannelOpenError(asyncssh.OPEN_RESOURCE_SHORTAGE, "Too many connects in progress")
     sock_end, chan_end = RelayEnd.pair()
     try:
         await dial(sock_end, host, port, timeout)
@@ -334,6 +344,8 @@ async def _dial_local(host: str, port: int, timeout: float) -> RelayEnd:
         raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, exc.reason) from None
     except Exception:
         raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, "Connection failed") from None
+    finally:
+        budget.give()
     return chan_end
 
 
