@@ -511,24 +511,36 @@ async def test_slow_readers_bounded_memory(keys: Keys, tmp_path: Path, procs: li
         echo.wait(5)
 
 
+@pytest.fixture
+def black_hole() -> Iterator[int]:
+    """A loopback port whose connects never complete: a listener that never accepts, its
+    queue filled, so further SYNs are dropped."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    for _ in range(4):
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex(("127.0.0.1", port))
+        fillers.append(s)
+    try:
+        yield port
+    finally:
+        for s in fillers:
+            s.close()
+        listener.close()
+
+
 async def test_connects_in_flight_are_bounded_per_connection(keys: Keys, tmp_path: Path, procs: list,
-                                                               echo_target: int) -> None:
+                                                               echo_target: int, black_hole: int) -> None:
     """One client opens hundreds of channels to a target that never answers (its accept
     queue is full, so SYNs are dropped): each would hold a descriptor until the connect
     timeout. Past 256 in flight on that SSH connection the opens are refused at once
     (resource shortage); other connections are untouched, and the budget comes back."""
     import asyncssh
 
-    black_hole = socket.socket()
-    black_hole.bind(("127.0.0.1", 0))
-    black_hole.listen(0)  # never accepted: once the queue is full, SYNs are dropped
-    hole = black_hole.getsockname()[1]
-    fillers = []
-    for _ in range(4):  # fill the accept queue
-        s = socket.socket()
-        s.setblocking(False)
-        s.connect_ex(("127.0.0.1", hole))
-        fillers.append(s)
     server, sport = await asyncio.to_thread(start_server, keys, tmp_path)  # connects time out after 10 s
     procs.append(server)
 
@@ -544,39 +556,25 @@ async def test_connects_in_flight_are_bounded_per_connection(keys: Keys, tmp_pat
         chan.close()
         return 0
 
-    try:
-        async with connect() as greedy, connect() as other:
-            t0 = asyncio.get_running_loop().time()
-            codes = await asyncio.gather(*[try_open(greedy, hole) for _ in range(300)],
-                                         try_open(other, echo_target))
-            assert codes[-1] == 0  # the other connection was never held up
-            refused = Counter(codes[:300])
-            assert refused[asyncssh.OPEN_RESOURCE_SHORTAGE] >= 300 - 256, refused
-            assert asyncio.get_running_loop().time() - t0 < 30
-            assert await try_open(greedy, echo_target) == 0  # the budget came back
-    finally:
-        black_hole.close()
-        for s in fillers:
-            s.close()
+    async with connect() as greedy, connect() as other:
+        t0 = asyncio.get_running_loop().time()
+        codes = await asyncio.gather(*[try_open(greedy, black_hole) for _ in range(300)],
+                                     try_open(other, echo_target))
+        assert codes[-1] == 0  # the other connection was never held up
+        refused = Counter(codes[:300])
+        assert refused[asyncssh.OPEN_RESOURCE_SHORTAGE] >= 300 - 256, refused
+        assert asyncio.get_running_loop().time() - t0 < 30
+        assert await try_open(greedy, echo_target) == 0  # the budget came back
     assert "Traceback" not in server.log()
 
 
-async def test_a_server_cannot_make_the_client_dial_without_bound(keys: Keys, tmp_path: Path, procs: list) -> None:
+async def test_a_server_cannot_make_the_client_dial_without_bound(keys: Keys, tmp_path: Path, procs: list,
+                                                                  black_hole: int) -> None:
     """A hostile server sends hundreds of forwarded-tcpip opens for a granted -R listener
     whose local target never answers: the client holds at most 256 dials in flight on that
     connection and refuses the rest at once (resource shortage)."""
     import asyncssh
 
-    black_hole = socket.socket()
-    black_hole.bind(("127.0.0.1", 0))
-    black_hole.listen(0)
-    hole = black_hole.getsockname()[1]
-    fillers = []
-    for _ in range(4):
-        s = socket.socket()
-        s.setblocking(False)
-        s.connect_ex(("127.0.0.1", hole))
-        fillers.append(s)
     conns: list[asyncssh.SSHServerConnection] = []
 
     class Forwarding(asyncssh.SSHServer):
@@ -591,7 +589,7 @@ async def test_a_server_cannot_make_the_client_dial_without_bound(keys: Keys, tm
     sport = srv.sockets[0].getsockname()[1]
     rport = free_port()
     client, _ = await asyncio.to_thread(start_client, keys, tmp_path, sport,
-                                        "--remote-forward", f"127.0.0.1:{rport}:127.0.0.1:{hole}")
+                                        "--remote-forward", f"127.0.0.1:{rport}:127.0.0.1:{black_hole}")
     procs.append(client)
     try:
         await asyncio.to_thread(wait_for_log, client, "remote forward up")
@@ -609,7 +607,4 @@ async def test_a_server_cannot_make_the_client_dial_without_bound(keys: Keys, tm
         assert codes[asyncssh.OPEN_RESOURCE_SHORTAGE] >= 300 - 256, codes
     finally:
         srv.close()
-        black_hole.close()
-        for s in fillers:
-            s.close()
     assert "Traceback" not in client.log()
