@@ -1,7 +1,10 @@
-"""The bidirectional pump for any two ends (in-process streams, the daemon, streamlocal).
+"""The generic bidirectional pump: a socket joined to an asyncssh-managed channel.
 
-A socket joined to a channel (SOCKS5, forwards, the server's targets) is instead one
-``ssh/socket_channel.SocketChannel``, which keeps the same rules. A relay here joins
+It carries what the fused path cannot: a socket joined to a channel (SOCKS5, forwards,
+the server's targets) is normally one ``ssh/socket_channel.SocketChannel``, which keeps
+the same rules; this pump serves where that does not apply (asyncssh internals other
+than expected, a forwarded-tcpip open for a listener we did not record). In-process
+streams (``DuplexStream``) are a channel's session themselves. A relay here joins
 two byte streams. Each side is a :class:`RelayEnd`, which is at
 once an asyncio ``Protocol`` (for sockets) and an asyncssh ``SSHTCPSession``
 (for channels): both kinds of transport offer ``write``, ``write_eof``,
