@@ -405,3 +405,84 @@ async def test_a_socks_request_made_while_the_session_is_down_opens_once_it_is_b
         if server is not None:
             await server.close()
         target.close()
+
+
+def test_sigterm_while_socks_requests_wait_for_the_session(keys: Keys, tmp_path, procs) -> None:
+    """SOCKS requests waiting for a session that is down get a failure reply when the client
+    shuts down, and the shutdown reports nothing but itself (no pending-task noise)."""
+    port = free_port()  # nothing listens: the session stays down
+    client, socks = start_client(keys, tmp_path, port, wait_up=False)
+    procs.append(client)
+    wait_for_log(client, "session failed")
+    waiting = []
+    for _ in range(20):
+        s = socket.create_connection(("127.0.0.1", socks), timeout=5)
+        s.sendall(b"\x05\x01\x00\x05\x01\x00\x01\x7f\x00\x00\x01\x00\x50")
+        waiting.append(s)
+    for s in waiting:
+        assert s.recv(2) == b"\x05\x00"
+    time.sleep(0.3)
+    before = len(client.log())
+    client.signal(signal.SIGTERM)
+    assert client.p.wait(10) == 0
+    for s in waiting:
+        s.settimeout(5)
+        reply = s.recv(10)
+        assert reply[:2] == b"\x05\x01", reply  # general failure, not a bare close
+        s.close()
+    after = client.log()[before:]
+    assert "shutting down" in after and "ERROR" not in after and "Task" not in after, after
+
+
+async def test_reconnect_waits_are_jittered(keys: Keys) -> None:
+    """Clients that lost the same server do not retry in lockstep: each wait is drawn between
+    half and all of its backoff step."""
+    from wraith_core import ConnectOptions
+    from wraith_core.ssh.client import Session
+
+    port = free_port()  # nothing listens
+    waits: list[float] = []
+
+    def on_state(state: str, extra: dict) -> None:
+        if state == "reconnecting":
+            waits.append(extra["delay"])
+
+    sessions = [Session(ConnectOptions(server=f"127.0.0.1:{port}", identity=str(keys.client),
+                                       host_key=str(keys.host_pub), socks5=None), on_state=on_state)
+                for _ in range(6)]
+    try:
+        for s in sessions:
+            await s.start()
+        deadline = time.monotonic() + 10
+        while len(waits) < 6:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+    finally:
+        for s in sessions:
+            await s.close()
+    first = waits[:6]  # each session's first wait: its step is 1 s
+    assert all(0.5 <= w <= 1.0 for w in first), first
+    assert max(first) - min(first) > 0.01, first
+
+
+
+def test_a_refused_remote_forward_is_asked_for_again(keys: Keys, tmp_path, procs, files) -> None:
+    """A remote forward the server refuses (here its port is taken, as by the old session
+    after a reconnect) is requested again while the session lasts, and works once the port
+    is free."""
+    server, sport = start_server(keys, tmp_path)
+    procs.append(server)
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen(1)
+    rport = holder.getsockname()[1]
+    client, _ = start_client(keys, tmp_path, sport, "--remote-forward",
+                             f"127.0.0.1:{rport}:127.0.0.1:{files.port}")
+    procs.append(client)
+    wait_for_log(client, "remote forward refused by server")
+    time.sleep(1.5)  # one more refusal at least
+    holder.close()
+    wait_for_log(client, "remote forward up", timeout=15)
+    r = curl(f"http://127.0.0.1:{rport}/big.bin")
+    assert r.returncode == 0 and sha(r.stdout) == files.hashes["big.bin"]
+    assert client.log().count("remote forward refused by server") == 1  # the retries are quiet

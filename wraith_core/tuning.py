@@ -87,7 +87,23 @@ def run(main: object) -> object:
         return loop.run_until_complete(main)  # type: ignore[arg-type]
     finally:
         try:
+            _cancel_leftovers(loop)
             loop.run_until_complete(loop.shutdown_asyncgens())
         finally:
             asyncio.set_event_loop(None)
             loop.close()
+
+
+def _cancel_leftovers(loop: asyncio.AbstractEventLoop) -> None:
+    """Cancel the tasks still pending when ``main`` returns and let them unwind, as
+    ``asyncio.run`` does (else each is reported as "Task was destroyed but it is pending")."""
+    tasks = asyncio.all_tasks(loop)
+    if not tasks:
+        return
+    for task in tasks:
+        task.cancel()
+    loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+    for task in tasks:
+        if not task.cancelled() and task.exception() is not None:
+            loop.call_exception_handler({"message": "unhandled exception during shutdown",
+                                         "exception": task.exception(), "task": task})

@@ -27,15 +27,18 @@ from ..duplex import DuplexStream
 from ..errors import ChannelError
 from ..logs import peer_text
 from ..protocol.socks5 import Reply
-from ..relay import RelayEnd
+from ..relay import RelayEnd, spawn
 from . import target_open
-from .client import Session
+from .client import Session, jittered
 from .internals import has_names, next_channel_number, release
 from .socket_channel import SocketChannel
 
 
 # local dials in flight for remote forwards, per SSH connection (the server sends the opens)
 MAX_FORWARD_DIALS = 256
+# a remote forward the server refused is asked for again after 1 s, 2 s, 4 s … 30 s (jittered)
+REFORWARD_START = 1.0
+REFORWARD_MAX = 30.0
 
 
 class ChannelEnd(Protocol):
@@ -294,15 +297,41 @@ class ChannelManager:
         budget = target_open.DialBudget(MAX_FORWARD_DIALS)
         if self.remote_forwards and has_names(conn, _SOCKET_NAMES):
             conn.wraith_open = functools.partial(self._forwarded_open, conn, granted, budget)  # type: ignore[attr-defined]
-        for spec in self.remote_forwards:
-            try:
-                listener = await conn.create_server(self._forward_factory(spec, budget), spec.bind_host,
-                                                    spec.bind_port, **self._window)
-                granted[(spec.bind_host, listener.get_port())] = spec
-                log.info("remote forward up listen=%s:%d", spec.bind_host, spec.bind_port)
-            except Exception as exc:  # asyncssh raises ChannelListenError, OSError, …
-                log.warning("remote forward refused by server listen=%s:%d (%s)",
-                            spec.bind_host, spec.bind_port, peer_text(str(getattr(exc, "reason", exc))))
+        refused = [spec for spec in self.remote_forwards
+                   if not await self._request_remote_forward(conn, spec, granted, budget, first=True)]
+        if refused:
+            spawn(self._retry_remote_forwards(conn, refused, granted, budget))
+
+    async def _request_remote_forward(self, conn: asyncssh.SSHClientConnection, spec: ForwardSpec,
+                                      granted: dict[tuple[str, int], ForwardSpec],
+                                      budget: target_open.DialBudget, first: bool) -> bool:
+        try:
+            listener = await conn.create_server(self._forward_factory(spec, budget), spec.bind_host,
+                                                spec.bind_port, **self._window)
+        except Exception as exc:  # asyncssh raises ChannelListenError, OSError, …
+            log.log(logging.WARNING if first else logging.DEBUG,
+                    "remote forward refused by server listen=%s:%d (%s)%s", spec.bind_host, spec.bind_port,
+                    peer_text(str(getattr(exc, "reason", exc))), "; asking again while the session lasts"
+                    if first else "")
+            return False
+        granted[(spec.bind_host, listener.get_port())] = spec
+        log.info("remote forward up listen=%s:%d", spec.bind_host, spec.bind_port)
+        return True
+
+    async def _retry_remote_forwards(self, conn: asyncssh.SSHClientConnection, refused: list[ForwardSpec],
+                                     granted: dict[tuple[str, int], ForwardSpec],
+                                     budget: target_open.DialBudget) -> None:
+        """Ask again for the forwards the server refused, with backoff, while this session
+        lasts. The server gives no reason, and a common one is passing: after a reconnect the
+        old session may still hold the port until the server notices it is gone."""
+        delay = REFORWARD_START
+        while refused:
+            await asyncio.sleep(jittered(delay))
+            if conn.is_closed() or self.session.conn is not conn:
+                return
+            refused = [spec for spec in refused
+                       if not await self._request_remote_forward(conn, spec, granted, budget, first=False)]
+            delay = min(delay * 2, REFORWARD_MAX)
 
     def _forwarded_open(self, conn: Any, granted: dict[tuple[str, int], ForwardSpec], budget: target_open.DialBudget,
                         plain: bytes, end: int) -> bool:

@@ -3,7 +3,9 @@
 One ``Session`` owns at most one live SSH connection at a time. With
 ``reconnect=True`` (``wraith connect``) any loss — transport error, auth
 error, keepalive timeout — leads to a full new transport + SSH session with
-exponential backoff (1 s, 2 s, 4 s … capped at 30 s), forever.
+exponential backoff (1 s, 2 s, 4 s … capped at 30 s), forever. Each wait is
+drawn between half and all of that step, so clients that lost the same server
+do not all come back in the same instant.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -31,6 +34,11 @@ log = logging.getLogger("wraith.client")
 BACKOFF_START = 1.0
 BACKOFF_MAX = 30.0
 STABLE_AFTER = 30.0  # a session up this long resets the backoff
+
+
+def jittered(delay: float) -> float:
+    """The wait before the next attempt: between half and all of the backoff step."""
+    return delay * random.uniform(0.5, 1.0)
 
 StateCallback = Callable[[str, dict[str, Any]], None]
 UpHook = Callable[[asyncssh.SSHClientConnection], Awaitable[None]]
@@ -210,6 +218,12 @@ class Session:
             except Exception as exc:  # a failed forward must not kill the session
                 log.warning("session hook failed: %s", exc)
 
+    async def _backoff(self, delay: float, **state: Any) -> None:
+        wait = jittered(delay)
+        log.info("session retry in %.1fs", wait)
+        self._state("reconnecting", delay=wait, **state)
+        await asyncio.sleep(wait)
+
     async def _run(self) -> None:
         delay = BACKOFF_START
         while not self._closing:
@@ -217,23 +231,13 @@ class Session:
             log.info("session connecting transport=%s", self.options.transport)
             try:
                 conn = await self.connect_once()
+                self._install(conn)
             except WraithError as exc:
                 self.last_error = exc
                 if self._closing:
                     return
                 log.warning("session failed: %s", exc)
-                log.info("session retry in %ds", delay)
-                self._state("reconnecting", error=str(exc), code=exc.code, delay=delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, BACKOFF_MAX)
-                continue
-            try:
-                self._install(conn)
-            except WraithError as exc:
-                self.last_error = exc
-                log.warning("session failed: %s", exc)
-                self._state("reconnecting", error=str(exc), code=exc.code, delay=delay)
-                await asyncio.sleep(delay)
+                await self._backoff(delay, error=str(exc), code=exc.code)
                 delay = min(delay * 2, BACKOFF_MAX)
                 continue
             self.last_error = None
@@ -249,9 +253,7 @@ class Session:
             # else: a server that drops every session right after login gets backoff too
             log.info("session lost")
             self._state("lost")
-            log.info("session retry in %ds", int(delay))
-            self._state("reconnecting", delay=delay)
-            await asyncio.sleep(delay)
+            await self._backoff(delay)
             delay = min(delay * 2, BACKOFF_MAX)
 
     def _on_lost(self, conn: asyncssh.SSHClientConnection | None, exc: Exception | None) -> None:
@@ -264,10 +266,10 @@ class Session:
     async def connection(self, timeout: float | None = None) -> asyncssh.SSHClientConnection:
         """The live connection, waiting up to ``timeout`` (default: session_wait) for one."""
         conn = self.conn
+        if self._closing or (conn is None and not self.reconnect):
+            raise ChannelError("the SSH session is closed", "ESESSION")
         if conn is not None:
             return conn
-        if not self.reconnect:
-            raise ChannelError("the SSH session is closed", "ESESSION")
         wait = self.options.session_wait if timeout is None else timeout
         try:
             await asyncio.wait_for(self._up.wait(), wait)
@@ -275,13 +277,14 @@ class Session:
             err = self.last_error
             raise ChannelError("the SSH session is down" + (f": {err}" if err else ""), "ESESSION") from None
         conn = self.conn
-        if conn is None:
-            raise ChannelError("the SSH session is down", "ESESSION")
+        if conn is None or self._closing:
+            raise ChannelError("the SSH session is " + ("closed" if self._closing else "down"), "ESESSION")
         return conn
 
     async def close(self) -> None:
         self._closing = True
         self._lost.set()
+        self._up.set()  # whoever waits for the session learns now that it is closed
         if self._task is not None:
             self._task.cancel()
             try:
