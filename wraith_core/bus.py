@@ -26,9 +26,18 @@ outbound queue bounded in bytes (``queue_limit``, default 64 MiB; fanned-out
 frames are shared, not copied, and each queued frame also counts a fixed
 overhead). A member whose queue would go over the bound is disconnected
 (``reason=slow-consumer``) rather than dropping events silently or slowing
-everyone down. Reading from a member is paced by that member's own writer
-only through the SSH window, so memory per member is bounded by
-``queue_limit`` plus the stream's receive buffer.
+everyone down. The frames queued on the whole hub (each counted once, however
+many members it waits for) are bounded too (``memory_limit``, default 256 MiB):
+over it, the members with the longest queues are disconnected the same way.
+Disconnecting one member can disconnect others (its last unsubscribes are
+announced to everyone); that chain is worked off in a loop, not by recursion.
+Reading from a member is paced by that member's own writer only through the
+SSH window; the hub keeps the frames it routes, never their parsed payloads.
+
+Changes of what the hub routes (a type's first subscriber, its last one gone)
+are announced to every member, so each member may cause ``SUB_BURST`` of them
+at once and ``SUB_RATE`` per second after that; past it, the hub reads that
+member's next frames more slowly (nobody is dropped).
 
 EOF from a member (on a frame boundary) ends its membership cleanly: it
 leaves every subscription, the events already queued for it are flushed, and
@@ -71,16 +80,19 @@ DEFAULT_MAX_SUBSCRIPTIONS = 4096
 DEFAULT_MAX_TYPES = 65536  # distinct types wanted on one hub
 WRITE_BATCH = 256 * 1024
 DRAIN_TIMEOUT = 30.0  # how long a member that sent EOF gets to read what was queued for it
+DEFAULT_MEMORY_LIMIT = 256 * 1024 * 1024  # distinct frames queued on the whole hub
+SUB_RATE = 200.0  # announced subscription changes per second per member, after a burst of
+SUB_BURST = 1000.0
 
 
 class _Member:
     __slots__ = ("stream", "info", "decoder", "subs", "queue", "queued", "wakeup", "dropped", "draining", "task",
-                 "snapshot")
+                 "snapshot", "sub_tokens", "sub_time")
 
     def __init__(self, stream: DuplexStream, info: ConnectionInfo, max_frame: int) -> None:
         self.stream = stream
         self.info = info
-        self.decoder = EnvelopeDecoder(max_frame)
+        self.decoder = EnvelopeDecoder(max_frame, keep_payload=False)
         self.subs: set[str] = set()
         self.queue: collections.deque[bytes] = collections.deque()
         self.queued = 0
@@ -90,23 +102,33 @@ class _Member:
         self.task: asyncio.Task[None] | None = None
         # types wanted when it joined: announced by its writer before anything queued
         self.snapshot: collections.deque[str] = collections.deque()
+        self.sub_tokens = SUB_BURST  # subscription changes it may make now
+        self.sub_time = 0.0  # when sub_tokens was last topped up (loop time)
 
 
 class Hub:
     """One in-process pubsub hub; :meth:`add` a control stream to make it a member."""
 
     def __init__(self, max_frame: int = DEFAULT_MAX_FRAME, queue_limit: int = DEFAULT_QUEUE_LIMIT,
-                 max_subscriptions: int = DEFAULT_MAX_SUBSCRIPTIONS, max_types: int = DEFAULT_MAX_TYPES) -> None:
+                 max_subscriptions: int = DEFAULT_MAX_SUBSCRIPTIONS, max_types: int = DEFAULT_MAX_TYPES,
+                 memory_limit: int = DEFAULT_MEMORY_LIMIT) -> None:
         if queue_limit < max_frame + FRAME_OVERHEAD:
             raise ValueError("queue_limit must hold at least one frame of max_frame bytes")
+        if memory_limit < queue_limit:
+            raise ValueError("memory_limit must be at least queue_limit")
         self.max_frame = max_frame
         self.queue_limit = queue_limit
+        self.memory_limit = memory_limit
         self.max_subscriptions = max_subscriptions
         self.max_types = max_types
         self._members: set[_Member] = set()
         self._subs: dict[str, set[_Member]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
+        # every distinct frame queued for any member: id -> [frame, how many queues hold it]
+        self._held: dict[int, list[Any]] = {}
+        self._held_bytes = 0
+        self._doomed: collections.deque[_Member] = collections.deque()  # cut, still in the routing
 
     # -- introspection ------------------------------------------------------------
 
@@ -120,6 +142,10 @@ class Hub:
     def queued_bytes(self) -> int:
         """Bytes waiting in all members' outbound queues (shared frames counted per member)."""
         return sum(m.queued for m in self._members)
+
+    def held_bytes(self) -> int:
+        """Bytes of the distinct frames waiting in any queue (what they take in memory)."""
+        return self._held_bytes
 
     # -- membership ---------------------------------------------------------------
 
@@ -158,6 +184,7 @@ class Hub:
             if reason is None and not m.dropped:
                 # EOF: leave the routing, flush what is queued, then EOF + close (in _drop)
                 self._leave(m)
+                self._settle()
                 m.draining = True
                 m.wakeup.set()
                 closed = asyncio.ensure_future(m.stream.wait_closed())
@@ -181,18 +208,28 @@ class Hub:
                 dec.receive_data(data)
             else:
                 dec.receive_eof()
-            for ev in dec.events():
+            data = b""
+            events = collections.deque(dec.events())
+            while events:
+                ev = events.popleft()  # (what is routed is not kept while this member waits)
                 if isinstance(ev, Envelope):
                     try:
                         self._route(m, ev)
                     except EnvelopeError as exc:
                         return exc.reason
+                    finally:
+                        self._settle()
                 elif isinstance(ev, ProtocolError):
                     return ev.reason
                 elif isinstance(ev, EndOfStream):
                     return None
+                del ev
                 if m.dropped:
                     return None
+                if m.sub_tokens < 0:  # too many subscription changes: read it more slowly
+                    await asyncio.sleep(-m.sub_tokens / SUB_RATE)
+                    if m.dropped:
+                        return None
             await asyncio.sleep(0)  # let writers flush between chunks, even when more input is buffered
         return None
 
@@ -222,6 +259,7 @@ class Hub:
                 while m.queue and size < WRITE_BATCH:
                     frame = m.queue.popleft()
                     m.queued -= len(frame) + FRAME_OVERHEAD
+                    self._release(frame)
                     size += len(frame)
                     batch.append(frame)
                 stream.write(batch[0] if len(batch) == 1 else b"".join(batch))
@@ -255,7 +293,7 @@ class Hub:
         members = self._subs.setdefault(t, set())
         members.add(m)
         if len(members) == 1:
-            self._broadcast(make_frame(SUBSCRIBE, {"type": t}))
+            self._announce(m, make_frame(SUBSCRIBE, {"type": t}))
 
     def _unsubscribe(self, m: _Member, t: str) -> None:
         if t not in m.subs:
@@ -267,9 +305,14 @@ class Hub:
         members.discard(m)
         if not members:
             del self._subs[t]
-            self._broadcast(make_frame(UNSUBSCRIBE, {"type": t}))
+            self._announce(m, make_frame(UNSUBSCRIBE, {"type": t}))
 
-    def _broadcast(self, frame: bytes) -> None:
+    def _announce(self, m: _Member, frame: bytes) -> None:
+        """Tell every member about ``m``'s change of what the hub routes (charged to ``m``)."""
+        if not m.dropped:
+            now = asyncio.get_running_loop().time()
+            m.sub_tokens = min(SUB_BURST, m.sub_tokens + (now - m.sub_time) * SUB_RATE) - 1
+            m.sub_time = now
         for member in list(self._members):
             self._send(member, frame)
 
@@ -278,14 +321,40 @@ class Hub:
             return
         cost = len(frame) + FRAME_OVERHEAD
         if m.queued + cost > self.queue_limit:
-            self._drop(m, "slow-consumer")
+            self._cut(m, "slow-consumer")
             return
         m.queue.append(frame)
         m.queued += cost
+        held = self._held.get(id(frame))
+        if held is None:
+            self._held[id(frame)] = [frame, 1]
+            self._held_bytes += len(frame)
+            if self._held_bytes > self.memory_limit:
+                self._shed()
+        else:
+            held[1] += 1
         m.wakeup.set()
 
+    def _release(self, frame: bytes) -> None:
+        """One queue no longer holds ``frame``."""
+        held = self._held[id(frame)]
+        held[1] -= 1
+        if not held[1]:
+            del self._held[id(frame)]
+            self._held_bytes -= len(frame)
+
+    def _shed(self) -> None:
+        """Over the hub's memory limit: cut the members with the longest queues until under it."""
+        while self._held_bytes > self.memory_limit:
+            live = [x for x in self._members if not x.dropped and x.queued]
+            if not live:
+                return
+            self._cut(max(live, key=lambda x: x.queued), "slow-consumer")
+
     def _leave(self, m: _Member) -> None:
-        """Take ``m`` out of the routing: no event reaches it any more."""
+        """Take ``m`` out of the routing: no event reaches it any more. (Its last
+        unsubscribes are announced to everyone; members that overflow on them are cut and
+        left by ``_settle``, not from in here.)"""
         self._members.discard(m)
         m.snapshot.clear()
         for t in list(m.subs):
@@ -294,14 +363,17 @@ class Hub:
             except EnvelopeError:  # pragma: no cover - types are checked when subscribed
                 log.exception("control stream: could not announce an unsubscribe")
 
-    def _drop(self, m: _Member, reason: str | None) -> None:
+    def _cut(self, m: _Member, reason: str | None) -> None:
+        """End ``m``'s stream and free its queue now; it leaves the routing in ``_settle``."""
         if m.dropped:
             return
         m.dropped = True
-        self._leave(m)
+        for frame in m.queue:
+            self._release(frame)
         m.queue.clear()
         m.queued = 0
         m.wakeup.set()
+        self._doomed.append(m)
         if reason is not None:
             log.info("control stream closed remote_addr=%s user=%s reason=%s",
                      m.info.remote_address, _token(m.info.user), reason)
@@ -312,6 +384,16 @@ class Hub:
             except Exception:
                 pass
             m.stream.close()
+
+    def _settle(self) -> None:
+        """Take every cut member out of the routing, one after another."""
+        doomed = self._doomed
+        while doomed:
+            self._leave(doomed.popleft())
+
+    def _drop(self, m: _Member, reason: str | None) -> None:
+        self._cut(m, reason)
+        self._settle()
 
 
 def _token(text: str) -> str:

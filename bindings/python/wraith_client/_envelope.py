@@ -148,7 +148,10 @@ def subscription_type(envelope: Envelope) -> str:
     return check_type(payload.get("type"))
 
 
-def parse_body(body: bytes | memoryview, frame: bytes = b"") -> Envelope | ProtocolError:
+def parse_body(body: bytes | memoryview, frame: bytes = b"", keep_payload: bool = True) -> Envelope | ProtocolError:
+    """The envelope in ``body``, validated. With ``keep_payload`` False the payload of an
+    event (not of a ``__`` control message) is checked and then dropped: a hub only
+    forwards ``frame``, and a parsed payload can be many times the size of its JSON."""
     try:
         text = str(body, "utf-8")
     except UnicodeDecodeError:
@@ -159,23 +162,25 @@ def parse_body(body: bytes | memoryview, frame: bytes = b"") -> Envelope | Proto
         return ProtocolError("invalid-json", "frame is not valid JSON")
     if not isinstance(obj, dict):
         return ProtocolError("bad-envelope", "envelope must be a JSON object")
-    type_, id_ = obj.get("type"), obj.get("id")
     try:
-        check_type(type_, allow_reserved=True)
+        type_ = check_type(obj.get("type"), allow_reserved=True)
     except EnvelopeError as exc:
         return ProtocolError("bad-envelope", str(exc))
+    id_ = obj.get("id")
     if not isinstance(id_, str):
         return ProtocolError("bad-envelope", "envelope id must be a string")
-    return Envelope(type_, id_, obj.get("payload"), frame)  # type: ignore[arg-type]
+    keep = keep_payload or type_.startswith(RESERVED_PREFIX)
+    return Envelope(type_, id_, obj.get("payload") if keep else None, frame)
 
 
 class EnvelopeDecoder:
     """Bytes in, :data:`Event` objects out. No I/O."""
 
-    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME, keep_payload: bool = True) -> None:
         if max_frame < 1:
             raise ValueError("max_frame must be positive")
         self.max_frame = max_frame
+        self.keep_payload = keep_payload  # False: events carry their frame, not their payload
         self._buf = bytearray()
         self._need: int | None = None  # body length of the frame being read
         self._events: list[Event] = []
@@ -236,7 +241,7 @@ class EnvelopeDecoder:
                 frame = bytes(view[pos:pos + HEADER_SIZE + n])
             pos += HEADER_SIZE + n
             self._need = None
-            ev = parse_body(memoryview(frame)[HEADER_SIZE:], frame)
+            ev = parse_body(memoryview(frame)[HEADER_SIZE:], frame, self.keep_payload)
             if isinstance(ev, ProtocolError):
                 self._fail(ev)
                 return

@@ -359,15 +359,18 @@ class EventTarget:
                     dec.receive_data(data)
                 else:
                     dec.receive_eof()
-                for ev in dec.events():
+                data = b""
+                events = collections.deque(dec.events())
+                while events and error is None:
+                    ev = events.popleft()  # (not kept once delivered: a payload can be large)
                     if isinstance(ev, Envelope):
                         try:
                             await self._receive(ev)
                         except EnvelopeError as exc:
                             error = EventStreamError(f"peer broke the protocol: {exc}")
-                            break
                     elif isinstance(ev, ProtocolError):
                         error = EventStreamError(f"peer broke the protocol: {ev.message}")
+                    del ev
                 if error is not None:
                     self._abort()
                     break
