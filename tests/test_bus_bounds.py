@@ -197,3 +197,42 @@ async def test_announcing_subscription_changes_is_paced(monkeypatch: pytest.Monk
         await asyncio.sleep(0.05)
     assert time.monotonic() - t0 >= (600 - 50) / 500 * 0.9  # 600 announced changes, 50 at once
     await hub.close()
+
+
+async def test_a_big_frame_is_parsed_without_stalling_the_loop() -> None:
+    """16 MiB of tiny JSON values take the parser a good part of a second; the hub shares its
+    loop with every tunnel of the server, so such frames are parsed in a worker process. The
+    frame is still routed intact, and in order with the member's next frame."""
+    import json
+
+    body = "[" + ",".join(["{}"] * 5_000_000) + "]"
+    t0 = time.perf_counter()
+    json.loads(body)
+    inline = time.perf_counter() - t0
+    hub = Hub()
+    sender, receiver = join(hub), join(hub)
+    receiver.send(sub("big"), sub("after"))
+    await settle(hub)
+    frame = _frame_with_raw_payload("big", body)
+    lateness: list[float] = []
+
+    async def tick() -> None:
+        while True:
+            t = time.perf_counter()
+            await asyncio.sleep(0.005)
+            lateness.append(time.perf_counter() - t - 0.005)
+
+    ticker = asyncio.ensure_future(tick())
+    try:
+        sender.send(frame, make_frame("after", 1))
+        deadline = time.monotonic() + 30
+        while not any(e.type == "after" for e in receiver.received()):
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+    finally:
+        ticker.cancel()
+    got = receiver.received()
+    assert [e.type for e in got if not e.type.startswith("__")] == ["big", "after"]
+    assert bytes(receiver.out).count(frame) == 1
+    assert max(lateness) < inline / 2, (max(lateness), inline)
+    await hub.close()

@@ -34,6 +34,11 @@ announced to everyone); that chain is worked off in a loop, not by recursion.
 Reading from a member is paced by that member's own writer only through the
 SSH window; the hub keeps the frames it routes, never their parsed payloads.
 
+Frames over ``PARSE_ELSEWHERE`` bytes (1 MiB) are checked in a worker process:
+16 MiB of tiny JSON values take the parser about half a second, and the hub
+shares its event loop with every tunnel of the server. A member's frames are
+still routed in the order it sent them.
+
 Changes of what the hub routes (a type's first subscriber, its last one gone)
 are announced to every member, so each member may cause ``SUB_BURST`` of them
 at once and ``SUB_RATE`` per second after that; past it, the hub reads that
@@ -51,6 +56,8 @@ import argparse
 import asyncio
 import collections
 import logging
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from typing import TYPE_CHECKING, Any, cast
 
 from .duplex import DuplexStream
@@ -64,7 +71,9 @@ from .protocol.envelope import (
     EnvelopeDecoder,
     EnvelopeError,
     ProtocolError,
+    RawFrame,
     make_frame,
+    parse_frame,
     subscription_type,
 )
 
@@ -83,6 +92,8 @@ DRAIN_TIMEOUT = 30.0  # how long a member that sent EOF gets to read what was qu
 DEFAULT_MEMORY_LIMIT = 256 * 1024 * 1024  # distinct frames queued on the whole hub
 SUB_RATE = 200.0  # announced subscription changes per second per member, after a burst of
 SUB_BURST = 1000.0
+PARSE_ELSEWHERE = 1024 * 1024  # frames bigger than this are parsed in a worker process
+WORKER_TASKS = 32  # frames a worker parses before it is replaced (its heap then goes too)
 
 
 class _Member:
@@ -92,7 +103,7 @@ class _Member:
     def __init__(self, stream: DuplexStream, info: ConnectionInfo, max_frame: int) -> None:
         self.stream = stream
         self.info = info
-        self.decoder = EnvelopeDecoder(max_frame, keep_payload=False)
+        self.decoder = EnvelopeDecoder(max_frame, keep_payload=False, defer_over=PARSE_ELSEWHERE)
         self.subs: set[str] = set()
         self.queue: collections.deque[bytes] = collections.deque()
         self.queued = 0
@@ -212,6 +223,10 @@ class Hub:
             events = collections.deque(dec.events())
             while events:
                 ev = events.popleft()  # (what is routed is not kept while this member waits)
+                if isinstance(ev, RawFrame):
+                    ev = await _parse_elsewhere(ev.frame)
+                    if m.dropped:
+                        return None
                 if isinstance(ev, Envelope):
                     try:
                         self._route(m, ev)
@@ -394,6 +409,25 @@ class Hub:
     def _drop(self, m: _Member, reason: str | None) -> None:
         self._cut(m, reason)
         self._settle()
+
+
+_workers: ProcessPoolExecutor | None = None
+
+
+async def _parse_elsewhere(frame: bytes) -> Envelope | ProtocolError:
+    """``parse_frame`` in the worker process (started on first use); here if that fails."""
+    global _workers
+    try:
+        if _workers is None:
+            _workers = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                                           max_tasks_per_child=WORKER_TASKS)
+        ev = await asyncio.get_running_loop().run_in_executor(_workers, parse_frame, frame, False)
+    except (OSError, RuntimeError):  # no worker (BrokenProcessPool is a RuntimeError)
+        if _workers is not None:
+            _workers.shutdown(wait=False, cancel_futures=True)
+            _workers = None
+        ev = parse_frame(frame, False)
+    return Envelope(ev.type, ev.id, ev.payload, frame) if isinstance(ev, Envelope) else ev
 
 
 def _token(text: str) -> str:

@@ -82,7 +82,16 @@ class EndOfStream:
     """The peer sent EOF on a frame boundary."""
 
 
-Event = Envelope | ProtocolError | EndOfStream
+@dataclass(frozen=True)
+class RawFrame:
+    """A frame over the decoder's ``defer_over`` size, not parsed yet: the caller parses it
+    (``parse_frame``), maybe in another process — a big frame of tiny JSON values takes
+    the parser a while."""
+
+    frame: bytes = field(repr=False)
+
+
+Event = Envelope | ProtocolError | EndOfStream | RawFrame
 
 
 def new_id() -> str:
@@ -172,14 +181,21 @@ def parse_body(body: bytes | memoryview, frame: bytes = b"", keep_payload: bool 
     return Envelope(type_, id_, obj.get("payload") if keep else None, frame)
 
 
+def parse_frame(frame: bytes, keep_payload: bool = True) -> Envelope | ProtocolError:
+    """Parse a whole frame (header + body); the envelope carries no copy of it."""
+    return parse_body(memoryview(frame)[HEADER_SIZE:], b"", keep_payload)
+
+
 class EnvelopeDecoder:
     """Bytes in, :data:`Event` objects out. No I/O."""
 
-    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME, keep_payload: bool = True) -> None:
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME, keep_payload: bool = True,
+                 defer_over: int | None = None) -> None:
         if max_frame < 1:
             raise ValueError("max_frame must be positive")
         self.max_frame = max_frame
         self.keep_payload = keep_payload  # False: events carry their frame, not their payload
+        self.defer_over = defer_over  # bodies longer than this come out as RawFrame
         self._buf = bytearray()
         self._need: int | None = None  # body length of the frame being read
         self._events: list[Event] = []
@@ -240,6 +256,9 @@ class EnvelopeDecoder:
                 frame = bytes(view[pos:pos + HEADER_SIZE + n])
             pos += HEADER_SIZE + n
             self._need = None
+            if self.defer_over is not None and n > self.defer_over:
+                self._events.append(RawFrame(frame))
+                continue
             ev = parse_body(memoryview(frame)[HEADER_SIZE:], frame, self.keep_payload)
             if isinstance(ev, ProtocolError):
                 self._fail(ev)
