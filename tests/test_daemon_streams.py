@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import signal
+import socket
 import time
 
 import msgpack
@@ -339,3 +341,27 @@ async def test_session_lost_is_visible(env) -> None:
         assert env["daemon"].p.poll() is None
     finally:
         ft.cancel()
+
+
+def test_a_burst_of_connects_finds_room_in_the_accept_queue(tmp_path, procs) -> None:
+    """A program opening many streams at once: a full Unix socket accept queue fails a
+    connect at once (EAGAIN), so the daemon keeps a deep one."""
+    daemon, info = start_daemon(tmp_path)
+    procs.append(daemon)
+    assert info["ws"].startswith("unix:")
+    daemon.signal(signal.SIGSTOP)  # nothing is accepted meanwhile
+    socks, refused = [], 0
+    try:
+        for _ in range(1000):
+            s = socket.socket(socket.AF_UNIX)
+            s.setblocking(False)
+            try:
+                s.connect(info["ws"][5:])
+            except (BlockingIOError, InterruptedError):
+                refused += 1
+            socks.append(s)
+    finally:
+        daemon.signal(signal.SIGCONT)
+        for s in socks:
+            s.close()
+    assert refused == 0

@@ -53,6 +53,7 @@ PEER_CLOSE_GRACE = 30.0
 CHANNEL_HIGH_WATER = 2 * 1024 * 1024
 SOCKET_BUFFER = 1024 * 1024
 STREAM_LIMIT = 2 * 1024 * 1024  # receive buffer per stream (pauses the SSH channel above it)
+ACCEPT_BACKLOG = 4096
 WS_SETTINGS: dict[str, Any] = {
     "compression": None,             # no permessage-deflate: bytes are opaque, CPU matters
     "max_size": ipc.MAX_MESSAGE,
@@ -114,7 +115,9 @@ class IPCServer:
 
     async def start(self) -> None:
         ep = self.endpoint
-        kw = dict(WS_SETTINGS, process_request=self._check_request, server_header=None)
+        # a deep accept queue: a burst of connects (a program opening 1000 streams at once)
+        # would find the default (100) full, and a full Unix socket queue fails at once (EAGAIN)
+        kw = dict(WS_SETTINGS, process_request=self._check_request, server_header=None, backlog=ACCEPT_BACKLOG)
         if ep.kind == "unix":
             clear_stale_socket(ep.path)
             with private_umask():
