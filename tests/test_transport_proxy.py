@@ -11,12 +11,14 @@ import asyncio
 import contextlib
 import socket
 import struct
+import subprocess
+import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
-from helpers import Keys, curl, free_port, sha, start_client, start_server, wait_for_log
+from helpers import Keys, curl, free_port, sha, start_client, start_server, wait_for_log, wraith
 from transport_helpers import Certs, Microsocks, Tinyproxy, tls_server_args, wait_until
 
 pytestmark = pytest.mark.timeout(60)
@@ -228,10 +230,11 @@ async def test_http_connect_keeps_bytes_after_reply(split: bool | str) -> None:
         assert b"Proxy-Authorization: Basic dTpwQHNz\r\n" in seen[0]  # u:p@ss
 
 
-@pytest.mark.parametrize("code,want", [(5, 5), (4, 4), (3, 3), (2, 1), (1, 1)])
+@pytest.mark.parametrize("code,want", [(5, 5), (4, 4), (3, 3), (2, 2), (6, 4), (1, 1)])
 async def test_socks_proxy_failure_codes_reach_the_client(code: int, want: int) -> None:
-    """The proxy's SOCKS5 reply for the target becomes the reason text that the client maps
-    back to the same reply code (refused, host and network unreachable); others: general."""
+    """The proxy's SOCKS5 reply for the target becomes the reason text (and for "not allowed"
+    the prohibited open failure) that the client maps back to the same reply code (refused,
+    host and network unreachable, not allowed; TTL expired: host unreachable); others: general."""
     from wraith_core.addr import parse_proxy
     from wraith_core.dial import DialError, dial, reply_for_reason
 
@@ -247,7 +250,7 @@ async def test_socks_proxy_failure_codes_reach_the_client(code: int, want: int) 
     async with _serving(fake) as port:
         with pytest.raises(DialError) as info:
             await dial(asyncio.Protocol(), "db.internal", 5432, 5, parse_proxy(f"socks5://127.0.0.1:{port}"))
-        assert reply_for_reason(info.value.reason) == want, info.value.reason
+        assert reply_for_reason(info.value.reason, info.value.prohibited) == want, info.value.reason
 
 
 async def test_http_connect_failure_replies() -> None:
@@ -267,3 +270,134 @@ async def test_http_connect_failure_replies() -> None:
     with pytest.raises(ProxyDialError) as info:
         await dial_via_proxy(parse_proxy(f"http://127.0.0.1:{free_port()}"), "x", 1, 5)
     assert "cannot reach proxy" in str(info.value)
+
+
+def _reply_then_close(reply: bytes) -> Any:
+    async def fake(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await r.readuntil(b"\r\n\r\n")
+        w.write(reply)
+        await w.drain()
+        w.close()
+    return fake
+
+
+async def test_http_connect_403_is_not_allowed() -> None:
+    from wraith_core.addr import parse_proxy
+    from wraith_core.dial import DialError, dial, reply_for_reason
+    from wraith_core.protocol.socks5 import Reply
+
+    async with _serving(_reply_then_close(b"HTTP/1.1 403 Forbidden\r\n\r\n")) as port:
+        with pytest.raises(DialError) as info:
+            await dial(asyncio.Protocol(), "db.internal", 5432, 5, parse_proxy(f"http://127.0.0.1:{port}"))
+    assert info.value.prohibited
+    assert reply_for_reason(info.value.reason, info.value.prohibited) == Reply.NOT_ALLOWED
+
+
+def test_server_proxy_not_allowed_reaches_the_socks_client(keys, tmp_path, procs) -> None:
+    """Server --proxy answering SOCKS5 "not allowed": the channel open fails as administratively
+    prohibited, which the client's SOCKS5 listener answers with reply 2."""
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(8)
+
+    def proxy() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                c, _ = lsock.accept()
+                with c:
+                    c.recv(3)
+                    c.sendall(b"\x05\x00")
+                    c.recv(300)  # the CONNECT request
+                    c.sendall(b"\x05\x02\x00\x01\x00\x00\x00\x00\x00\x00")
+
+    threading.Thread(target=proxy, daemon=True).start()
+    try:
+        _, sport, _ = _server(keys, tmp_path, "tcp", procs, "--proxy", f"socks5://127.0.0.1:{lsock.getsockname()[1]}")
+        client, socks = start_client(keys, tmp_path, sport)
+        procs.append(client)
+        with socket.create_connection(("127.0.0.1", socks), timeout=15) as s:
+            s.sendall(b"\x05\x01\x00")
+            assert s.recv(2) == b"\x05\x00"
+            s.sendall(b"\x05\x01\x00\x03\x0bdb.internal\x00\x50")
+            assert s.recv(10)[1] == 2
+    finally:
+        lsock.close()
+
+
+async def test_hostile_http_reason_phrase_is_escaped() -> None:
+    """The proxy's reason phrase reaches logs and daemon events: no terminal escapes, no bare CR."""
+    from wraith_core.addr import parse_proxy
+    from wraith_core.transport.proxy import ProxyDialError, dial_via_proxy
+
+    reply = b"HTTP/1.1 407 \x1b[2J\x1b[31mFAKE: session up\x1b[0m\rOVERWRITTEN\r\n\r\n"
+    async with _serving(_reply_then_close(reply)) as port:
+        with pytest.raises(ProxyDialError) as info:
+            await dial_via_proxy(parse_proxy(f"http://127.0.0.1:{port}"), "x", 1, 5)
+    text = str(info.value)
+    assert "407" in text and "FAKE" in text and "\x1b" not in text and "\r" not in text
+
+
+async def test_hostile_replies_stay_proxy_dial_errors() -> None:
+    """Odd status digits, undecodable SOCKS5 bound addresses: ProxyDialError, not ValueError."""
+    from wraith_core.addr import parse_proxy
+    from wraith_core.transport.proxy import ProxyDialError, dial_via_proxy
+
+    async def socks_bad_domain(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await r.readexactly(3)
+        w.write(b"\x05\x00")
+        head = await r.readexactly(5)
+        await r.readexactly(head[4] + 2)
+        w.write(b"\x05\x00\x00\x03\x04\xff\xfe\xfd\xfc\x00\x50")
+        await w.drain()
+        w.close()
+
+    for scheme, fake in (("http", _reply_then_close("HTTP/1.1 ²²² OK\r\n\r\n".encode("latin-1"))),
+                         ("http", _reply_then_close("HTTP/1.1 ２００ OK\r\n\r\n".encode())),
+                         ("socks5", socks_bad_domain)):
+        async with _serving(fake) as port:
+            with pytest.raises(ProxyDialError):
+                await dial_via_proxy(parse_proxy(f"{scheme}://127.0.0.1:{port}"), "x", 1, 5)
+
+
+SECRET = "S3cretPass"
+
+
+@pytest.mark.parametrize("url", [f"socks5://alice:{SECRET}@proxy.example:99999", f"http://alice:{SECRET}@[::1:8080",
+                                 f"socks5://alice:{SECRET}@:1080", f"socks5://alice:pa/{SECRET}@h:x"])
+def test_proxy_url_errors_hide_the_password(url: str) -> None:
+    from wraith_core.addr import parse_proxy
+    from wraith_core.errors import UsageError
+
+    with pytest.raises(UsageError) as info:
+        parse_proxy(url)
+    assert SECRET not in str(info.value) and "alice:***@" in str(info.value)
+
+
+@pytest.mark.parametrize("url", ["socks5://alice:pw@h:0", "http://h:0", "socks5://al:p%C3%A4ss@h:1",
+                                 "socks5://b%C3%A4r@h:1", f"socks5://alice:{'x' * 256}@h:1"])
+def test_proxy_url_refused(keys, url: str) -> None:
+    """An explicit port 0 (it meant the default), SOCKS5 credentials that are not ASCII or
+    longer than 255 bytes (RFC 1929): a one-line usage error."""
+    from wraith_core.addr import parse_proxy
+    from wraith_core.errors import UsageError
+
+    with pytest.raises(UsageError):
+        parse_proxy(url)
+    out = subprocess.run(wraith("connect", "--server", "127.0.0.1:9", "--identity", str(keys.client),
+                                "--accept-any-host-key", "--proxy", url), capture_output=True, timeout=30)
+    err = out.stderr.decode()
+    assert out.returncode != 0 and len(err.strip().splitlines()) == 1 and "--proxy" in err, err
+    assert "Traceback" not in err and "pw" not in err
+
+
+def test_reprs_hide_proxy_and_key_secrets() -> None:
+    from wraith_core.addr import parse_proxy
+    from wraith_core.options import ConnectOptions, ServeOptions
+
+    url = f"socks5://alice:{SECRET}@proxy.example:1080"
+    shown = [repr(parse_proxy(url)),
+             repr(ConnectOptions(proxy=url, socks5_auth=f"bob:{SECRET}", identity=SECRET.encode())),
+             repr(ServeOptions(proxy=url, key=SECRET.encode(), tls_key=SECRET.encode()))]
+    for text in shown:
+        assert SECRET not in text, text
+    assert "proxy.example" in shown[0]

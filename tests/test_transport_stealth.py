@@ -92,7 +92,8 @@ def test_non_http_junk_gets_404_too(stealth) -> None:
         _check_nginx_404(_read_all(s, 5))
 
 
-@pytest.mark.parametrize("partial", [b"S", b"SSH", b"G", b"GET / HTTP/1.1\r\nHost: x\r\n", b"\r\nPOS"])
+@pytest.mark.parametrize("partial", [b"S", b"SSH", b"G", b"GET / HTTP/1.1\r\nHost: x\r\n", b"\r\nPOS",
+                                     b"\r\n\r\n"])
 def test_an_incomplete_request_is_closed_silently_like_nginx(stealth, partial: bytes) -> None:
     """nginx waits for the rest of a request and sends nothing if it never comes: the same
     for a partial "SSH-" as for a partial HTTP request, so neither tells SSH is behind."""
@@ -187,7 +188,10 @@ def test_stealth_library_options(keys, certs) -> None:
 
 def _refused(port: int) -> bool:
     """True if the server resets a new connection at once (refused at accept)."""
-    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    try:
+        s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    except ConnectionResetError:  # the reset came before connect() returned
+        return True
     try:
         s.settimeout(3)
         return s.recv(1) == b""
@@ -232,3 +236,143 @@ def test_per_ip_limit_counts_connections_before_ssh(keys, certs, tmp_path, procs
     finally:
         tls.close()
     assert "Traceback" not in server.log()
+
+
+def _tls_until_fin(port: int, payload: bytes, wait: float) -> tuple[bytes, bool, float]:
+    """TLS by memory BIOs, so the client never answers the server's close_notify (as a scanner
+    may not): the answer, whether a close_notify came, and the seconds until the TCP FIN."""
+    raw = socket.create_connection(("127.0.0.1", port), timeout=wait)
+    inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    obj = ctx.wrap_bio(inc, out, server_hostname="localhost")
+    while True:
+        try:
+            obj.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            raw.sendall(out.read())
+            inc.write(raw.recv(65536))
+    obj.write(payload)
+    raw.sendall(out.read())
+    got, notified, started = b"", False, time.monotonic()
+    with raw:
+        while data := raw.recv(65536):
+            inc.write(data)
+            try:
+                while chunk := obj.read(65536):
+                    got += chunk
+                notified = True  # b"": the server's close_notify
+            except ssl.SSLZeroReturnError:
+                notified = True
+            except ssl.SSLWantReadError:
+                pass
+    return got, notified, time.monotonic() - started
+
+
+@pytest.mark.parametrize("payload", [b"GET / HTTP/1.0\r\n\r\n", b"", b"GET"], ids=["decoy", "idle", "partial"])
+def test_closed_at_once_like_nginx(stealth, payload: bytes) -> None:
+    """nginx sends its close_notify and closes TCP at once (none after a partial request's
+    timeout); the server never waits (asyncio would, 30 s) for a close_notify in answer."""
+    _, port = stealth
+    got, notified, elapsed = _tls_until_fin(port, payload, wait=STEALTH_TIMEOUT + 4)
+    if payload.endswith(b"\r\n\r\n"):
+        _check_nginx_404(got)
+        assert elapsed < 2
+    else:
+        assert got == b"" and STEALTH_TIMEOUT - 1 <= elapsed < STEALTH_TIMEOUT + 2
+    assert notified == (payload != b"GET")
+
+
+def test_decoy_gives_back_its_place_at_once(keys, certs, tmp_path, procs) -> None:
+    """A scanner that keeps its socket after the 404 holds no --max-connections-per-ip place."""
+    server, port = start_server(keys, tmp_path, *tls_server_args(certs), "--stealth",
+                                "--max-connections-per-ip", "1")
+    procs.append(server)
+    held = _tls_socket(port)
+    held.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    held.settimeout(5)
+    assert held.recv(12) == b"HTTP/1.1 404"  # kept open, no close_notify sent back
+    time.sleep(0.5)
+    with _tls_socket(port) as s:
+        s.sendall(b"SSH-2.0-probe\r\n")
+        s.settimeout(5)
+        assert s.recv(4) == b"SSH-"
+    held.close()
+
+
+@pytest.mark.parametrize("request_, want", [
+    (b"\r\nHEAD / HTTP/1.0\r\n\r\n", "head"),  # nginx skips empty lines before the request line
+    (b"GET /\r\n", "http/0.9"),  # no version: the bare page, at once
+    (b"\r\n\r\nGET /index.html\n", "http/0.9"),
+])
+def test_http_details_like_nginx(stealth, request_: bytes, want: str) -> None:
+    _, port = stealth
+    with _tls_socket(port) as s:
+        started = time.monotonic()
+        s.sendall(request_)
+        got = _read_all(s, STEALTH_TIMEOUT + 2)
+    assert time.monotonic() - started < 2
+    if want == "head":
+        _check_nginx_404(got, head_only=True)
+    else:
+        assert got == NGINX_BODY
+
+
+NGINX_PLAIN_HTTP_BODY = (b"<html>\r\n<head><title>400 The plain HTTP request was sent to HTTPS port</title></head>\r\n"
+                         b"<body>\r\n<center><h1>400 Bad Request</h1></center>\r\n"
+                         b"<center>The plain HTTP request was sent to HTTPS port</center>\r\n"
+                         b"<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n")
+NGINX_400_BODY = (b"<html>\r\n<head><title>400 Bad Request</title></head>\r\n<body>\r\n"
+                  b"<center><h1>400 Bad Request</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n")
+
+
+@pytest.mark.parametrize("request_, body", [
+    (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", NGINX_PLAIN_HTTP_BODY),
+    (b"SSH-2.0-OpenSSH_9.2\r\n", NGINX_400_BODY),  # plain SSH is no request to nginx: never SSH here
+])
+def test_plain_http_to_the_tls_port_like_nginx(stealth, request_: bytes, body: bytes) -> None:
+    """nginx 1.22's answers (bytes compared with a real one) to a client that skips TLS."""
+    _, port = stealth
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(request_)
+        s.settimeout(5)
+        got = b""
+        while chunk := s.recv(65536):
+            got += chunk
+    head, _, rest = got.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    assert lines[0] == b"HTTP/1.1 400 Bad Request" and rest == body
+    assert [ln.split(b": ", 1)[0] for ln in lines[1:]] == [b"Server", b"Date", b"Content-Type",
+                                                           b"Content-Length", b"Connection"]
+    assert lines[1] == b"Server: nginx" and lines[3] == b"Content-Type: text/html"
+    assert lines[4] == b"Content-Length: " + str(len(body)).encode() and lines[5] == b"Connection: close"
+    email.utils.parsedate_to_datetime(lines[2].split(b": ", 1)[1].decode())
+
+
+def test_alpn_without_http11_refused_like_nginx(stealth) -> None:
+    """nginx >= 1.21.4 refuses an ALPN offer without http/1.1 (alert 120)."""
+    _, port = stealth
+    for alpn, ok in ((["h2"], False), (["foo", "bar"], False), (["h2", "http/1.1"], True)):
+        ctx = ssl.create_default_context()
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+        ctx.set_alpn_protocols(alpn)
+        raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+        if ok:
+            with ctx.wrap_socket(raw, server_hostname="localhost") as s:
+                assert s.selected_alpn_protocol() == "http/1.1"
+        else:
+            with raw, pytest.raises(ssl.SSLError, match="NO_APPLICATION_PROTOCOL|no application protocol"):
+                ctx.wrap_socket(raw, server_hostname="localhost")
+
+
+def test_tls12_ciphers_like_nginx(stealth) -> None:
+    """nginx's default ssl_ciphers HIGH:!aNULL:!MD5 takes TLS 1.2 suites that Python's defaults
+    leave out."""
+    _, port = stealth
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers("ECDHE-ECDSA-AES128-SHA")
+    with ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10), server_hostname="localhost") as s:
+        assert s.cipher()[0] == "ECDHE-ECDSA-AES128-SHA"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit
 
 from .errors import UsageError
@@ -110,25 +110,39 @@ class ProxyURL:
     host: str
     port: int
     username: str | None
-    password: str | None
+    password: str | None = field(repr=False)
+
+
+def redact_url(url: str) -> str:
+    """``url`` with the password of its userinfo shown as ``***`` (for messages)."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, hostpart = rest.rpartition("@")
+    if not sep or not at or ":" not in userinfo:
+        return url
+    return f"{scheme}://{userinfo.split(':', 1)[0]}:***@{hostpart}"
 
 
 def parse_proxy(url: str) -> ProxyURL:
+    shown = redact_url(url)
     try:
         parts = urlsplit(url)
     except ValueError as exc:  # e.g. "http://[::1" (unterminated IPv6 literal)
-        raise UsageError(f"--proxy: invalid URL {url!r} ({exc})") from None
+        raise UsageError(f"--proxy: invalid URL {shown!r} ({exc})") from None
     scheme = parts.scheme.lower()
     if scheme in ("socks5h",):
         scheme = "socks5"
     if scheme not in ("socks5", "http"):
         raise UsageError(f"--proxy: unsupported scheme {parts.scheme!r} (use socks5:// or http://)")
     if not parts.hostname:
-        raise UsageError(f"--proxy: missing host in {url!r}")
+        raise UsageError(f"--proxy: missing host in {shown!r}")
     try:
-        port = parts.port or (1080 if scheme == "socks5" else 8080)
+        port = parts.port
     except ValueError:
-        raise UsageError(f"--proxy: invalid port in {url!r}") from None
+        port = 0
+    if port == 0:  # out of range, not a number, or an explicit :0
+        raise UsageError(f"--proxy: invalid port in {shown!r}")
     user = unquote(parts.username) if parts.username else None
     pw = unquote(parts.password) if parts.password else None
-    return ProxyURL(scheme, parts.hostname, port, user, pw)
+    if scheme == "socks5" and any(v is not None and (not v.isascii() or len(v) > 255) for v in (user, pw)):
+        raise UsageError("--proxy: SOCKS5 user name and password must be ASCII, at most 255 characters each")
+    return ProxyURL(scheme, parts.hostname, port or (1080 if scheme == "socks5" else 8080), user, pw)

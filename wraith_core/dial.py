@@ -20,12 +20,16 @@ NET_UNREACHABLE = "Network is unreachable"
 NAME_UNKNOWN = "Name or service not known"
 TIMED_OUT = "Connection timed out"
 PROXY_FAILED = "Proxy failure"
+NOT_ALLOWED = "Connection not allowed by proxy"
 
 
 class DialError(Exception):
-    def __init__(self, reason: str) -> None:
+    """``prohibited``: the open failure is "administratively prohibited" (SOCKS5 reply 2)."""
+
+    def __init__(self, reason: str, prohibited: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.prohibited = prohibited
 
 
 def reason_for_oserror(exc: BaseException) -> str:
@@ -78,6 +82,8 @@ async def dial(protocol: asyncio.BaseProtocol, host: str, port: int, timeout: fl
         try:
             sock = await dial_via_proxy(proxy, host, port, timeout)
         except ProxyDialError as exc:
+            if exc.reason == "prohibited":  # the proxy's own "not allowed" (SOCKS5 2, HTTP 403)
+                raise DialError(NOT_ALLOWED, prohibited=True) from None
             raise DialError({"refused": REFUSED, "unreachable": HOST_UNREACHABLE,
                              "net-unreachable": NET_UNREACHABLE, "timeout": TIMED_OUT}.get(exc.reason, PROXY_FAILED)) from None
         transport, _ = await loop.create_connection(lambda: protocol, sock=sock)

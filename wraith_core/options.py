@@ -57,7 +57,7 @@ def _default_user() -> str:
 @dataclass
 class _Common:
     transport: str = "tcp"
-    proxy: str | None = None
+    proxy: str | None = field(default=None, repr=False)  # may carry user:password
     iroh_relay: str | None = None
     max_pktsize: int = DEFAULT_PKTSIZE
     window: int = DEFAULT_WINDOW
@@ -111,11 +111,11 @@ class ConnectOptions(_Common):
 
     server: str | None = field(default_factory=lambda: _env("WRAITH_SERVER"))
     peer: str | None = None
-    identity: KeyInput | None = field(default_factory=lambda: _env("WRAITH_IDENTITY"))
+    identity: KeyInput | None = field(default_factory=lambda: _env("WRAITH_IDENTITY"), repr=False)
     certificate: KeyInput | None = None
     user: str = field(default_factory=_default_user)
     socks5: str | None = "127.0.0.1:1080"
-    socks5_auth: str | None = None
+    socks5_auth: str | None = field(default=None, repr=False)
     forward: list[str] = field(default_factory=list)
     remote_forward: list[str] = field(default_factory=list)
     tls_server_name: str | None = None
@@ -189,12 +189,12 @@ class ConnectOptions(_Common):
 class ServeOptions(_Common):
     """Options of ``wraith serve`` and ``serve()``."""
 
-    key: KeyInput | None = None
+    key: KeyInput | None = field(default=None, repr=False)  # (private key inputs may be the key itself)
     authorized_keys: KeyInput | None = None
     cert_authority: KeyInput | None = None
     listen: str = f"0.0.0.0:{DEFAULT_PORT}"
     tls_cert: KeyInput | None = None
-    tls_key: KeyInput | None = None
+    tls_key: KeyInput | None = field(default=None, repr=False)
     stealth: bool = False
     stealth_timeout: float = 60.0
     max_connections_per_ip: int = 0

@@ -361,7 +361,8 @@ class _ServerConn(asyncssh.SSHServer):
         try:
             await dial(target, host, port, runner.options.connect_timeout, runner.proxy)
         except DialError as exc:
-            raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, exc.reason) from None
+            code = asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED if exc.prohibited else asyncssh.OPEN_CONNECT_FAILED
+            raise asyncssh.ChannelOpenError(code, exc.reason) from None
         except Exception:  # never let an unexpected error escape into asyncssh's open task
             raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, "Connection failed") from None
         finally:

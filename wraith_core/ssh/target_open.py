@@ -305,10 +305,13 @@ class _PendingDial:
         if not conn._transport:
             return
         chan = SocketChannel(conn, self.window, self.pktsize)  # the socket may speak before the answer
+        code = asyncssh.OPEN_CONNECT_FAILED
         try:
             await dial(chan, self.host, self.port, self.timeout, self.proxy)
         except DialError as exc:
             reason = exc.reason
+            if exc.prohibited:  # the server's --proxy said "not allowed": the client's SOCKS reply 2
+                code = asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED
         except Exception:  # never let an unexpected error end the task silently
             reason = "Connection failed"
         else:
@@ -320,7 +323,7 @@ class _PendingDial:
             reason = "Connection reset"
         chan.discard()
         if conn._transport:
-            conn.send_channel_open_failure(send_chan, asyncssh.OPEN_CONNECT_FAILED, reason, DEFAULT_LANG)
+            conn.send_channel_open_failure(send_chan, code, reason, DEFAULT_LANG)
 
 
 def _flush(conn: Any) -> None:

@@ -23,12 +23,13 @@ from python_socks.async_.asyncio import Proxy
 
 from ..addr import ProxyURL
 from ..errors import ConnectError
+from ..logs import peer_text
 
 _TYPES = {"socks5": ProxyType.SOCKS5, "http": ProxyType.HTTP}
 
 
 class ProxyDialError(ConnectError):
-    """``reason`` is one of: refused, unreachable, timeout, proxy."""
+    """``reason`` is one of: refused, unreachable, net-unreachable, prohibited, timeout, proxy."""
 
     def __init__(self, message: str, reason: str) -> None:
         super().__init__(message)
@@ -54,12 +55,19 @@ async def dial_via_proxy(proxy: ProxyURL, host: str, port: int, timeout: float) 
     except ProxyError as exc:
         code = getattr(exc, "error_code", None)
         # SOCKS5 reply codes (RFC 1928) reported by the proxy for the target
-        reason = {5: "refused", 4: "unreachable", 3: "net-unreachable"}.get(code, "proxy") if isinstance(code, int) else "proxy"
+        reason = _SOCKS_REASONS.get(code, "proxy") if isinstance(code, int) else "proxy"
         raise ProxyDialError(f"proxy refused the connection: {exc}", reason) from None
     except OSError as exc:
         raise ProxyDialError(f"proxy failure: {exc}", "proxy") from None
+    except ValueError as exc:  # python-socks decoding what the proxy sent (UnicodeDecodeError, …)
+        raise ProxyDialError(f"proxy failure: {peer_text(str(exc), 120)}", "proxy") from None
     _nodelay(sock)
     return sock
+
+
+# 2: not allowed by ruleset, 3: network, 4: host unreachable, 5: refused, 6: TTL expired
+_SOCKS_REASONS = {2: "prohibited", 3: "net-unreachable", 4: "unreachable", 5: "refused", 6: "unreachable"}
+_HTTP_REASONS = {403: "prohibited", 502: "unreachable", 503: "unreachable", 504: "timeout"}
 
 
 def _nodelay(sock: socket.socket) -> None:
@@ -90,13 +98,13 @@ async def _http_connect(proxy: ProxyURL, host: str, port: int) -> socket.socket:
         head = await _read_reply_header(loop, sock)
         status = head.split(b"\n", 1)[0].rstrip(b"\r").decode("latin-1")
         parts = status.split(" ", 2)
-        if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
+        if len(parts) < 2 or not parts[0].startswith("HTTP/") or not re.fullmatch("[0-9]{3}", parts[1]):
             raise ProxyDialError(f"proxy sent an invalid CONNECT reply: {status[:80]!r}", "proxy")
         code = int(parts[1])
         if not 200 <= code < 300:
-            reason = {504: "timeout", 502: "unreachable", 503: "unreachable"}.get(code, "proxy")
             what = "authentication failed" if code == 407 else "refused the connection"
-            raise ProxyDialError(f"proxy {what}: HTTP {status.split(' ', 1)[-1][:80]}", reason)
+            raise ProxyDialError(f"proxy {what}: HTTP {peer_text(status.split(' ', 1)[-1], 80)}",
+                                 _HTTP_REASONS.get(code, "proxy"))
         return sock
     except BaseException:
         sock.close()

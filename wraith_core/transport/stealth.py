@@ -12,17 +12,30 @@ bytes:
   page — status line, ``Server: nginx``, ``Date``, ``Content-Type:
   text/html``, ``Content-Length``, ``Connection: close`` and nginx's 404 HTML
   body — then close;
+* an HTTP/0.9 request line (``GET /`` with no version): nginx's bare 404
+  page at once, no header;
 * an incomplete request (``G``, ``GET / HTTP/1.1\r\nHost: x\r\n``, and so
   also ``S`` or ``SSH``: nginx's method characters are ``A-Z _ -``): closed
   with nothing sent, at EOF or after ``timeout`` seconds, what nginx does
   (``client_header_timeout``) — a partial ``SSH-`` looks like any other
   partial request.
+
+Connections end the way nginx ends them: close_notify (none after a client's
+EOF or a partial request's timeout) and the TCP close at once — never waiting
+for the client's close_notify.
+
+Before TLS (``greet``, on the raw accepted socket) the server peeks at the
+first bytes like nginx: a ClientHello whose ALPN list lacks ``http/1.1`` gets
+alert 120 (no_application_protocol); a first byte that starts no TLS record is
+served as plain HTTP: nginx's "400 The plain HTTP request was sent to HTTPS
+port" (or its plain 400 for input that is no request), never SSH.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections.abc import Callable
 from email.utils import formatdate
 
@@ -43,6 +56,31 @@ NGINX_404_BODY = (
     b"</html>\r\n"
 )
 
+NGINX_400_BODY = (
+    b"<html>\r\n"
+    b"<head><title>400 Bad Request</title></head>\r\n"
+    b"<body>\r\n"
+    b"<center><h1>400 Bad Request</h1></center>\r\n"
+    b"<hr><center>nginx</center>\r\n"
+    b"</body>\r\n"
+    b"</html>\r\n"
+)
+
+# nginx's answer to a plain HTTP request on an `ssl` port (NGX_HTTP_TO_HTTPS)
+NGINX_PLAIN_HTTP_BODY = (
+    b"<html>\r\n"
+    b"<head><title>400 The plain HTTP request was sent to HTTPS port</title></head>\r\n"
+    b"<body>\r\n"
+    b"<center><h1>400 Bad Request</h1></center>\r\n"
+    b"<center>The plain HTTP request was sent to HTTPS port</center>\r\n"
+    b"<hr><center>nginx</center>\r\n"
+    b"</body>\r\n"
+    b"</html>\r\n"
+)
+
+# fatal alert no_application_protocol (120), the record OpenSSL sends for nginx (>= 1.21.4)
+ALERT_NO_APPLICATION_PROTOCOL = b"\x15\x03\x03\x00\x02\x02\x78"
+
 MAX_REQUEST_HEADER = 16 * 1024
 _METHOD_CHARS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ_-")
 
@@ -56,30 +94,136 @@ def could_be_request(data: bytes) -> bool:
     return space != 0 and all(c in _METHOD_CHARS for c in method)
 
 
-def nginx_404(head_only: bool = False, date: str | None = None) -> bytes:
+def request_line(data: bytes) -> list[bytes] | None:
+    """The words of the first request line once it is complete (leading empty lines skipped)."""
+    data = data.lstrip(b"\r\n")
+    end = data.find(b"\n")
+    return None if end < 0 else [w for w in data[:end].rstrip(b"\r").split(b" ") if w]
+
+
+def nginx_page(status: bytes, body: bytes, head_only: bool = False, date: str | None = None) -> bytes:
     headers = (
-        b"HTTP/1.1 404 Not Found\r\n"
+        b"HTTP/1.1 " + status + b"\r\n"
         b"Server: nginx\r\n"
         b"Date: " + (date or formatdate(usegmt=True)).encode() + b"\r\n"
         b"Content-Type: text/html\r\n"
-        b"Content-Length: " + str(len(NGINX_404_BODY)).encode() + b"\r\n"
+        b"Content-Length: " + str(len(body)).encode() + b"\r\n"
         b"Connection: close\r\n"
         b"\r\n"
     )
-    return headers if head_only else headers + NGINX_404_BODY
+    return headers if head_only else headers + body
+
+
+# -- before TLS ----------------------------------------------------------------------
+
+MAX_PEEK = 5 + 16 * 1024 + 256  # a TLS record: header and the largest (compressed) fragment
+
+
+async def greet(sock: socket.socket, timeout: float) -> bool | None:
+    """Peek at what the client sends first on the raw socket, as nginx does: True for a TLS
+    handshake, False for anything else (plain HTTP), None when the connection is to be closed
+    now (nothing arrived within ``timeout`` seconds, or its ALPN offer was answered with
+    alert 120). Nothing is consumed, except a refused ClientHello."""
+    first = await _first_flight(sock, timeout)
+    if not first:
+        return None
+    if not (first[0] == 0x16 or first[0] & 0x80):  # nginx: a TLS record or an SSLv2 hello
+        return False
+    names = offered_alpn(first)
+    if names is None or b"http/1.1" in names:
+        return True
+    try:  # read the ClientHello (a close with unread input would be a reset), answer the alert
+        sock.recv(len(first))
+        sock.send(ALERT_NO_APPLICATION_PROTOCOL)
+    except OSError:
+        pass
+    return None
+
+
+async def _first_flight(sock: socket.socket, timeout: float) -> bytes:
+    """The client's first bytes, peeked: all of a TLS record that it starts, if that arrives
+    in time; b"" if nothing came (or EOF)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    data, delay = b"", 0.01
+    while True:
+        if data:  # a peeked socket stays readable: poll for the rest of the record
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, 0.25)
+        elif not await _readable(sock, deadline - loop.time()):
+            return b""
+        try:
+            data = sock.recv(MAX_PEEK, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            continue
+        except OSError:
+            return b""
+        if not data or data[0] != 0x16 or loop.time() >= deadline:
+            return data
+        if len(data) >= 5 and len(data) >= 5 + int.from_bytes(data[3:5], "big"):
+            return data
+
+
+async def _readable(sock: socket.socket, timeout: float) -> bool:
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[None] = loop.create_future()
+
+    def ready() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    loop.add_reader(sock.fileno(), ready)
+    try:
+        async with asyncio.timeout(max(0.0, timeout)):
+            await fut
+        return True
+    except TimeoutError:
+        return False
+    finally:
+        loop.remove_reader(sock.fileno())
+
+
+def offered_alpn(record: bytes) -> list[bytes] | None:
+    """The ALPN names a ClientHello in ``record`` (a TLS record) offers; None when it has no
+    ALPN extension or is no whole ClientHello in this one record (then OpenSSL decides)."""
+    try:
+        end = min(len(record), 5 + int.from_bytes(record[3:5], "big"))
+        if record[0] != 0x16 or record[5] != 1 or 9 + int.from_bytes(record[6:9], "big") > end:
+            return None
+        p = 9 + 2 + 32  # record and handshake headers, client_version, random
+        p += 1 + record[p]  # session_id
+        p += 2 + int.from_bytes(record[p : p + 2], "big")  # cipher_suites
+        p += 1 + record[p]  # compression_methods
+        stop = p + 2 + int.from_bytes(record[p : p + 2], "big")
+        p += 2
+        while p + 4 <= stop:
+            kind, size = int.from_bytes(record[p : p + 2], "big"), int.from_bytes(record[p + 2 : p + 4], "big")
+            p += 4
+            if kind == 16:  # application_layer_protocol_negotiation: a 2-byte length, then len+name
+                names, q = [], p + 2
+                while q < min(p + size, stop):
+                    names.append(record[q + 1 : q + 1 + record[q]])
+                    q += 1 + record[q]
+                return names or None
+            p += size
+    except IndexError:
+        pass
+    return None
 
 
 class StealthPeek(asyncio.Protocol):
-    """First protocol on an accepted TLS stream in stealth mode."""
+    """First protocol on an accepted stream in stealth mode: a TLS stream, or with
+    ``tls=False`` a plain one (no TLS handshake came: never SSH, nginx's plain-HTTP 400)."""
 
     def __init__(self, inner_factory: ProtocolFactory, timeout: float,
-                 on_done: Callable[[], None] | None = None) -> None:
+                 on_done: Callable[[], None] | None = None, tls: bool = True) -> None:
         self._inner_factory = inner_factory
         self._timeout = timeout
         self._on_done = on_done  # called once the peek is over (handed to SSH, or lost)
+        self._tls = tls
         self._transport: asyncio.Transport | None = None
         self._buf = bytearray()
-        self._mode = "peek"  # peek -> ssh | http -> done
+        self._mode = "peek" if tls else "http"  # peek -> ssh | http -> done
         self._timer: asyncio.TimerHandle | None = None
 
     # -- helpers -------------------------------------------------------------------
@@ -120,7 +264,12 @@ class StealthPeek(asyncio.Protocol):
         else:
             return  # "done": anything sent after the answer is ignored until the close completes
         buf = bytes(self._buf)
-        if (b"\r\n\r\n" in buf or b"\n\n" in buf or len(buf) >= MAX_REQUEST_HEADER
+        line = request_line(buf)
+        if could_be_request(buf) and line is not None and len(line) == 2:  # "GET /": HTTP/0.9
+            self._answer(http09=True)
+            return
+        head = buf.lstrip(b"\r\n")  # nginx skips empty lines before the request line
+        if (b"\r\n\r\n" in head or b"\n\n" in head or len(buf) >= MAX_REQUEST_HEADER
                 or not could_be_request(buf)):
             self._answer()
         # else: wait for the rest until the timeout set at connection_made
@@ -141,7 +290,7 @@ class StealthPeek(asyncio.Protocol):
         data, self._buf = bytes(self._buf), bytearray()
         current.data_received(data)  # type: ignore[attr-defined]
 
-    def _answer(self) -> None:
+    def _answer(self, http09: bool = False) -> None:
         if self._mode != "http":
             return
         self._mode = "done"
@@ -149,21 +298,44 @@ class StealthPeek(asyncio.Protocol):
         transport = self._transport
         if transport is None or transport.is_closing():
             return
-        head_only = bytes(self._buf[:5]) == b"HEAD "
+        request = bytes(self._buf).lstrip(b"\r\n")
+        method = request.split(b" ", 1)[0]
+        status, body = b"400 Bad Request", NGINX_400_BODY
+        if self._tls:
+            status, body = b"404 Not Found", NGINX_404_BODY
+        elif could_be_request(request):
+            body = NGINX_PLAIN_HTTP_BODY
+        if http09:  # no status line, no header; nginx takes only GET in HTTP/0.9
+            answer = body if method == b"GET" else NGINX_400_BODY
+        else:
+            answer = nginx_page(status, body, head_only=method == b"HEAD")
         log.info("stealth decoy remote_addr=%s", self._peer())
-        transport.write(nginx_404(head_only))
-        transport.close()
+        transport.write(answer)
+        self._close(notify=True)
+
+    def _close(self, notify: bool) -> None:
+        """Close like nginx: TLS close_notify if ``notify`` (after what was written) and the TCP
+        close at once, not waiting for the client's close_notify (asyncio would, for 30 s)."""
+        transport = self._transport
+        if transport is None:
+            return
+        if notify or not self._tls:
+            transport.close()  # TLS: the data and close_notify go to the socket right away
+        if self._tls:
+            transport.abort()
 
     def _idle(self) -> None:
         self._timer = None
         self._mode = "done"
-        if self._transport is not None:
-            self._transport.close()
+        # nginx: close_notify if nothing came; a partial request's timeout closes quietly
+        self._close(notify=not self._buf)
 
     def eof_received(self) -> bool | None:
         if self._mode in ("peek", "http"):  # an incomplete request: closed without an answer
             self._mode = "done"
             self._disarm()
+            if self._tls:
+                self._close(notify=False)  # nginx answers no close_notify to the client's close
         return None  # close our side too
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -78,8 +78,11 @@ def server_context(options: ServeOptions) -> ssl.SSLContext:
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     if options.stealth:
-        # what a stock nginx `listen 443 ssl` answers to a browser's ALPN offer
+        # what a stock nginx `listen 443 ssl` answers to a browser's ALPN offer, and its
+        # default ssl_ciphers (TLS 1.2) without a server preference (ssl_prefer_server_ciphers off)
         ctx.set_alpn_protocols(["http/1.1"])
+        ctx.set_ciphers("HIGH:!aNULL:!MD5")
+        ctx.options &= ~ssl.OP_CIPHER_SERVER_PREFERENCE
     cert = _read_pem(options.tls_cert, "TLS certificate")
     key = _read_pem(options.tls_key, "TLS key")
     # load_cert_chain only takes paths: inline PEM goes through a private temp file
@@ -201,24 +204,42 @@ class TLSAcceptor(TCPAcceptor):
         inner = self._factory
         assert inner is not None
         factory: ProtocolFactory = inner
+        ctx: ssl.SSLContext | None = self._ctx
         timeout = opts.login_grace_time
         once = _Once(release)
-        if opts.stealth:  # the place is held until the peek is over: handed to SSH, or closed
-            from .stealth import StealthPeek
-
-            timeout = opts.stealth_timeout
-            factory = lambda: StealthPeek(inner, opts.stealth_timeout, on_done=once)  # noqa: E731
+        loop = asyncio.get_running_loop()
         try:
             sock.setblocking(False)
         except OSError:
             sock.close()
             once()
             return
+        if opts.stealth:  # the place is held until the peek is over: handed to SSH, or closed
+            from .stealth import StealthPeek, greet
+
+            timeout, started = opts.stealth_timeout, loop.time()
+            try:
+                greeted = await greet(sock, timeout)  # before TLS, on the raw socket
+            except Exception:  # (none expected) that connection only
+                greeted = None
+            except asyncio.CancelledError:
+                sock.close()
+                once()
+                raise
+            if greeted is None:
+                sock.close()
+                once()
+                return
+            tls: bool = greeted
+            left = max(0.0, timeout - (loop.time() - started))  # for the handshake, as in nginx
+            peek = timeout if tls else left  # plain HTTP: answered within the same time, like nginx
+            ctx, timeout = (ctx if tls else None), left
+            factory = lambda: StealthPeek(inner, peek, on_done=once, tls=tls)  # noqa: E731
         # From here the loop owns the socket, and closes it on failure: closing it here
         # too could close a descriptor number that a new connection has taken meanwhile.
         try:
-            await asyncio.get_running_loop().connect_accepted_socket(
-                factory, sock, ssl=self._ctx, ssl_handshake_timeout=max(1.0, timeout))
+            await loop.connect_accepted_socket(
+                factory, sock, ssl=ctx, ssl_handshake_timeout=None if ctx is None else max(1.0, timeout))
         except asyncio.CancelledError:
             once()
             raise
