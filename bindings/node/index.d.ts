@@ -195,6 +195,11 @@ export declare class WraithEventTarget<EventMap extends Record<string, any> = Re
   /** Resolves when the stream has closed. */
   readonly closed: Promise<void>;
 
+  /**
+   * Sends __subscribe on the first listener of a type. Throws a TypeError (code
+   * EUSAGE), sending nothing, if `type` is empty, over 1024 characters (code
+   * points) or not valid Unicode.
+   */
   addEventListener<K extends keyof EventMap & string>(
     type: K,
     listener: WraithEventListener<EventMap[K]> | null,
@@ -207,7 +212,12 @@ export declare class WraithEventTarget<EventMap extends Record<string, any> = Re
     options?: boolean | EventListenerOptions,
   ): void;
   removeEventListener(type: string, listener: EventListenerOrEventListenerObject | null, options?: boolean | EventListenerOptions): void;
-  /** Sends {type, id, payload: event.detail}; true if sent (the peer is subscribed). */
+  /**
+   * Sends {type, id, payload: event.detail}; true if sent (the peer is subscribed).
+   * Throws, sending nothing (the stream stays open): TypeError code EUSAGE for an
+   * invalid or reserved (`__`) type; EFRAME for an event over the frame limit or a
+   * payload nested deeper than 512 levels.
+   */
   dispatchEvent(event: Event): boolean;
   /** dispatchEvent(new CustomEvent(type, { detail })), typed. */
   emit<K extends keyof EventMap & string>(type: K, detail: EventMap[K]): boolean;
@@ -297,13 +307,20 @@ export interface EventEnvelope<T = unknown> {
 }
 
 export declare const DEFAULT_MAX_FRAME: number;
+/**
+ * One length-prefixed frame. Throws TypeError code EUSAGE for an invalid type (empty,
+ * over 1024 code points, lone surrogate) or a non-string id; EFRAME for a frame over
+ * `maxSize` bytes or a payload nested deeper than 512 levels.
+ */
 export declare function encodeFrame(envelope: EventEnvelope, maxSize?: number): Buffer;
 export declare class FrameDecoder {
   constructor(options?: { maxSize?: number });
   readonly maxSize: number;
   /** Set (code EFRAME) after a bad frame; further input is ignored. */
   error: Error | null;
+  /** Bytes of the incomplete frame's body received so far (of its header while that is incomplete). */
   readonly buffered: number;
+  /** True when the bytes pushed so far end in the middle of a frame. */
   readonly partial: boolean;
   push(chunk: Buffer | Uint8Array): EventEnvelope[];
 }

@@ -4,7 +4,7 @@
 // (a connect()/serve() stream, a net.Socket to a port forward, ...).
 
 const { randomUUID } = require('node:crypto');
-const { encodeFrame, FrameDecoder, DEFAULT_MAX_FRAME } = require('./framing');
+const { encodeFrame, FrameDecoder, DEFAULT_MAX_FRAME, checkType, typeProblem } = require('./framing');
 const { wraithError } = require('./errors');
 
 const SUBSCRIBE = '__subscribe';
@@ -12,7 +12,6 @@ const UNSUBSCRIBE = '__unsubscribe';
 // Types a peer may subscribe to (a hub announces every wanted type; wraith's hub caps
 // them at 65536): past this the peer is broken or hostile, and the stream closes.
 const MAX_PEER_TYPES = 65536;
-const MAX_TYPE_LENGTH = 1024; // characters in an event type name, as in the Python adapter
 
 /** A received event: a CustomEvent whose `detail` is the envelope's payload, plus its `id`. */
 class WraithEvent extends CustomEvent {
@@ -106,9 +105,14 @@ class WraithEventTarget extends EventTarget {
     return this._closed;
   }
 
+  /**
+   * Throws a TypeError (code EUSAGE), sending nothing, if `type` is not a valid
+   * event type: empty, over 1024 code points, or not valid Unicode (a lone
+   * surrogate). The hub would close the whole stream over such a __subscribe.
+   */
   addEventListener(type, listener, options) {
     if (listener == null) return;
-    type = String(type);
+    type = checkType(String(type));
     const capture = captureOf(options);
     const list = this._listeners.get(type) || [];
     if (list.some((e) => e.listener === listener && e.capture === capture)) return;
@@ -161,12 +165,17 @@ class WraithEventTarget extends EventTarget {
    * delivered locally (a hub echoes it back if this side subscribed).
    * Returns true if the event was sent, false if not: the peer is not
    * subscribed to its type (point-to-point), or the adapter is closed.
+   * Throws, sending nothing and leaving the stream open: a TypeError (code
+   * EUSAGE) for an invalid or reserved type; EFRAME for an event over the frame
+   * limit or a payload nested deeper than 512 levels.
    * Backpressure: `needsDrain` / `await flush()`.
    */
   dispatchEvent(event) {
     if (!(event instanceof Event)) throw new TypeError('dispatchEvent(event) needs an Event');
-    const type = event.type;
-    if (isReserved(type)) throw new TypeError(`event type "${type}" is reserved (types starting with "__")`);
+    const type = checkType(event.type);
+    if (isReserved(type)) {
+      throw Object.assign(new TypeError(`event type "${type}" is reserved (types starting with "__")`), { code: 'EUSAGE' });
+    }
     if (this._closed) return false;
     if (this._filtering && !this._peerSubs.has(type)) return false;
     const id = typeof event.id === 'string' && event.id ? event.id : randomUUID();
@@ -282,8 +291,9 @@ class WraithEventTarget extends EventTarget {
         const t = env.payload && typeof env.payload.type === 'string' ? env.payload.type : null;
         if (t === null) continue;
         if (env.type === SUBSCRIBE) {
-          if (t.length === 0 || t.length > MAX_TYPE_LENGTH) {
-            this.error = wraithError('EFRAME', `peer subscribed to a type of ${t.length} characters (1..${MAX_TYPE_LENGTH})`);
+          const problem = typeProblem(t); // 1..1024 code points, valid Unicode (as the Python side)
+          if (problem) {
+            this.error = wraithError('EFRAME', `peer subscribed to an invalid type: ${problem}`);
             this._markClosed();
             this._stream.destroy();
             return;

@@ -114,6 +114,57 @@ test('hub: a malformed frame closes only that client', { timeout: 30000 }, async
   await Promise.all([good.close(), third.close()]);
 });
 
+test('hub: a type of 600 emoji (600 characters, 1200 UTF-16 units) closes no member; invalid types are refused locally', { timeout: 60000 }, async () => {
+  const [sa, sb] = await Promise.all([wraith.connect(base), wraith.connect(base)]);
+  const a = wraith.createWraithEventTarget({ stream: sa });
+  const b = wraith.createWraithEventTarget({ stream: sb });
+  a.addEventListener('ping', () => {});
+  await b.waitSubscribed('ping', { timeout: 10000 });
+  // a's subscription is announced by the hub to every member, b included
+  const wide = '\u{1F600}'.repeat(600);
+  const got = nextEvent(a, wide);
+  await b.waitSubscribed(wide, { timeout: 10000 });
+  assert.equal(b.emit(wide, 'hi'), true);
+  assert.equal((await got).detail, 'hi');
+  // what the hub would close the whole stream for is refused here, before anything is sent
+  for (const t of ['', 'x'.repeat(1025), 'a\ud800']) {
+    assert.throws(() => b.addEventListener(t, () => {}), { name: 'TypeError', code: 'EUSAGE' }, JSON.stringify(t));
+    assert.throws(() => b.emit(t, 1), { name: 'TypeError', code: 'EUSAGE' }, JSON.stringify(t));
+  }
+  await h.sleep(300);
+  assert.equal(a.isClosed || b.isClosed, false);
+  assert.equal(a.error || b.error, null);
+  // both still work
+  const pong = nextEvent(a, 'ping');
+  assert.equal(b.emit('ping', 2), true);
+  assert.equal((await pong).detail, 2);
+  await Promise.all([a.close(), b.close()]);
+});
+
+test('hub: payloads nested 512 levels get through; deeper ones are refused locally and the stream stays open', { timeout: 60000 }, async () => {
+  const [sa, sb] = await Promise.all([wraith.connect(base), wraith.connect(base)]);
+  const rx = wraith.createWraithEventTarget({ stream: sa });
+  const tx = wraith.createWraithEventTarget({ stream: sb });
+  const nest = (n) => {
+    let p = 0;
+    for (let i = 0; i < n; i++) p = [p];
+    return p;
+  };
+  rx.addEventListener('tree', () => {});
+  await tx.waitSubscribed('tree', { timeout: 10000 });
+  const deep = nextEvent(rx, 'tree');
+  assert.equal(tx.emit('tree', nest(512)), true);
+  assert.deepEqual((await deep).detail, nest(512));
+  // Python's decoder gives up near 1000 levels and the hub would close tx's stream
+  assert.throws(() => tx.emit('tree', nest(1200)), { code: 'EFRAME', message: /512 levels/ });
+  const after = nextEvent(rx, 'tree');
+  assert.equal(tx.emit('tree', 'after'), true);
+  assert.equal((await after).detail, 'after');
+  assert.equal(tx.isClosed, false);
+  assert.equal(tx.error, null);
+  await Promise.all([rx.close(), tx.close()]);
+});
+
 test('serve() + connect(): events both ways, ConnectionInfo, point-to-point', { timeout: 60000 }, async () => {
   const server = await wraith.serve({ hostKey: keys.host, authorizedKeys: keys.authorizedKeys, listen: '127.0.0.1:0' });
   assert.match(server.address, /^127\.0\.0\.1:\d+$/);

@@ -201,6 +201,87 @@ test('a peer subscribing to a type name over 1024 characters closes the stream w
   b.destroy();
 });
 
+test('a peer may subscribe to a type of up to 1024 code points (astral characters count once)', { timeout: 10000 }, async () => {
+  const [a, b] = await socketPair();
+  const et = createWraithEventTarget({ stream: a });
+  const wide = '\u{1F600}'.repeat(600); // 600 characters for Python, 1200 UTF-16 units
+  const widest = '\u{1F600}'.repeat(1024);
+  b.write(encodeFrame({ type: '__subscribe', id: '', payload: { type: wide } }));
+  b.write(encodeFrame({ type: '__subscribe', id: '', payload: { type: widest } }));
+  await et.waitSubscribed(widest, { timeout: 5000 });
+  assert.equal(et.isClosed, false);
+  assert.equal(et.error, null);
+  assert.ok(et.peerSubscriptions.has(wide));
+  const raw = rawReader(b);
+  assert.equal(et.emit(wide, 'still open'), true);
+  assert.deepEqual((await raw.waitFor(1))[0].payload, 'still open');
+  // 1025 characters, or a lone surrogate (a JSON escape), is a broken peer, as for Python
+  b.write(encodeFrame({ type: '__subscribe', id: '', payload: { type: '\u{1F600}'.repeat(1025) } }));
+  await et.closed;
+  assert.equal(et.error.code, 'EFRAME');
+  b.destroy();
+  const [c, d] = await socketPair();
+  const et2 = createWraithEventTarget({ stream: c });
+  d.write(encodeFrame({ type: '__subscribe', id: '', payload: { type: 'a\ud800' } }));
+  await et2.closed;
+  assert.equal(et2.error.code, 'EFRAME');
+  d.destroy();
+});
+
+test('addEventListener/dispatchEvent refuse invalid types locally: TypeError EUSAGE, nothing sent, stream open', { timeout: 10000 }, async () => {
+  const [a, b] = await socketPair();
+  const raw = rawReader(b);
+  const et = createWraithEventTarget({ stream: a, pointToPoint: false });
+  et.addEventListener('chat', () => {});
+  const bad = ['', 'x'.repeat(1025), '\u{1F600}'.repeat(1025), 'a\ud800', '\udc00', `${'\u{1F600}'.repeat(3)}\ud83d`];
+  for (const t of bad) {
+    const isUsage = (e) => e instanceof TypeError && e.code === 'EUSAGE';
+    assert.throws(() => et.addEventListener(t, () => {}), isUsage, JSON.stringify(t));
+    assert.throws(() => et.dispatchEvent(new CustomEvent(t, { detail: 1 })), isUsage, JSON.stringify(t));
+    assert.throws(() => et.emit(t, 1), isUsage, JSON.stringify(t));
+  }
+  assert.deepEqual([...et.subscriptions], ['chat']);
+  // the longest valid ones still work
+  const widest = '\u{1F600}'.repeat(1024);
+  et.addEventListener(widest, () => {});
+  assert.equal(et.emit(widest, 'w'), true);
+  assert.equal(et.emit('chat', 'c'), true);
+  const got = await raw.waitFor(4);
+  await tick(50);
+  assert.deepEqual(
+    raw.got.map((e) => [e.type, e.payload]),
+    [['__subscribe', { type: 'chat' }], ['__subscribe', { type: widest }], [widest, 'w'], ['chat', 'c']],
+  );
+  assert.equal(got.length, 4);
+  assert.equal(et.isClosed, false);
+  await et.close();
+  b.destroy();
+});
+
+test('dispatchEvent refuses a payload nested deeper than 512 levels (EFRAME), sends nothing, stream stays open', { timeout: 10000 }, async () => {
+  const [a, b] = await socketPair();
+  const raw = rawReader(b);
+  const et = createWraithEventTarget({ stream: a, pointToPoint: false });
+  const nest = (n) => {
+    let p = 0;
+    for (let i = 0; i < n; i++) p = [p];
+    return p;
+  };
+  assert.equal(et.emit('tree', nest(512)), true);
+  assert.throws(() => et.emit('tree', nest(513)), { code: 'EFRAME', message: /512 levels/ });
+  assert.throws(() => et.emit('tree', nest(1200)), { code: 'EFRAME' });
+  assert.equal(et.emit('tree', 'after'), true);
+  const got = await raw.waitFor(2);
+  await tick(50);
+  assert.equal(raw.got.length, 2);
+  assert.deepEqual(got[0].payload, nest(512));
+  assert.equal(got[1].payload, 'after');
+  assert.equal(et.isClosed, false);
+  assert.equal(et.error, null);
+  await et.close();
+  b.destroy();
+});
+
 test('close() half-closes; the peer adapter closes too; closed resolves on both', { timeout: 10000 }, async () => {
   const [a, b] = await socketPair();
   const left = createWraithEventTarget({ stream: a });
