@@ -294,8 +294,7 @@ class Hub:
         else:
             targets = self._subs.get(env.type)
             if targets:
-                for target in list(targets):
-                    self._send(target, env.frame)
+                self._fan_out(list(targets), env.frame)
 
     def _subscribe(self, m: _Member, t: str) -> None:
         if t in m.subs:
@@ -328,27 +327,31 @@ class Hub:
             now = asyncio.get_running_loop().time()
             m.sub_tokens = min(SUB_BURST, m.sub_tokens + (now - m.sub_time) * SUB_RATE) - 1
             m.sub_time = now
-        for member in list(self._members):
-            self._send(member, frame)
+        self._fan_out(list(self._members), frame)
 
-    def _send(self, m: _Member, frame: bytes) -> None:
-        if m.dropped:
-            return
-        cost = len(frame) + FRAME_OVERHEAD
-        if m.queued + cost > self.queue_limit:
-            self._cut(m, "slow-consumer")
-            return
-        m.queue.append(frame)
-        m.queued += cost
-        held = self._held.get(id(frame))
-        if held is None:
-            self._held[id(frame)] = [frame, 1]
+    def _fan_out(self, members: list[_Member], frame: bytes) -> None:
+        """Queue ``frame`` (a new one) for each of ``members`` that can take it."""
+        queued = 0
+        for m in members:
+            if self._send(m, frame):
+                queued += 1
+        if queued:
+            self._held[id(frame)] = [frame, queued]
             self._held_bytes += len(frame)
             if self._held_bytes > self.memory_limit:
                 self._shed()
-        else:
-            held[1] += 1
+
+    def _send(self, m: _Member, frame: bytes) -> bool:
+        if m.dropped:
+            return False
+        cost = len(frame) + FRAME_OVERHEAD
+        if m.queued + cost > self.queue_limit:
+            self._cut(m, "slow-consumer")
+            return False
+        m.queue.append(frame)
+        m.queued += cost
         m.wakeup.set()
+        return True
 
     def _release(self, frame: bytes) -> None:
         """One queue no longer holds ``frame``."""

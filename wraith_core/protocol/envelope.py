@@ -102,6 +102,10 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+# one decoder for every frame (json.loads with an option builds a new one per call)
+_JSON = json.JSONDecoder(parse_constant=_reject_constant)
+
+
 def _binary(value: Any) -> str:
     """Binary data in payloads travels as base64 (SPEC §7; the Node adapter does the same)."""
     if isinstance(value, (bytes, bytearray, memoryview)):
@@ -165,7 +169,7 @@ def parse_body(body: bytes | memoryview, frame: bytes = b"", keep_payload: bool 
     except UnicodeDecodeError:
         return ProtocolError("invalid-utf8", "frame is not valid UTF-8")
     try:
-        obj = json.loads(text, parse_constant=_reject_constant)
+        obj = _JSON.decode(text)
     except (ValueError, RecursionError):
         return ProtocolError("invalid-json", "frame is not valid JSON")
     if not isinstance(obj, dict):
