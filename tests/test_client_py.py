@@ -449,3 +449,20 @@ async def test_a_serve_control_with_a_broken_incoming_message_ends_cleanly(tmp_p
     assert any("broke the IPC protocol" in r.getMessage() for r in caplog.records)
     await srv.close()
     server.close()
+
+
+def test_daemon_messages_are_decoded_within_limits() -> None:
+    """What the daemon sends is decoded with the limits the daemon applies to its own input:
+    a few bytes of msgpack can stand for millions of empty arrays."""
+    import msgpack
+    from wraith_client import _ipc
+
+    bomb = b"\x82\xa4type\xa5error\xa4info\xdd" + (4_000_000).to_bytes(4, "big") + b"\x90" * 4_000_000
+    with pytest.raises(_ipc.ProtocolViolation):  # over 1 MiB and not a data message
+        _ipc.decode(bomb)
+    small = msgpack.packb({"type": "error", "info": [[]] * 2000})
+    with pytest.raises(_ipc.ProtocolViolation):  # an array longer than any message has
+        _ipc.decode(small)
+    big = bytes(4 << 20)
+    assert _ipc.decode(_ipc.encode_data(big)) == {"type": "data", "data": big}
+    assert _ipc.decode(msgpack.packb({"type": "opened", "kind": "connect", "id": "s1"}))["id"] == "s1"

@@ -11,6 +11,9 @@ from typing import Any
 import msgpack
 
 MAX_MESSAGE = 16 * 1024 * 1024
+MAX_CONTROL_MESSAGE = 1024 * 1024  # any message but data (the daemon has the same limits)
+# a few bytes of msgpack can stand for millions of empty arrays: legit messages are small
+_UNPACK_LIMITS = {"max_array_len": 1024, "max_map_len": 64, "max_ext_len": 0}
 SEND_CHUNK = 1024 * 1024  # data messages we send are at most this big
 
 _DATA_PREFIX = b"\x82\xa4type\xa4data\xa4data"
@@ -52,8 +55,10 @@ def decode(raw: bytes | str) -> dict[str, Any]:
                 (n,) = struct.unpack_from(fmt, raw, off)
                 if off + size + n == len(raw):
                     return {"type": "data", "data": raw[off + size:]}
+    if len(raw) > MAX_CONTROL_MESSAGE:
+        raise ProtocolViolation(f"the daemon sent a message larger than {MAX_CONTROL_MESSAGE} bytes")
     try:
-        obj = msgpack.unpackb(raw, raw=False)
+        obj = msgpack.unpackb(raw, raw=False, **_UNPACK_LIMITS)
     except Exception as exc:
         raise ProtocolViolation(f"the daemon sent something that is not msgpack ({type(exc).__name__})") from None
     if not isinstance(obj, dict) or not isinstance(obj.get("type"), str):
