@@ -236,3 +236,140 @@ async def test_a_big_frame_is_parsed_without_stalling_the_loop() -> None:
     assert bytes(receiver.out).count(frame) == 1
     assert max(lateness) < inline / 2, (max(lateness), inline)
     await hub.close()
+
+
+async def test_the_subscription_allowance_comes_back_with_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past its allowance a member is read more slowly, and only while it is past it: after
+    a pause its plain events flow at full speed again."""
+    monkeypatch.setattr(bus, "SUB_BURST", 20.0)
+    monkeypatch.setattr(bus, "SUB_RATE", 200.0)
+    hub = Hub()
+    member, other = join(hub), join(hub)
+    other.send(sub("plain"))
+    member.send(*(sub(f"s{i}") for i in range(60)))  # 40 over the allowance: ~0.2 s of pacing
+    deadline = time.monotonic() + 5
+    while hub.subscriber_count("s59") == 0:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(0.3)  # the allowance refills meanwhile
+    t0 = time.monotonic()
+    for i in range(100):
+        member.send(make_frame("plain", i))
+    while len([e for e in other.received() if e.type == "plain"]) < 100:
+        assert time.monotonic() - t0 < 5
+        await asyncio.sleep(0.01)
+    assert time.monotonic() - t0 < 0.3  # not 100 / SUB_RATE = 0.5 s
+    await hub.close()
+
+
+async def test_members_that_said_goodbye_are_shed_first(caplog: pytest.LogCaptureFixture) -> None:
+    """A member that sent EOF keeps its queue while it drains; over the hub's memory limit,
+    those queues go before a live member's."""
+    caplog.set_level(logging.INFO, logger="wraith.bus")
+    hub = Hub(max_frame=16 * 1024, queue_limit=64 * 1024, memory_limit=256 * 1024)
+    leavers = [join(hub, reading=False) for _ in range(4)]
+    victim = join(hub, reading=False)
+    for i, s in enumerate(leavers):
+        s.send(sub(f"own{i}"))
+    victim.send(sub("v"))
+    await settle(hub)  # (each writer has written once and now waits forever)
+    for i, s in enumerate(leavers):
+        s.send(*(make_frame(f"own{i}", "x" * 15000) for _ in range(4)))
+    await settle(hub)
+    for s in leavers:
+        s.inbox.put_nowait(b"")  # EOF: out of the routing, the queue still waits to drain
+    await settle(hub)
+    assert hub.member_count == 1
+    pub = join(hub)
+    for k in range(4):
+        pub.send(make_frame("v", "y" * 15000))
+        await settle(hub)
+    assert hub.held_bytes() <= hub.memory_limit
+    assert not victim.aborted and sum(s.aborted for s in leavers) >= 1
+
+
+async def test_a_member_cut_while_its_read_completes_routes_nothing() -> None:
+    """Bytes a member sent before it was cut are not routed: a subscription routed for a
+    member that is gone would stay wanted forever."""
+    hub = Hub(max_frame=8 * 1024 - FRAME_OVERHEAD, queue_limit=8 * 1024)
+    watcher = join(hub)
+    slow = join(hub, reading=False)
+    pub = join(hub)
+    slow.send(sub("T"))
+    await settle(hub)
+    pub.send(of_cost("T", hub.queue_limit - 100))
+    await settle(hub)
+    pub.send(make_frame("T", 1))  # this wakes the hub's reader of pub first ...
+    slow.send(sub("Z"))  # ... then slow's, whose member the first one cuts
+    await settle(hub)
+    assert slow.aborted
+    assert hub.subscriber_count("Z") == 0
+    assert ("Z" not in {e.payload["type"] for e in watcher.received() if e.type == SUBSCRIBE})
+    await hub.close()
+
+
+async def test_a_frame_the_parser_child_cannot_finish_closes_only_its_member(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A big frame the child does not answer in time ends that member (too-complex); the
+    child is replaced and the next big frame, from anyone, is parsed as usual."""
+    from wraith_core.protocol import parse_worker
+
+    caplog.set_level(logging.INFO, logger="wraith.bus")
+    hub = Hub()
+    bad, good, receiver = join(hub), join(hub), join(hub)
+    receiver.send(sub("big"))
+    await settle(hub)
+    monkeypatch.setattr(parse_worker, "PARSE_TIMEOUT", 0.05)
+    bad.send(_frame_with_raw_payload("big", "[" + ",".join(["{}"] * 5_000_000) + "]"))
+    deadline = time.monotonic() + 20
+    while not bad.aborted:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.02)
+    monkeypatch.setattr(parse_worker, "PARSE_TIMEOUT", 20.0)
+    ok = _frame_with_raw_payload("big", '"' + "z" * (2 << 20) + '"')
+    good.send(ok)
+    while bytes(receiver.out).count(ok) == 0:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.02)
+    assert any("reason=too-complex" in r.getMessage() for r in caplog.records)
+    assert not good.aborted and not receiver.aborted
+    await hub.close()
+
+
+def test_the_parser_child_ends_with_its_parent(tmp_path) -> None:
+    """The child reads frames from its parent's pipe and ends at EOF: a parent killed with
+    SIGKILL leaves no process behind."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    prog = tmp_path / "parent.py"
+    prog.write_text(
+        "import asyncio\n"
+        "from wraith_core.protocol.parse_worker import ParseWorker\n"
+        "async def main():\n"
+        "    w = ParseWorker()\n"
+        "    body = b'{\"type\":\"t\",\"id\":\"i\",\"payload\":1}'\n"
+        "    print(await w.parse(len(body).to_bytes(4, 'big') + body), flush=True)\n"
+        "    print(w._proc.pid, flush=True)\n"
+        "    await asyncio.sleep(60)\n"
+        "asyncio.run(main())\n")
+    p = subprocess.Popen([sys.executable, str(prog)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout is not None
+        assert "Envelope" in p.stdout.readline()
+        child = int(p.stdout.readline())
+        os.kill(child, 0)  # alive while the parent is
+        p.send_signal(signal.SIGKILL)
+        p.wait(5)
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                os.kill(child, 0)
+            except ProcessLookupError:
+                break
+            assert time.monotonic() < deadline, "the parser child outlived its parent"
+            time.sleep(0.05)
+    finally:
+        p.kill()

@@ -34,10 +34,11 @@ announced to everyone); that chain is worked off in a loop, not by recursion.
 Reading from a member is paced by that member's own writer only through the
 SSH window; the hub keeps the frames it routes, never their parsed payloads.
 
-Frames over ``PARSE_ELSEWHERE`` bytes (1 MiB) are checked in a worker process:
-16 MiB of tiny JSON values take the parser about half a second, and the hub
-shares its event loop with every tunnel of the server. A member's frames are
-still routed in the order it sent them.
+Frames over ``PARSE_ELSEWHERE`` bytes (1 MiB) are checked in a child process
+(:mod:`.protocol.parse_worker`): 16 MiB of tiny JSON values take the parser
+about half a second, and the hub shares its event loop with every tunnel of the
+server. A member's frames are still routed in the order it sent them; a frame
+the child cannot parse in time closes its member (``reason=too-complex``).
 
 Changes of what the hub routes (a type's first subscriber, its last one gone)
 are announced to every member, so each member may cause ``SUB_BURST`` of them
@@ -56,8 +57,6 @@ import argparse
 import asyncio
 import collections
 import logging
-import multiprocessing
-from concurrent.futures import ProcessPoolExecutor
 from typing import TYPE_CHECKING, Any, cast
 
 from .duplex import DuplexStream
@@ -73,9 +72,9 @@ from .protocol.envelope import (
     ProtocolError,
     RawFrame,
     make_frame,
-    parse_frame,
     subscription_type,
 )
+from .protocol.parse_worker import ParseWorker
 
 if TYPE_CHECKING:
     from .ssh.server import ConnectionInfo
@@ -92,8 +91,7 @@ DRAIN_TIMEOUT = 30.0  # how long a member that sent EOF gets to read what was qu
 DEFAULT_MEMORY_LIMIT = 256 * 1024 * 1024  # distinct frames queued on the whole hub
 SUB_RATE = 200.0  # announced subscription changes per second per member, after a burst of
 SUB_BURST = 1000.0
-PARSE_ELSEWHERE = 1024 * 1024  # frames bigger than this are parsed in a worker process
-WORKER_TASKS = 32  # frames a worker parses before it is replaced (its heap then goes too)
+PARSE_ELSEWHERE = 1024 * 1024  # frames bigger than this are parsed in a child process
 
 
 class _Member:
@@ -140,6 +138,8 @@ class Hub:
         self._held: dict[int, list[Any]] = {}
         self._held_bytes = 0
         self._doomed: collections.deque[_Member] = collections.deque()  # cut, still in the routing
+        self._draining: set[_Member] = set()  # sent EOF, out of the routing, queue still flushing
+        self._parser = ParseWorker()
 
     # -- introspection ------------------------------------------------------------
 
@@ -152,7 +152,7 @@ class Hub:
 
     def queued_bytes(self) -> int:
         """Bytes waiting in all members' outbound queues (shared frames counted per member)."""
-        return sum(m.queued for m in self._members)
+        return sum(m.queued for m in self._members | self._draining)
 
     def held_bytes(self) -> int:
         """Bytes of the distinct frames waiting in any queue (what they take in memory)."""
@@ -184,6 +184,7 @@ class Hub:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self._parser.close()
 
     # -- per member ---------------------------------------------------------------
 
@@ -197,6 +198,7 @@ class Hub:
                 self._leave(m)
                 self._settle()
                 m.draining = True
+                self._draining.add(m)
                 m.wakeup.set()
                 closed = asyncio.ensure_future(m.stream.wait_closed())
                 await asyncio.wait({writer, closed}, timeout=DRAIN_TIMEOUT,
@@ -215,6 +217,8 @@ class Hub:
                 data = await m.stream.read(READ_SIZE)
             except Exception:  # ConnectionError, OSError, asyncssh's ConnectionLost/DisconnectError
                 return "truncated" if dec.buffered else None
+            if m.dropped:  # cut while the read completed: what it read must not be routed
+                return None
             if data:
                 dec.receive_data(data)
             else:
@@ -224,7 +228,7 @@ class Hub:
             while events:
                 ev = events.popleft()  # (what is routed is not kept while this member waits)
                 if isinstance(ev, RawFrame):
-                    ev = await _parse_elsewhere(ev.frame)
+                    ev = await self._parser.parse(ev.frame)
                     if m.dropped:
                         return None
                 if isinstance(ev, Envelope):
@@ -241,8 +245,9 @@ class Hub:
                 del ev
                 if m.dropped:
                     return None
-                if m.sub_tokens < 0:  # too many subscription changes: read it more slowly
-                    await asyncio.sleep(-m.sub_tokens / SUB_RATE)
+                wait = _sub_wait(m)
+                if wait:  # too many subscription changes: read it more slowly
+                    await asyncio.sleep(wait)
                     if m.dropped:
                         return None
             await asyncio.sleep(0)  # let writers flush between chunks, even when more input is buffered
@@ -324,9 +329,8 @@ class Hub:
     def _announce(self, m: _Member, frame: bytes) -> None:
         """Tell every member about ``m``'s change of what the hub routes (charged to ``m``)."""
         if not m.dropped:
-            now = asyncio.get_running_loop().time()
-            m.sub_tokens = min(SUB_BURST, m.sub_tokens + (now - m.sub_time) * SUB_RATE) - 1
-            m.sub_time = now
+            _sub_wait(m)  # (tops the allowance up)
+            m.sub_tokens -= 1
         self._fan_out(list(self._members), frame)
 
     def _fan_out(self, members: list[_Member], frame: bytes) -> None:
@@ -364,10 +368,11 @@ class Hub:
     def _shed(self) -> None:
         """Over the hub's memory limit: cut the members with the longest queues until under it."""
         while self._held_bytes > self.memory_limit:
-            live = [x for x in self._members if not x.dropped and x.queued]
+            # those that said goodbye first, then the longest queues
+            live = [x for x in self._members | self._draining if not x.dropped and x.queued]
             if not live:
                 return
-            self._cut(max(live, key=lambda x: x.queued), "slow-consumer")
+            self._cut(max(live, key=lambda x: (x.draining, x.queued)), "slow-consumer")
 
     def _leave(self, m: _Member) -> None:
         """Take ``m`` out of the routing: no event reaches it any more. (Its last
@@ -386,6 +391,7 @@ class Hub:
         if m.dropped:
             return
         m.dropped = True
+        self._draining.discard(m)
         for frame in m.queue:
             self._release(frame)
         m.queue.clear()
@@ -414,23 +420,13 @@ class Hub:
         self._settle()
 
 
-_workers: ProcessPoolExecutor | None = None
-
-
-async def _parse_elsewhere(frame: bytes) -> Envelope | ProtocolError:
-    """``parse_frame`` in the worker process (started on first use); here if that fails."""
-    global _workers
-    try:
-        if _workers is None:
-            _workers = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
-                                           max_tasks_per_child=WORKER_TASKS)
-        ev = await asyncio.get_running_loop().run_in_executor(_workers, parse_frame, frame, False)
-    except (OSError, RuntimeError):  # no worker (BrokenProcessPool is a RuntimeError)
-        if _workers is not None:
-            _workers.shutdown(wait=False, cancel_futures=True)
-            _workers = None
-        ev = parse_frame(frame, False)
-    return Envelope(ev.type, ev.id, ev.payload, frame) if isinstance(ev, Envelope) else ev
+def _sub_wait(m: _Member) -> float:
+    """Top up ``m``'s allowance of announced subscription changes; how long to wait before
+    reading it again (0: no wait)."""
+    now = asyncio.get_running_loop().time()
+    m.sub_tokens = min(SUB_BURST, m.sub_tokens + (now - m.sub_time) * SUB_RATE)
+    m.sub_time = now
+    return -m.sub_tokens / SUB_RATE if m.sub_tokens < 0 else 0.0
 
 
 def _token(text: str) -> str:
