@@ -35,9 +35,12 @@ export interface DaemonOptions {
   token?: string;
   /** Start a child daemon when none is found (default true). */
   autostart?: boolean;
-  /** Milliseconds to wait for the daemon's answer to the open request. */
+  /**
+   * Milliseconds for the whole open: finding or starting the daemon, the WebSocket
+   * handshake and the daemon's answer (default 60000, or connectTimeout + 10 s).
+   */
   timeout?: number;
-  /** Abort the pending open. */
+  /** Abort the pending open (also while the daemon is being started). */
   signal?: AbortSignal;
 }
 
@@ -69,6 +72,13 @@ export interface WraithConnectOptions extends DaemonOptions {
   connectTimeout?: number;
   /** `host:port` to open; default `wraith-control:0` (the server's event bus). */
   target?: string;
+  /**
+   * As net.Socket's (client side only, not sent to the daemon). false (default): when
+   * the far end sends EOF, the stream ends its own side too (sends EOF) once the
+   * readable side has ended, and closes. true: the writable side stays open until
+   * end(); if the far end has closed meanwhile, a write() fails with EPIPE.
+   */
+  allowHalfOpen?: boolean;
 }
 
 /** Options of serve(): the `wraith serve` flags in camelCase. */
@@ -91,6 +101,12 @@ export interface WraithServeOptions extends DaemonOptions {
   loginGraceTime?: number;
   maxPktsize?: number;
   window?: number;
+  /**
+   * allowHalfOpen of the incoming streams, as net.Server's (client side only, not
+   * sent to the daemon). Default false: a client's EOF ends the stream's writable
+   * side too. true: reply after the client's EOF, then end() yourself.
+   */
+  allowHalfOpen?: boolean;
 }
 
 export interface ConnectionInfo {
@@ -248,6 +264,7 @@ export interface DaemonEventMap {
 }
 
 export declare class DaemonEvent<T = Record<string, unknown>> extends CustomEvent<T> {
+  constructor(type: string, detail: T, time: number);
   /** Unix seconds. */
   readonly time: number;
 }

@@ -7,10 +7,10 @@ const { EventEmitter } = require('node:events');
 const ipc = require('./ipc');
 const daemon = require('./daemon');
 const { WraithStream } = require('./stream');
-const { wraithError } = require('./errors');
+const { wraithError, abortError } = require('./errors');
 
 // Options that are this package's own, never sent to the daemon.
-const CLIENT_OPTIONS = new Set(['daemon', 'token', 'autostart', 'signal', 'timeout']);
+const CLIENT_OPTIONS = new Set(['daemon', 'token', 'autostart', 'signal', 'timeout', 'allowHalfOpen']);
 // Key inputs: a path (made absolute here, the daemon may have another cwd) or the key itself.
 const KEY_OPTIONS = new Set(['identity', 'certificate', 'hostKey', 'knownHosts', 'tlsCa', 'key', 'authorizedKeys', 'certAuthority', 'tlsCert', 'tlsKey']);
 const DEFAULT_TIMEOUT = 60000;
@@ -46,13 +46,7 @@ function checkOptions(options, what) {
   }
 }
 
-function abortError(signal) {
-  const err = wraithError('ABORT_ERR', 'The operation was aborted', { cause: signal && signal.reason });
-  err.name = 'AbortError';
-  return err;
-}
-
-function firstMessage(ws, { timeout, signal, what }) {
+function firstMessage(ws, { timeout, total = timeout, signal, what }) {
   return new Promise((resolve, reject) => {
     let done = false;
     const finish = (err, msg) => {
@@ -71,18 +65,24 @@ function firstMessage(ws, { timeout, signal, what }) {
       }
       // Messages that follow 'opened' in the same socket read are emitted
       // before our caller's continuation runs: hold them for its consumer.
+      // So do a WebSocket 'error' (a frame ws refused) and the 'close'.
       const backlog = [];
       const hold = (raw) => backlog.push(raw);
       const holdClose = (code, reason) => {
         backlog.closed = [code, reason];
       };
+      const holdError = (e) => {
+        if (!backlog.error) backlog.error = e;
+      };
       ws.on('message', hold);
       ws.once('close', holdClose);
+      ws.on('error', holdError);
       resolve({
         opened: msg,
         takeBacklog: () => {
           ws.off('message', hold);
           ws.off('close', holdClose);
+          ws.off('error', holdError);
           return backlog;
         },
       });
@@ -103,7 +103,12 @@ function firstMessage(ws, { timeout, signal, what }) {
       } else finish(wraithError('EDAEMON', `the daemon broke the IPC protocol: ${JSON.stringify(msg.type)} before opened`));
     };
     const onClose = (code, reason) =>
-      finish(pendingError || wraithError('EDAEMON', `the daemon closed the WebSocket before answering (close ${code}${reason && reason.length ? ` ${reason}` : ''})`));
+      finish(
+        pendingError ||
+          wraithError('EDAEMON', `the daemon closed the WebSocket before answering (close ${code}${reason && reason.length ? ` ${reason}` : ''})`, {
+            closeCode: code,
+          }),
+      );
     const onAbort = () => finish(abortError(signal));
     // A frame ws refuses (bad RSV bits, over maxPayload) is an 'error' event, then 'close':
     // without a listener Node would throw it in the host process. Before 'opened' it fails
@@ -114,7 +119,7 @@ function firstMessage(ws, { timeout, signal, what }) {
     };
     ws.on('error', onError);
     ws.on('error', () => {});
-    const timer = setTimeout(() => finish(wraithError('ETIMEDOUT', `${what}: no answer from the wraith daemon within ${timeout} ms`)), timeout);
+    const timer = setTimeout(() => finish(wraithError('ETIMEDOUT', `${what}: no answer from the wraith daemon within ${total} ms`)), timeout);
     ws.on('message', onMessage);
     ws.on('close', onClose);
     if (signal) {
@@ -124,16 +129,74 @@ function firstMessage(ws, { timeout, signal, what }) {
   });
 }
 
+/**
+ * `promise`, or a rejection once `signal` aborts or `ms` pass (the work itself goes on:
+ * a daemon being started is shared with other callers, and kept for them).
+ */
+function bounded(promise, { ms, total, signal, what }) {
+  if (signal && signal.aborted) return Promise.reject(abortError(signal));
+  return new Promise((resolve, reject) => {
+    const done = () => {
+      clearTimeout(timer);
+      if (signal) signal.removeEventListener('abort', onAbort);
+    };
+    const onAbort = () => {
+      done();
+      reject(abortError(signal));
+    };
+    const timer = setTimeout(() => {
+      done();
+      reject(wraithError('ETIMEDOUT', `${what}: no wraith daemon ready within ${total} ms`));
+    }, Math.max(0, ms));
+    if (signal) signal.addEventListener('abort', onAbort, { once: true });
+    promise.then(
+      (v) => {
+        done();
+        resolve(v);
+      },
+      (e) => {
+        done();
+        reject(e);
+      },
+    );
+  });
+}
+
 async function openChannel(openMsg, options, what) {
   const { signal } = options;
   if (signal && signal.aborted) throw abortError(signal);
-  const endpoint = await daemon.resolve({ daemon: options.daemon, token: options.token, autostart: options.autostart !== false });
-  const ws = await daemon.openWebSocket(endpoint);
+  // One deadline for all of it: finding or starting the daemon, the WebSocket
+  // handshake, and the daemon's answer.
   const timeout = options.timeout ?? (typeof options.connectTimeout === 'number' ? options.connectTimeout * 1000 + 10000 : DEFAULT_TIMEOUT);
-  const reply = firstMessage(ws, { timeout, signal, what });
-  ws.send(ipc.encode(openMsg));
-  const { opened, takeBacklog } = await reply;
-  return { ws, opened, takeBacklog };
+  const deadline = Date.now() + timeout;
+  const left = () => Math.max(0, deadline - Date.now());
+  for (let attempt = 0; ; attempt++) {
+    const endpoint = await bounded(daemon.resolve({ daemon: options.daemon, token: options.token, autostart: options.autostart !== false }), {
+      ms: left(),
+      total: timeout,
+      signal,
+      what,
+    });
+    // Our own child daemon that was stopped (gracefully) is gone or going: its
+    // socket refuses, or it closes with 1001. Start a new one, once.
+    const retry = (err) => attempt === 0 && options.autostart !== false && daemon.dropStaleChild(endpoint, err);
+    let ws;
+    try {
+      ws = await daemon.openWebSocket(endpoint, { timeout: left(), signal });
+    } catch (err) {
+      if (retry(err)) continue;
+      throw err;
+    }
+    const reply = firstMessage(ws, { timeout: left(), total: timeout, signal, what });
+    ws.send(ipc.encode(openMsg));
+    try {
+      const { opened, takeBacklog } = await reply;
+      return { ws, opened, takeBacklog };
+    } catch (err) {
+      if (retry(err)) continue;
+      throw err;
+    }
+  }
 }
 
 /**
@@ -144,14 +207,19 @@ async function connect(options) {
   checkOptions(options, 'connect');
   const opts = daemonOptions(options);
   const { ws, opened, takeBacklog } = await openChannel({ type: 'open', kind: 'connect', options: opts }, options, 'connect');
-  return new WraithStream(ws, takeBacklog, {
-    role: 'client',
-    kind: 'connect',
-    id: opened.id,
-    target: opened.target ?? opts.target ?? 'wraith-control:0',
-    session: opened.session,
-    pooled: Boolean(opened.pooled),
-  });
+  return new WraithStream(
+    ws,
+    takeBacklog,
+    {
+      role: 'client',
+      kind: 'connect',
+      id: opened.id,
+      target: opened.target ?? opts.target ?? 'wraith-control:0',
+      session: opened.session,
+      pooled: Boolean(opened.pooled),
+    },
+    { allowHalfOpen: Boolean(options.allowHalfOpen) },
+  );
 }
 
 class WraithServer extends EventEmitter {
@@ -216,7 +284,12 @@ class WraithServer extends EventEmitter {
       return;
     }
     const finalInfo = ch.opened.info && typeof ch.opened.info === 'object' ? ch.opened.info : info;
-    const stream = new WraithStream(ch.ws, ch.takeBacklog, { role: 'server', kind: 'accept', id, info: finalInfo, server: this.id });
+    const stream = new WraithStream(
+      ch.ws,
+      ch.takeBacklog,
+      { role: 'server', kind: 'accept', id, info: finalInfo, server: this.id },
+      { allowHalfOpen: Boolean(this._options.allowHalfOpen) },
+    );
     this._deliver(stream, { ...finalInfo });
   }
 
@@ -307,7 +380,13 @@ async function serve(options) {
   checkOptions(options, 'serve');
   const opts = daemonOptions(options);
   const { ws, opened, takeBacklog } = await openChannel({ type: 'open', kind: 'serve', options: opts }, options, 'serve');
-  return new WraithServer(ws, opened, takeBacklog, { daemon: options.daemon, token: options.token, autostart: options.autostart });
+  return new WraithServer(ws, opened, takeBacklog, {
+    daemon: options.daemon,
+    token: options.token,
+    autostart: options.autostart,
+    // for incoming streams; default false, as net.Server's
+    allowHalfOpen: Boolean(options.allowHalfOpen),
+  });
 }
 
 /** A daemon state event: `detail` is the event's data; `time` in unix seconds. */

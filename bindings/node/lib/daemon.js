@@ -12,7 +12,7 @@ const os = require('node:os');
 const path = require('node:path');
 const { spawn } = require('node:child_process');
 const WebSocket = require('ws');
-const { wraithError } = require('./errors');
+const { wraithError, abortError } = require('./errors');
 const { MAX_MESSAGE } = require('./ipc');
 
 const READY_TIMEOUT = 20000;
@@ -345,6 +345,25 @@ function shutdown({ timeout = 5000 } = {}) {
   });
 }
 
+/**
+ * After `err` from opening `endpoint`: if that endpoint is our child daemon's and the
+ * error says it is gone or going (its socket removed or refusing: ENOENT,
+ * ECONNREFUSED; close 1001 "shutting down"), forget that child (stopping what is
+ * left of it) so the next resolve() starts a new one, and return true: worth one
+ * retry. Before its 'exit' event the dead child would otherwise be handed out again.
+ */
+function dropStaleChild(endpoint, err) {
+  if (!endpoint || endpoint.source !== 'child daemon' || !err) return false;
+  const code = (err.cause && err.cause.code) || err.code;
+  if (!(code === 'ENOENT' || code === 'ECONNREFUSED' || err.closeCode === 1001)) return false;
+  if (child && child.endpoint === endpoint) {
+    const c = child;
+    child = null;
+    stopProc(c.proc, c.dir);
+  }
+  return true;
+}
+
 /** The daemon this process started (pid, endpoint), or null. */
 function childDaemon() {
   return child ? { pid: child.proc.pid, dir: child.dir, python: child.python, ...child.endpoint } : null;
@@ -376,8 +395,17 @@ const WS_OPTIONS = {
   handshakeTimeout: 10000,
 };
 
-/** Open one WebSocket to the daemon at `endpoint` (resolves once open). */
-function openWebSocket(endpoint) {
+// A full accept queue of the daemon's Unix socket fails connect() at once with EAGAIN
+// (a burst of connects): that is retried, after a short random delay, until the timeout.
+const EAGAIN_FIRST_DELAY = 2;
+const EAGAIN_MAX_DELAY = 50;
+
+/**
+ * Open one WebSocket to the daemon at `endpoint` (resolves once open).
+ * `timeout` (ms) bounds the whole attempt, retries and handshake included;
+ * `signal` aborts it.
+ */
+function openWebSocket(endpoint, { timeout = 10000, signal } = {}) {
   let url;
   const headers = {};
   if (endpoint.ws.startsWith('unix:')) {
@@ -386,44 +414,89 @@ function openWebSocket(endpoint) {
     url = `ws://${endpoint.ws.slice(4)}/`;
     if (endpoint.token) headers.Authorization = `Bearer ${endpoint.token}`;
   }
+  const deadline = Date.now() + timeout;
   return new Promise((resolve, reject) => {
-    let ws;
-    try {
-      ws = new WebSocket(url, { ...WS_OPTIONS, headers });
-    } catch (e) {
-      reject(wraithError('EDAEMON', `bad daemon endpoint ${endpoint.ws}: ${e.message}`));
+    let ws = null;
+    let retry = null;
+    let attempt = 0;
+    let settled = false;
+    const noop = () => {};
+    const finish = (err) => {
+      if (settled) return;
+      settled = true;
+      clearTimeout(retry);
+      clearTimeout(overall);
+      if (signal) signal.removeEventListener('abort', onAbort);
+      if (err) {
+        if (ws) {
+          ws.removeAllListeners('open');
+          ws.on('error', noop);
+          ws.terminate();
+        }
+        reject(err);
+      } else {
+        resolve(ws);
+      }
+    };
+    const onAbort = () => finish(abortError(signal));
+    const overall = setTimeout(
+      () => finish(wraithError('ETIMEDOUT', `cannot reach the wraith daemon at ${endpoint.ws} (${endpoint.source}) within ${timeout} ms`)),
+      Math.max(0, timeout),
+    );
+    const tryOnce = () => {
+      retry = null;
+      try {
+        ws = new WebSocket(url, { ...WS_OPTIONS, headers, handshakeTimeout: Math.max(1, Math.min(WS_OPTIONS.handshakeTimeout, deadline - Date.now())) });
+      } catch (e) {
+        ws = null;
+        finish(wraithError('EDAEMON', `bad daemon endpoint ${endpoint.ws}: ${e.message}`));
+        return;
+      }
+      ws.binaryType = 'nodebuffer';
+      const cleanup = () => {
+        ws.off('open', onOpen);
+        ws.off('error', onError);
+        ws.off('unexpected-response', onResponse);
+      };
+      const onOpen = () => {
+        cleanup();
+        finish(null);
+      };
+      const onError = (e) => {
+        cleanup();
+        ws.on('error', noop);
+        if (e && e.code === 'EAGAIN' && !settled) {
+          const delay = Math.min(EAGAIN_MAX_DELAY, EAGAIN_FIRST_DELAY * 2 ** attempt++) * (0.5 + Math.random());
+          if (Date.now() + delay < deadline) {
+            ws = null;
+            retry = setTimeout(tryOnce, delay);
+            return;
+          }
+        }
+        finish(
+          wraithError('EDAEMON', `cannot reach the wraith daemon at ${endpoint.ws} (${endpoint.source}): ${e.message}`, {
+            cause: e,
+          }),
+        );
+      };
+      const onResponse = (req, res) => {
+        cleanup();
+        ws.on('error', noop);
+        req.destroy();
+        const hint = res.statusCode === 401 ? ' (wrong or missing token)' : '';
+        finish(wraithError('EDAEMON', `the daemon at ${endpoint.ws} refused us: HTTP ${res.statusCode}${hint}`, { status: res.statusCode }));
+      };
+      ws.on('open', onOpen);
+      ws.on('error', onError);
+      ws.on('unexpected-response', onResponse);
+    };
+    if (signal && signal.aborted) {
+      onAbort();
       return;
     }
-    ws.binaryType = 'nodebuffer';
-    const cleanup = () => {
-      ws.off('open', onOpen);
-      ws.off('error', onError);
-      ws.off('unexpected-response', onResponse);
-    };
-    const onOpen = () => {
-      cleanup();
-      resolve(ws);
-    };
-    const onError = (e) => {
-      cleanup();
-      ws.on('error', () => {});
-      reject(
-        wraithError('EDAEMON', `cannot reach the wraith daemon at ${endpoint.ws} (${endpoint.source}): ${e.message}`, {
-          cause: e,
-        }),
-      );
-    };
-    const onResponse = (req, res) => {
-      cleanup();
-      ws.on('error', () => {});
-      const hint = res.statusCode === 401 ? ' (wrong or missing token)' : '';
-      reject(wraithError('EDAEMON', `the daemon at ${endpoint.ws} refused us: HTTP ${res.statusCode}${hint}`, { status: res.statusCode }));
-      req.destroy();
-    };
-    ws.on('open', onOpen);
-    ws.on('error', onError);
-    ws.on('unexpected-response', onResponse);
+    if (signal) signal.addEventListener('abort', onAbort, { once: true });
+    tryOnce();
   });
 }
 
-module.exports = { defaultDir, parseEndpoint, discover, resolve, shutdown, childDaemon, openWebSocket };
+module.exports = { defaultDir, parseEndpoint, discover, resolve, shutdown, childDaemon, openWebSocket, dropStaleChild };

@@ -23,4 +23,11 @@ function wraithError(code, message, extra) {
   return err;
 }
 
-module.exports = { wraithError };
+/** The AbortError an aborted operation rejects with (code ABORT_ERR, as Node's own). */
+function abortError(signal) {
+  const err = wraithError('ABORT_ERR', 'The operation was aborted', { cause: signal && signal.reason });
+  err.name = 'AbortError';
+  return err;
+}
+
+module.exports = { wraithError, abortError };

@@ -55,6 +55,7 @@ class WraithEventTarget extends EventTarget {
     this._filtering = pointToPoint !== false;
     this._peerWaiters = new Map(); // type -> [resolve]
     this._closed = false;
+    this._flushing = null;
     this.error = null;
     this._onClose = onClose;
     this._closeTimeout = closeTimeout;
@@ -245,15 +246,21 @@ class WraithEventTarget extends EventTarget {
   flush() {
     const s = this._stream;
     if (this._closed || !s.writableNeedDrain) return Promise.resolve();
-    return new Promise((resolve) => {
-      const done = () => {
-        s.off('drain', done);
-        s.off('close', done);
-        resolve();
-      };
-      s.on('drain', done);
-      s.on('close', done);
-    });
+    // One pending flush for every caller: one 'drain' and one 'close' listener,
+    // however many producers wait.
+    if (!this._flushing) {
+      this._flushing = new Promise((resolve) => {
+        const done = () => {
+          s.off('drain', done);
+          s.off('close', done);
+          this._flushing = null;
+          resolve();
+        };
+        s.on('drain', done);
+        s.on('close', done);
+      });
+    }
+    return this._flushing;
   }
 
   /** End the stream (EOF to the peer); resolves when it has closed. */

@@ -3,8 +3,9 @@
 // One daemon WebSocket carrying one stream (docs/ipc.md §4.1), as a Node
 // Duplex that behaves like a net.Socket: write() false + 'drain' under
 // backpressure, end() half-closes (eof), the far end's eof ends the readable
-// side, destroy() aborts the channel, and an unclean end is an 'error' with a
-// stable code, never a silent EOF.
+// side (and, unless allowHalfOpen, our writable side too, as net.Socket does),
+// destroy() aborts the channel, and an unclean end is an 'error' with a stable
+// code, never a silent EOF.
 
 const { Duplex } = require('node:stream');
 const ipc = require('./ipc');
@@ -31,10 +32,13 @@ class WraithStream extends Duplex {
    * @param {import('ws')} ws an open WebSocket whose `opened` was received
    * @param {() => Buffer[]} takeBacklog messages that arrived after `opened`
    * @param {object} meta { id, kind, role, target, session, pooled, info }
+   * @param {object} [opts]
+   * @param {boolean} [opts.allowHalfOpen] false (default, as net.Socket): the far
+   *   end's eof ends our writable side too once the readable side has ended
    */
-  constructor(ws, takeBacklog, meta) {
+  constructor(ws, takeBacklog, meta, { allowHalfOpen = false } = {}) {
     super({
-      allowHalfOpen: true,
+      allowHalfOpen: Boolean(allowHalfOpen),
       readableHighWaterMark: HIGH_WATER,
       writableHighWaterMark: HIGH_WATER,
       decodeStrings: true,
@@ -49,13 +53,24 @@ class WraithStream extends Duplex {
     this._wsClosed = false;
     this._closeInfo = null;
     this._onWsClosed = [];
+    // bytes we sent after the far end's eof: if it then closes before our eof, they
+    // may never have been read (EPIPE, as a socket whose peer is gone)
+    this._sentAfterEof = 0;
     this.bytesRead = 0;
     this.bytesWritten = 0;
 
-    ws.on('error', (err) => {
-      if (!this._daemonError) this._daemonError = wraithError('ECONNRESET', `the connection to the wraith daemon failed: ${err.message}`);
-    });
+    const onWsError = (err) => {
+      if (this._daemonError) return;
+      // ws refused a frame (bad RSV bits, over maxPayload, …): the daemon broke the protocol
+      this._daemonError =
+        err && typeof err.code === 'string' && err.code.startsWith('WS_ERR_')
+          ? wraithError('EDAEMON', `the daemon broke the WebSocket protocol: ${err.message}`, { cause: err })
+          : wraithError('ECONNRESET', `the connection to the wraith daemon failed: ${err.message}`, { cause: err });
+    };
+    ws.on('error', onWsError);
     const backlog = takeBacklog ? takeBacklog() : [];
+    // a WebSocket error (a frame ws refused) in the same read as `opened`
+    if (backlog.error) onWsError(backlog.error);
     ws.on('message', (data) => this._onMessage(data));
     for (const raw of backlog) this._onMessage(raw);
     ws.on('close', (code, reason) => this._onClose(code, reason ? reason.toString() : ''));
@@ -155,6 +170,7 @@ class WraithStream extends Duplex {
     if (this._idleTimer) this._touch();
     this._inflight += buf.length;
     this.bytesWritten += n;
+    if (this._eofReceived) this._sentAfterEof += n;
     this._ws.send(buf, { binary: true }, (err) => {
       this._inflight -= buf.length;
       if (err) {
@@ -175,7 +191,11 @@ class WraithStream extends Duplex {
 
   _writable() {
     if (this._wsClosed || this._ws.readyState !== 1) {
-      return this._daemonError || wraithError('EPIPE', 'the stream is closed');
+      if (this._daemonError) return this._daemonError;
+      if (this._eofReceived && this._closeInfo && this._closeInfo.code === 1000) {
+        return wraithError('EPIPE', 'the far end closed the stream: nothing more can be written');
+      }
+      return wraithError('EPIPE', 'the stream is closed');
     }
     return null;
   }
@@ -226,8 +246,9 @@ class WraithStream extends Duplex {
   _final(cb) {
     const err = this._writable();
     if (err) {
-      // The far end already closed everything cleanly: nothing to half-close.
-      if (this._eofReceived && this._closeInfo && this._closeInfo.code === 1000) return cb();
+      // The far end already closed everything cleanly (and nothing we wrote after
+      // its eof was lost, or _onClose had destroyed us): nothing to half-close.
+      if (this._eofReceived && this._closeInfo && this._closeInfo.code === 1000 && !this._daemonError) return cb();
       return cb(err);
     }
     this._eofSent = true;
@@ -256,12 +277,18 @@ class WraithStream extends Duplex {
       this.destroy(wraithError('EPIPE', 'the far end closed the stream before all written data was sent'));
       return;
     }
-    // Let buffered readable data be consumed first; then finish.
     if (this.writableFinished || this._eofSent) return; // autoDestroy completes it
-    this._closedByPeer = true;
-    // Both directions are over: end our writable side too (like a socket whose peer closed).
-    if (this.readableEnded) this.destroy();
-    else this.once('end', () => this.destroy());
+    // The far end closed while our writable side was open. Bytes we wrote after
+    // its eof went into a channel it no longer reads: say so, never drop them silently.
+    if (this._sentAfterEof > 0) {
+      this.destroy(wraithError('EPIPE', `the far end closed; data written after its end may not have been read (${this._sentAfterEof} bytes)`));
+      return;
+    }
+    // Nothing lost. Buffered readable data is still consumed first. Then:
+    // - allowHalfOpen false: Duplex ends our writable side at 'end'; _final sees the
+    //   clean close and the stream closes without an error.
+    // - allowHalfOpen true: the writable side stays open, as a net.Socket's does
+    //   after the peer's FIN: end() completes at once, write() fails with EPIPE.
   }
 
   _abort(err) {

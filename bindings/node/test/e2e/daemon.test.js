@@ -147,6 +147,26 @@ test('autostart: a child daemon in a private dir, reused, stopped when the Node 
   }
 });
 
+test('autostart: after our child daemon was stopped gracefully, the next connect() starts a new one at once', { timeout: 60000 }, async () => {
+  const target = await h.tcpServer((s) => s.pipe(s));
+  const s1 = await wraith.connect({ ...base, target: target.target });
+  s1.on('error', () => {});
+  const old = wraith.childDaemon();
+  assert.ok(old, 'a child daemon was started');
+  process.kill(old.pid, 'SIGTERM'); // stopped from outside, gracefully
+  for (let i = 0; i < 3; i++) {
+    // no retry loop here: each connect() must succeed the first time
+    const s2 = await wraith.connect({ ...base, target: target.target });
+    s2.end('ping');
+    assert.equal((await h.drain(s2)).bytes, 4);
+    await h.closed(s2);
+  }
+  const now = wraith.childDaemon();
+  assert.ok(now && now.pid !== old.pid, 'a new child daemon');
+  await h.waitFor(() => !h.pidAlive(old.pid), 15000, 'the old daemon to exit');
+  await target.close();
+});
+
 test('discovery: daemon.json in $XDG_RUNTIME_DIR/wraith, WRAITH_DAEMON, the daemon option', { timeout: 60000 }, async () => {
   await wraith.shutdownDaemon();
   const d = await startDaemon([]); // default dir: $XDG_RUNTIME_DIR/wraith (our private one)

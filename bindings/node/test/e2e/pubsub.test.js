@@ -202,7 +202,8 @@ test('serve() + connect(): events both ways, ConnectionInfo, point-to-point', { 
 });
 
 test('serve(): bytes intact and flow control end to end (fast writer, slow server-side reader)', { timeout: 90000 }, async () => {
-  const server = await wraith.serve({ hostKey: keys.host, authorizedKeys: keys.authorizedKeys, listen: '127.0.0.1:0' });
+  // allowHalfOpen: the server side answers after the client's EOF
+  const server = await wraith.serve({ hostKey: keys.host, authorizedKeys: keys.authorizedKeys, listen: '127.0.0.1:0', allowHalfOpen: true });
   const conns = [];
   server.onConnection((stream) => conns.push(stream));
   const c = await wraith.connect({ server: server.address, identity: keys.client, hostKey: keys.hostPub });

@@ -81,7 +81,7 @@ test('half-close: end() sends EOF, the other direction keeps flowing', { timeout
   await target.close();
 });
 
-test("half-close the other way: the target's EOF ends readable, our writes still arrive", { timeout: 30000 }, async () => {
+test("allowHalfOpen: true: the target's EOF ends readable, our writes still arrive", { timeout: 30000 }, async () => {
   let received = null;
   const target = await h.tcpServer((s) => {
     s.end('bye'); // target half-closes first
@@ -95,15 +95,77 @@ test("half-close the other way: the target's EOF ends readable, our writes still
       received = { bytes: n, hash: hh.digest('hex') };
     });
   });
-  const stream = await wraith.connect({ ...base, target: target.target });
+  const stream = await wraith.connect({ ...base, target: target.target, allowHalfOpen: true });
+  assert.equal(stream.allowHalfOpen, true);
   const r = await h.drain(stream);
   assert.equal(r.bytes, 3);
+  await h.sleep(200);
   assert.equal(stream.writable, true, 'still writable after the peer EOF');
   const more = crypto.randomBytes(1024 * 1024);
   stream.end(more);
   await h.waitFor(() => received !== null, 10000, 'the target to get our data and EOF');
   assert.deepEqual(received, { bytes: more.length, hash: sha(more) });
   await h.closed(stream);
+  await target.close();
+});
+
+test("allowHalfOpen (default false, as net.Socket): the target's EOF ends our side too, and the stream closes", { timeout: 30000 }, async () => {
+  let targetSawEnd = false;
+  // "send the response, then FIN", keeping the socket until the client ends too
+  const target = await h.tcpServer((c) => {
+    c.on('end', () => {
+      targetSawEnd = true;
+    });
+    c.resume();
+    c.end('HTTP/1.0 200 OK\r\n\r\nbody');
+  });
+  for (const opt of [{}, { allowHalfOpen: false }]) {
+    targetSawEnd = false;
+    const stream = await wraith.connect({ ...base, target: target.target, ...opt });
+    assert.equal(stream.allowHalfOpen, false);
+    const errors = [];
+    stream.on('error', (e) => errors.push(e));
+    const r = await h.drain(stream);
+    assert.equal(r.bytes, 23);
+    await Promise.race([h.closed(stream), h.sleep(10000).then(() => assert.fail('the stream is still open 10 s after the far end ended'))]);
+    assert.deepEqual(errors, []);
+    assert.equal(stream.writableEnded, true);
+    await h.waitFor(() => targetSawEnd, 5000, 'the target to see our EOF');
+  }
+  await target.close();
+});
+
+test('allowHalfOpen: true: writing after the target closed is an EPIPE error, never a silent drop', { timeout: 30000 }, async () => {
+  let got = 0;
+  const target = await h.tcpServer(
+    (c) => {
+      c.on('data', (d) => (got += d.length));
+      c.end('reply');
+      c.destroySoon();
+    },
+    { allowHalfOpen: false },
+  );
+  const stream = await wraith.connect({ ...base, target: target.target, allowHalfOpen: true });
+  stream.resume();
+  await once(stream, 'end');
+  await h.sleep(300);
+  const errored = once(stream, 'error');
+  const ok = [];
+  for (let i = 0; i < 30 && !stream.destroyed; i++) {
+    stream.write(Buffer.alloc(32768, 1), (e) => ok.push(!e));
+    await h.sleep(10);
+  }
+  const [err] = await Promise.race([errored, h.sleep(10000).then(() => assert.fail('no error: the writes were dropped silently'))]);
+  assert.equal(err.code, 'EPIPE');
+  assert.equal(got, 0);
+  await h.closed(stream);
+  // default (allowHalfOpen false): our side ended with the target's, a write is a write after end
+  const s2 = await wraith.connect({ ...base, target: target.target });
+  s2.resume();
+  await once(s2, 'end');
+  const e2 = await new Promise((resolve) => s2.write('late', resolve));
+  assert.equal(e2.code, 'ERR_STREAM_WRITE_AFTER_END');
+  await h.closed(s2);
   await target.close();
 });
 

@@ -1,5 +1,5 @@
 // Compiled with `tsc --noEmit` against the installed package: proves index.d.ts.
-import { connect, serve, createWraithEventTarget, daemonEvents, WraithStream, type ConnectionInfo, type WraithError } from '@wraith/node';
+import { connect, serve, createWraithEventTarget, daemonEvents, DaemonEvent, WraithStream, type ConnectionInfo, type WraithError } from '@wraith/node';
 import type { Duplex } from 'node:stream';
 
 interface ChatEvents {
@@ -56,6 +56,18 @@ async function main(): Promise<void> {
   const stop = feed.onEvent((e) => console.log(e.event));
   stop();
   await feed.close();
+  // DaemonEvent is constructible (e.g. to re-dispatch or to fake events in tests)
+  const fake = new DaemonEvent('session.up', { session: 's1', server: 'gw:22' }, 1700000000);
+  const t: number = fake.time;
+  const srv: string = fake.detail.server;
+  console.log(t, srv);
+  feed.dispatchEvent(fake);
+
+  // allowHalfOpen: a client-side option of connect() and serve(), as net's
+  const half = await connect({ server: 'x:1', identity: './id', hostKey: 'SHA256:abc', allowHalfOpen: true });
+  half.end();
+  const halfServer = await serve({ hostKey: './host', listen: '127.0.0.1:0', allowHalfOpen: false });
+  await halfServer.close();
 
   try {
     // @ts-expect-error identity is required

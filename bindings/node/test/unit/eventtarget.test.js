@@ -314,6 +314,40 @@ test('flush() waits for drain under backpressure', { timeout: 20000 }, async () 
   b.destroy();
 });
 
+test('concurrent flush() calls share one pending flush: one drain and one close listener', { timeout: 20000 }, async () => {
+  const [a, b] = await socketPair();
+  b.pause();
+  const et = createWraithEventTarget({ stream: a, pointToPoint: false });
+  const big = 'z'.repeat(256 * 1024);
+  while (!et.needsDrain) et.emit('big', big);
+  const drain0 = a.listenerCount('drain');
+  const close0 = a.listenerCount('close');
+  const warnings = [];
+  const onWarning = (w) => warnings.push(w);
+  process.on('warning', onWarning);
+  try {
+    const flushes = Array.from({ length: 20 }, () => et.flush());
+    assert.equal(a.listenerCount('drain') - drain0, 1);
+    assert.equal(a.listenerCount('close') - close0, 1);
+    b.resume();
+    await Promise.all(flushes);
+    assert.equal(a.listenerCount('drain'), drain0);
+    assert.equal(a.listenerCount('close'), close0);
+    // the next backpressure gets a fresh flush
+    b.pause();
+    while (!et.needsDrain) et.emit('big', big);
+    const p = et.flush();
+    b.resume();
+    await p;
+    await tick(10);
+    assert.deepEqual(warnings.map((w) => w.name), []);
+  } finally {
+    process.off('warning', onWarning);
+  }
+  await et.close();
+  b.destroy();
+});
+
 test('waitSubscribed: timeout, and rejection when the target closes', { timeout: 10000 }, async () => {
   const [a, b] = await socketPair();
   const et = createWraithEventTarget({ stream: a });

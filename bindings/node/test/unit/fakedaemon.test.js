@@ -235,3 +235,272 @@ test('serve control: incoming -> accept on a new WebSocket -> onConnection(strea
   await server.close();
   await d.close();
 });
+
+// -- allowHalfOpen and writes after the far end closed (as net.Socket) ------------------
+
+const opened = (ws) => send(ws, { type: 'opened', kind: 'connect', id: 's1' });
+
+test('allowHalfOpen is a client option (never sent); default false: the far end EOF ends our side too', { timeout: 10000 }, async () => {
+  let gotEof = false;
+  const d = await fakeDaemon((ws) => {
+    opened(ws);
+    send(ws, { type: 'data', data: Buffer.from('reply') });
+    send(ws, { type: 'eof' });
+    ws.on('message', (raw) => {
+      if (unmp(raw).type === 'eof') {
+        gotEof = true;
+        ws.close(1000);
+      }
+    });
+  });
+  const s = await wraith.connect(opts(d));
+  assert.equal(s.allowHalfOpen, false, 'default false, as net.Socket');
+  const events = [];
+  s.on('end', () => events.push('end'));
+  s.on('finish', () => events.push('finish'));
+  s.on('error', (e) => events.push(`error ${e.code}`));
+  s.resume();
+  await once(s, 'close');
+  assert.equal(gotEof, true, 'our eof was sent after the far end ended');
+  assert.deepEqual(events, ['end', 'finish']);
+  // a write after that is a write after end
+  const err = await new Promise((resolve) => s.write('late', resolve));
+  assert.equal(err.code, 'ERR_STREAM_WRITE_AFTER_END');
+  const h = await wraith.connect({ ...opts(d), allowHalfOpen: true });
+  assert.equal(h.allowHalfOpen, true);
+  for (const { first } of d.seen) assert.equal('allowHalfOpen' in first.options, false, 'not sent to the daemon');
+  h.resume();
+  await once(h, 'end');
+  await new Promise((r) => setTimeout(r, 100));
+  assert.equal(h.writable, true, 'allowHalfOpen: true keeps our side open');
+  h.end();
+  await once(h, 'close');
+  await d.close();
+});
+
+test('allowHalfOpen true: bytes written after the far end EOF, then its close: error EPIPE, not silence', { timeout: 10000 }, async () => {
+  const d = await fakeDaemon((ws) => {
+    opened(ws);
+    send(ws, { type: 'eof' });
+    // the far end closes the channel: the daemon closes once our data came (it drops it)
+    ws.on('message', (raw) => {
+      if (unmp(raw).type === 'data') setTimeout(() => ws.close(1000), 20);
+    });
+  });
+  const s = await wraith.connect({ ...opts(d), allowHalfOpen: true });
+  s.resume();
+  await once(s, 'end');
+  const cbErr = new Promise((resolve) => s.write('request 2', resolve));
+  const [err] = await once(s, 'error');
+  assert.equal(err.code, 'EPIPE');
+  assert.match(err.message, /may not have been read/);
+  assert.ok(!(await cbErr), 'the write itself went out');
+  await d.close();
+});
+
+test('allowHalfOpen true: a write() after the far end closed is an error EPIPE (like net.Socket), not only a callback', { timeout: 10000 }, async () => {
+  let wsClosed;
+  const d = await fakeDaemon((ws) => {
+    opened(ws);
+    send(ws, { type: 'eof' });
+    ws.close(1000);
+    wsClosed = once(ws, 'close');
+  });
+  const s = await wraith.connect({ ...opts(d), allowHalfOpen: true });
+  s.resume();
+  await once(s, 'end');
+  await wsClosed;
+  await new Promise((r) => setTimeout(r, 50));
+  const cbErr = new Promise((resolve) => s.write('too late', resolve));
+  const [err] = await once(s, 'error');
+  assert.equal(err.code, 'EPIPE');
+  assert.equal((await cbErr).code, 'EPIPE');
+  // end() instead of a write: a clean close (nothing was lost)
+  const d2 = await fakeDaemon((ws) => {
+    opened(ws);
+    send(ws, { type: 'eof' });
+    ws.close(1000);
+  });
+  const s2 = await wraith.connect({ ...opts(d2), allowHalfOpen: true });
+  s2.resume();
+  s2.on('error', (e) => assert.fail(e));
+  await once(s2, 'end');
+  await new Promise((r) => setTimeout(r, 50));
+  s2.end();
+  await once(s2, 'close');
+  await d.close();
+  await d2.close();
+});
+
+test('serve(): incoming streams default to allowHalfOpen false (as net.Server), allowHalfOpen: true keeps them open', { timeout: 10000 }, async () => {
+  for (const allowHalfOpen of [undefined, true]) {
+    const d = await fakeDaemon((ws, first) => {
+      if (first.kind === 'serve') {
+        send(ws, { type: 'opened', kind: 'serve', id: 'srv1', addresses: ['127.0.0.1:4000'] });
+        send(ws, { type: 'incoming', id: 'in1', info: {} });
+      } else {
+        send(ws, { type: 'opened', kind: 'accept', id: 'in1', info: {} });
+        send(ws, { type: 'eof' });
+        ws.on('message', (raw) => {
+          if (unmp(raw).type === 'eof') ws.close(1000);
+        });
+      }
+    });
+    const server = await wraith.serve({ daemon: d.daemon, hostKey: Buffer.from('k'), allowHalfOpen });
+    assert.equal('allowHalfOpen' in d.seen[0].first.options, false);
+    const [stream] = await new Promise((resolve) => server.onConnection((...a) => resolve(a)));
+    assert.equal(stream.allowHalfOpen, Boolean(allowHalfOpen));
+    stream.resume();
+    await once(stream, 'end');
+    if (allowHalfOpen) {
+      await new Promise((r) => setTimeout(r, 100));
+      assert.equal(stream.writable, true);
+      stream.end('answer after the client EOF');
+    }
+    await once(stream, 'close');
+    await server.close();
+    await d.close();
+  }
+});
+
+// -- hostile daemon messages ----------------------------------------------------------------
+
+/** {type, junk: <array32 of `count` empty arrays | `count`-deep nesting>} */
+function bomb(type, count, nested) {
+  const head = Buffer.from(mp({ type, junk: null })); // ends with nil for junk
+  const body = Buffer.alloc(5 + count, nested ? 0x91 : 0x90);
+  body[0] = 0xdd;
+  body.writeUInt32BE(nested ? 1 : count, 1);
+  if (nested) body[body.length - 1] = 0x90;
+  return Buffer.concat([head.subarray(0, head.length - 1), body]);
+}
+
+test('hostile control messages: over 1 MiB, too deep, too long: EDAEMON at once, that stream only', { timeout: 20000 }, async () => {
+  const cases = [
+    ['eof of 4 MiB', () => bomb('eof', 4 << 20, false), /not data/],
+    ['eof nested 4M deep', () => bomb('eof', 4 << 20, true), /not data/],
+    ['eof nested 1000 deep (small)', () => bomb('eof', 1000, true), /deeper than 8/],
+    ['eof with an array of 2000', () => bomb('eof', 2000, false), /maxArrayLength/],
+    ['eof with a map of 100', () => Buffer.from(mp({ type: 'eof', m: Object.fromEntries(Array.from({ length: 100 }, (_, i) => [`k${i}`, i])) })), /maxMapLength/],
+  ];
+  for (const [name, make, why] of cases) {
+    const d = await fakeDaemon((ws) => {
+      opened(ws);
+      setTimeout(() => ws.send(make()), 10);
+    });
+    const s = await wraith.connect(opts(d));
+    s.resume();
+    const t0 = Date.now();
+    const [err] = await once(s, 'error');
+    assert.equal(err.code, 'EDAEMON', name);
+    assert.match(err.message, why, name);
+    assert.ok(Date.now() - t0 < 2000, `${name}: ${Date.now() - t0} ms`);
+    await d.close();
+  }
+  // the same before 'opened': the open fails
+  const d = await fakeDaemon((ws) => ws.send(bomb('opened', 4 << 20, false)));
+  await assert.rejects(wraith.connect(opts(d)), (e) => e.code === 'EDAEMON' && /not data/.test(e.message));
+  await d.close();
+});
+
+test("a frame ws refuses right behind 'opened': the stream's error says why", { timeout: 10000 }, async () => {
+  // one socket write: the 'opened' frame and a frame with RSV2 set
+  const body = Buffer.from(mp({ type: 'opened', kind: 'connect', id: 's1' }));
+  const d = await fakeDaemon((ws) => ws._socket.write(Buffer.concat([Buffer.from([0x82, body.length]), body, Buffer.from([0xa2, 0x00])])));
+  const s = await wraith.connect(opts(d));
+  s.resume();
+  const [err] = await once(s, 'error');
+  assert.equal(err.code, 'EDAEMON');
+  assert.match(err.message, /RSV/);
+  await d.close();
+  // and an 'error' message in the same read as 'opened'
+  const d2 = await fakeDaemon((ws) => {
+    const e = Buffer.from(mp({ type: 'error', code: 'ESESSION', message: 'session lost at once' }));
+    ws._socket.write(Buffer.concat([Buffer.from([0x82, body.length]), body, Buffer.from([0x82, e.length]), e, Buffer.from([0x88, 0x02, 0x03, 0xf3])]));
+  });
+  const s2 = await wraith.connect(opts(d2));
+  s2.resume();
+  const [err2] = await once(s2, 'error');
+  assert.deepEqual([err2.code, err2.message], ['ESESSION', 'session lost at once']);
+  await d2.close();
+});
+
+// -- opening: bursts, timeouts, aborts -------------------------------------------------------
+
+test('a burst of connects into a full accept queue (EAGAIN) is retried, not failed', { timeout: 30000 }, async () => {
+  // A daemon in another process with a listen backlog of 1 whose event loop is busy
+  // for a moment: the kernel's accept queue is full and connect() fails with EAGAIN.
+  const sock = path.join(dir, `busy${++n}.sock`);
+  const script = `
+    const http = require('node:http');
+    const { WebSocketServer } = require('ws');
+    const { encode } = require('@msgpack/msgpack');
+    const srv = http.createServer();
+    const wss = new WebSocketServer({ server: srv });
+    wss.on('connection', (ws) => ws.once('message', () => ws.send(Buffer.from(encode({ type: 'error', code: 'EAUTH', message: 'fake' })))));
+    srv.listen({ path: ${JSON.stringify(sock)}, backlog: 1 }, () => {
+      process.stdout.write('ready\\n');
+      process.stdin.once('data', () => {
+        const end = Date.now() + 700;
+        while (Date.now() < end); // busy: accepts nothing
+      });
+    });
+    process.stdin.on('end', () => process.exit(0));
+  `;
+  const proc = require('node:child_process').spawn(process.execPath, ['-e', script], { cwd: path.resolve(__dirname, '../..'), stdio: ['pipe', 'pipe', 'inherit'] });
+  try {
+    await once(proc.stdout, 'data');
+    proc.stdin.write('block\n');
+    await new Promise((r) => setTimeout(r, 100));
+    const results = await Promise.allSettled(Array.from({ length: 64 }, () => wraith.connect({ ...opts({ daemon: `unix:${sock}` }), autostart: false, timeout: 10000 })));
+    const codes = {};
+    for (const r of results) {
+      const why = r.status === 'rejected' ? `${r.reason.code}${r.reason.cause ? ` ${r.reason.cause.code}` : ''}` : 'opened';
+      codes[why] = (codes[why] || 0) + 1;
+    }
+    assert.deepEqual(codes, { EAUTH: 64 }, 'every open reached the daemon');
+  } finally {
+    proc.stdin.end();
+    await once(proc, 'exit');
+  }
+});
+
+test('timeout and signal cover the WebSocket handshake and the daemon autostart', { timeout: 30000 }, async () => {
+  // a socket that accepts and never answers the HTTP upgrade
+  const sock = path.join(dir, `mute${++n}.sock`);
+  const mute = require('node:net').createServer(() => {});
+  mute.listen(sock);
+  await once(mute, 'listening');
+  const t0 = Date.now();
+  await assert.rejects(wraith.connect({ ...opts({ daemon: `unix:${sock}` }), timeout: 300 }), { code: 'ETIMEDOUT' });
+  assert.ok(Date.now() - t0 < 2000, `handshake timeout took ${Date.now() - t0} ms`);
+  const ac = new AbortController();
+  setTimeout(() => ac.abort(), 100);
+  await assert.rejects(wraith.connect({ ...opts({ daemon: `unix:${sock}` }), signal: ac.signal }), { code: 'ABORT_ERR' });
+  mute.close();
+  // autostart of a "python" that takes its time (then fails)
+  const slowPy = path.join(dir, 'slow-python');
+  fs.writeFileSync(slowPy, '#!/bin/sh\nsleep 2\nexit 1\n', { mode: 0o755 });
+  const saved = { WRAITH_PYTHON: process.env.WRAITH_PYTHON, XDG_RUNTIME_DIR: process.env.XDG_RUNTIME_DIR, WRAITH_DAEMON: process.env.WRAITH_DAEMON };
+  process.env.WRAITH_PYTHON = slowPy;
+  process.env.XDG_RUNTIME_DIR = fs.mkdtempSync(path.join(dir, 'xdg-'));
+  delete process.env.WRAITH_DAEMON;
+  try {
+    const base = { server: '127.0.0.1:1', identity: Buffer.from('k'), hostKey: 'SHA256:x' };
+    let t = Date.now();
+    await assert.rejects(wraith.connect({ ...base, timeout: 300 }), { code: 'ETIMEDOUT' });
+    assert.ok(Date.now() - t < 1500, `timeout during autostart took ${Date.now() - t} ms`);
+    const ac2 = new AbortController();
+    setTimeout(() => ac2.abort(), 100);
+    t = Date.now();
+    await assert.rejects(wraith.connect({ ...base, signal: ac2.signal }), { code: 'ABORT_ERR' });
+    assert.ok(Date.now() - t < 1500, `abort during autostart took ${Date.now() - t} ms`);
+    // the start itself goes on (shared by all callers) and fails on its own
+    await assert.rejects(wraith.connect(base), { code: 'EDAEMON' });
+  } finally {
+    for (const [k, v] of Object.entries(saved)) {
+      if (v === undefined) delete process.env[k];
+      else process.env[k] = v;
+    }
+  }
+});
