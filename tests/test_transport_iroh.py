@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import os
 import subprocess
 import time
 import types
@@ -369,3 +370,60 @@ async def test_iroh_server_refuses_extra_streams(keys: Keys) -> None:
     finally:
         await cli.close()
         await server.close()
+
+
+async def test_iroh_server_refuses_uni_streams_before_any_login(keys: Keys) -> None:
+    """A peer that never opens the SSH stream cannot make the server buffer unidirectional
+    streams until the login grace time ends: they are stopped at once."""
+    from wraith_core import ServeOptions, serve
+    from wraith_core.transport import iroh as wi
+
+    ffi = wi.load_ffi()
+    server = await serve(ServeOptions(key=str(keys.host), authorized_keys=str(keys.authorized),
+                                      transport="iroh", iroh_relay="none", listen="127.0.0.1:0"))
+    cli = await ffi.Endpoint.bind(wi.endpoint_options(ffi, "none", bind_addr="127.0.0.1:0"))
+    try:
+        ticket = next(a.split(" ", 1)[1] for a in server.addresses() if a.startswith("ticket "))
+        conn = await cli.connect(wi.parse_peer(ffi, ticket), wi.ALPN)
+        uni = await conn.open_uni()  # no bi-stream at all
+        await uni.write_all(b"y" * 65536)
+        await asyncio.wait_for(uni.stopped(), 5)
+        conn.close(0, b"")
+    finally:
+        await cli.close()
+        await server.close()
+
+
+async def test_a_failed_iroh_connect_leaves_no_sockets_behind(keys: Keys) -> None:
+    """Each attempt binds an endpoint (UDP sockets); a failed one must free them even while
+    its error is kept (a session keeps its last error) and the cyclic GC does not run."""
+    import gc
+
+    from wraith_core import ConnectOptions, ServeOptions, serve
+    from wraith_core.errors import ConnectError
+    from wraith_core.transport import iroh as wi
+
+    server = await serve(ServeOptions(key=str(keys.host), authorized_keys=str(keys.authorized),
+                                      transport="iroh", iroh_relay="none", listen="127.0.0.1:0"))
+    ticket = next(a.split(" ", 1)[1] for a in server.addresses() if a.startswith("ticket "))
+    await server.close()  # the ticket now points at nobody
+
+    def sockets() -> int:
+        return sum(os.readlink(f"/proc/self/fd/{fd}").startswith("socket:") for fd in os.listdir("/proc/self/fd")
+                   if os.path.exists(f"/proc/self/fd/{fd}"))
+
+    connector = wi.IrohConnector(ConnectOptions(transport="iroh", peer=ticket, iroh_relay="none",
+                                                identity=str(keys.client), accept_any_host_key=True,
+                                                connect_timeout=0.5, socks5=None))
+    kept: list[BaseException] = []
+    gc.disable()
+    try:
+        base = sockets()
+        for _ in range(4):
+            with pytest.raises(ConnectError) as info:
+                await connector.connect(lambda: asyncio.Protocol())
+            kept.append(info.value)
+        await asyncio.sleep(0.2)
+        assert sockets() - base <= 2, (base, sockets())  # not 2 per attempt
+    finally:
+        gc.enable()

@@ -384,18 +384,25 @@ class IrohConnector:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(endpoint.close(), 3)
 
+        failure: ConnectError | None = None
         try:
             conn = await asyncio.wait_for(endpoint.connect(self._addr, ALPN), opts.connect_timeout)
             bi = await asyncio.wait_for(conn.open_bi(), opts.connect_timeout)
         except asyncio.TimeoutError:
-            await shutdown()
-            raise ConnectError(f"timed out connecting to {self.describe()}", "ETIMEDOUT") from None
+            failure = ConnectError(f"timed out connecting to {self.describe()}", "ETIMEDOUT")
         except Exception as exc:
-            await shutdown()
-            raise ConnectError(f"cannot connect to {self.describe()}: {_one_line(exc)}") from None
+            failure = ConnectError(f"cannot connect to {self.describe()}: {_one_line(exc)}")
         except BaseException:  # cancelled: do not leave the endpoint behind
             await asyncio.shield(shutdown())
             raise
+        if failure is not None:
+            # Raised out here, with no traceback or exception chain holding this frame: the
+            # endpoint's UDP sockets go when the object does, and a session keeps its last
+            # error for the whole outage (one retry after another, each with new sockets).
+            await shutdown()
+            conn = bi = None
+            del endpoint, shutdown
+            raise failure
         info = TransportInfo("iroh", str(conn.remote_id()))
         transport = IrohStreamTransport(conn, bi.send(), bi.recv(), info, on_closed=shutdown)
         protocol = protocol_factory()
@@ -473,6 +480,12 @@ class IrohAcceptor:
             if bytes(conn.alpn()) != ALPN:
                 conn.close(1, b"unknown alpn")
                 return
+            # SSH needs one bidirectional stream and no other: no credit for unidirectional
+            # ones, and those already granted are refused at once (each would be buffered up
+            # to its receive window, ~100 MB per connection, before any login)
+            with contextlib.suppress(Exception):
+                conn.set_max_concurrent_uni_streams(0)
+            self._spawn(self._refuse_uni(conn))
             bi = await asyncio.wait_for(conn.accept_bi(), grace)
         except asyncio.CancelledError:
             raise
@@ -492,12 +505,12 @@ class IrohAcceptor:
         # connection, before any login): no new credit, and every further stream is refused.
         with contextlib.suppress(Exception):
             conn.set_max_concurrent_bi_streams(0)
-            conn.set_max_concurrent_uni_streams(0)
-        loop = asyncio.get_running_loop()
-        for refuse in (self._refuse_bi, self._refuse_uni):
-            task = loop.create_task(refuse(conn))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        self._spawn(self._refuse_bi(conn))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     @staticmethod
     async def _refuse_bi(conn: Any) -> None:
