@@ -134,3 +134,17 @@ def test_graceful_shutdown_exit_zero(keys: Keys, tmp_path, procs, sig: int) -> N
         assert p.p.wait(10) == 0
         assert time.monotonic() - t0 < 5
         assert "Traceback" not in p.log()
+
+
+@pytest.mark.parametrize("delay", [0.08, 0.15, 0.25, 0.4])
+def test_ctrl_c_while_the_program_loads_is_quiet(keys: Keys, delay: float) -> None:
+    """Loading the program takes a few hundred ms: a Ctrl-C meanwhile ends it with status
+    130 (or 0 once it is up), never with a traceback."""
+    p = subprocess.Popen(wraith("connect", "--server", "127.0.0.1:1", "--identity", str(keys.client),
+                                "--host-key", str(keys.host_pub), "--socks5", "127.0.0.1:0"),
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    time.sleep(delay)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=20)
+    assert p.returncode in (0, 130), (p.returncode, err)
+    assert "Traceback" not in err and "never awaited" not in err, err

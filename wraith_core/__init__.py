@@ -10,10 +10,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .errors import WraithError
-from .options import ConnectOptions, ServeOptions
 
 if TYPE_CHECKING:  # what the lazy attributes below resolve to, for type checkers
     from .events import create_event_target
+    from .options import ConnectOptions, ServeOptions
     from .server_api import serve
     from .stream import open_stream
 
@@ -23,8 +23,12 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> object:
-    # Lazy imports keep `import wraith_core` cheap (and free of asyncssh) for
-    # tools that only need the option objects.
+    # Lazy imports keep `import wraith_core` cheap and free of asyncssh (the option
+    # objects need it too, to read keys): the command line starts with it.
+    if name in ("ConnectOptions", "ServeOptions"):
+        from . import options
+
+        return getattr(options, name)
     if name == "open_stream":
         from .stream import open_stream
 
