@@ -93,12 +93,19 @@ def test_bad_flags_and_combinations(keys: Keys) -> None:
                           (["--half-open-timeout", "-1"], "--half-open-timeout"),
                           (["--window", "99999999999", "--max-pktsize", "99999999999"], "window"),
                           (["--proxy", "http://[::1"], "--proxy"),
-                          (["--identity", str(keys.dir)], "is a directory")):
+                          (["--identity", str(keys.dir)], "is a directory"),
+                          # flags of another transport are refused, not silently ignored
+                          (["--insecure"], "--transport tls"),
+                          (["--tls-server-name", "x.example"], "--transport tls"),
+                          (["--iroh-relay", "none"], "--transport iroh")):
         one_line_error(c + extra, needle)
     s = ["serve", "--key", str(keys.host), "--authorized-keys", str(keys.authorized)]
     for extra, needle in ((["--login-grace-time", "-1"], "--login-grace-time"),
                           (["--transport", "tls", "--tls-cert", "x", "--tls-key", "y", "--stealth",
-                            "--stealth-timeout", "0"], "--stealth-timeout")):
+                            "--stealth-timeout", "0"], "--stealth-timeout"),
+                          (["--tls-cert", "x", "--tls-key", "y"], "--transport tls"),
+                          (["--stealth-timeout", "5"], "--stealth"),
+                          (["--iroh-relay", "none"], "--transport iroh")):
         one_line_error(s + extra, needle)
     one_line_error(["serve", "--key", str(keys.dir), "--authorized-keys", str(keys.authorized)], "is a directory")
 

@@ -85,6 +85,8 @@ class _Common:
         if self.proxy is not None:
             parse_proxy(self.proxy)
         relay = (self.iroh_relay or "").strip()
+        if relay and self.transport != "iroh":
+            raise UsageError("--iroh-relay is for the iroh transport: add --transport iroh")
         if relay and relay.lower() != "none":
             try:
                 parts = urlsplit(relay)
@@ -137,6 +139,9 @@ class ConnectOptions(_Common):
             raise UsageError("--peer is for the iroh transport: add --transport iroh")
         elif not self.server:
             raise UsageError("--server HOST:PORT is required (or set WRAITH_SERVER)")
+        if self.transport != "tls" and (self.tls_server_name or self.tls_ca or self.insecure):
+            raise UsageError("--tls-server-name, --tls-ca and --insecure are for the tls transport: "
+                             "add --transport tls")
         if self.identity is None:
             raise UsageError("--identity KEY is required (or set WRAITH_IDENTITY)")
         if not (self.known_hosts or self.host_key or self.accept_any_host_key):
@@ -185,6 +190,9 @@ class ConnectOptions(_Common):
         return [parse_forward(s, "--remote-forward", "localhost") for s in self.remote_forward]
 
 
+STEALTH_TIMEOUT = 60.0  # seconds, as nginx's client_header_timeout
+
+
 @dataclass
 class ServeOptions(_Common):
     """Options of ``wraith serve`` and ``serve()``."""
@@ -196,7 +204,7 @@ class ServeOptions(_Common):
     tls_cert: KeyInput | None = None
     tls_key: KeyInput | None = field(default=None, repr=False)
     stealth: bool = False
-    stealth_timeout: float = 60.0
+    stealth_timeout: float = STEALTH_TIMEOUT
     max_connections_per_ip: int = 0
     max_auth_attempts: int = 10
     login_grace_time: float = 30.0
@@ -211,6 +219,10 @@ class ServeOptions(_Common):
             raise UsageError("give --authorized-keys FILE and/or --cert-authority FILE (public-key auth only)")
         if self.stealth and self.transport != "tls":
             raise UsageError("--stealth works only with --transport tls")
+        if self.transport != "tls" and (self.tls_cert or self.tls_key):
+            raise UsageError("--tls-cert and --tls-key are for the tls transport: add --transport tls")
+        if self.stealth_timeout != STEALTH_TIMEOUT and not self.stealth:
+            raise UsageError("--stealth-timeout is for --stealth")
         if self.transport == "tls" and not (self.tls_cert and self.tls_key):
             raise UsageError("--transport tls needs --tls-cert PEM and --tls-key PEM")
         if self.max_auth_attempts < 1:
