@@ -427,3 +427,25 @@ async def test_a_failed_iroh_connect_leaves_no_sockets_behind(keys: Keys) -> Non
         assert sockets() - base <= 2, (base, sockets())  # not 2 per attempt
     finally:
         gc.enable()
+
+
+async def test_iroh_known_hosts_are_keyed_by_the_endpoint_id(keys: Keys, files, tmp_path, procs) -> None:
+    """A known_hosts entry names the server by its endpoint id, which stays the same when the
+    ticket's addresses change; the ticket itself is not a host name."""
+    from wraith_core import open_stream
+    from wraith_core.errors import HostKeyError
+    from wraith_core.options import ConnectOptions
+    from wraith_core.transport.base import drain_transports
+
+    server, endpoint_id, ticket = start_iroh_server(keys, tmp_path)
+    procs.append(server)
+    key = keys.host_pub.read_text().split()[:2]
+    by_id, by_ticket = tmp_path / "kh_id", tmp_path / "kh_ticket"
+    by_id.write_text(f"{endpoint_id} {key[0]} {key[1]}\n")
+    by_ticket.write_text(f"{ticket} {key[0]} {key[1]}\n")
+    base = dict(transport="iroh", peer=ticket, iroh_relay="none", identity=str(keys.client), socks5=None)
+    stream = await open_stream(ConnectOptions(**base, known_hosts=str(by_id)), target=f"127.0.0.1:{files.port}")
+    stream.close()
+    with pytest.raises(HostKeyError):
+        await open_stream(ConnectOptions(**base, known_hosts=str(by_ticket)), target=f"127.0.0.1:{files.port}")
+    await drain_transports()

@@ -152,6 +152,7 @@ class Session:
     async def connect_once(self) -> asyncssh.SSHClientConnection:
         opts = self.options
         host, port = opts.server_address()
+        host = getattr(self.connector, "host_name", host)  # (iroh: the endpoint id, not the ticket)
         client_keys: list[Any] = [(self.client_key, self.certificate) if self.certificate else self.client_key]
         self.host_key_mismatch = None
         try:

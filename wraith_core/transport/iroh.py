@@ -363,6 +363,9 @@ class IrohConnector:
             raise UsageError("--proxy works with --transport tcp or tls, not iroh (QUIC over UDP)")
         self.peer = (options.peer or "").strip()
         self._addr = parse_peer(self._ffi, self.peer)
+        # the name known_hosts entries match: the endpoint id (hex), which a ticket's
+        # addresses do not change
+        self.host_name = str(self._addr.id())
         relay = (options.iroh_relay or "").strip().lower()
         if relay == "none" and not self._addr.direct_addresses():
             raise UsageError("--iroh-relay none needs a ticket with direct addresses as --peer "
