@@ -449,3 +449,37 @@ async def test_iroh_known_hosts_are_keyed_by_the_endpoint_id(keys: Keys, files, 
     with pytest.raises(HostKeyError):
         await open_stream(ConnectOptions(**base, known_hosts=str(by_ticket)), target=f"127.0.0.1:{files.port}")
     await drain_transports()
+
+
+async def test_iroh_listen_on_one_address_serves_only_that_address(keys: Keys) -> None:
+    """iroh also binds the other address family on its wildcard address: with --listen
+    127.0.0.1, what arrives there is refused and the ticket names only 127.0.0.1."""
+    from wraith_core.options import ServeOptions
+    from wraith_core.transport import iroh as wi
+
+    ffi = wi.load_ffi()
+    acceptor = wi.IrohAcceptor(ServeOptions(key=str(keys.host), authorized_keys=str(keys.authorized),
+                                            transport="iroh", iroh_relay="none", listen="127.0.0.1:0"))
+    await acceptor.start(lambda: asyncio.Protocol())
+    cli = await ffi.Endpoint.bind(wi.endpoint_options(ffi, "none"))
+    try:
+        bound = [str(a) for a in acceptor._endpoint.bound_sockets()]
+        v4 = next(a for a in bound if a.startswith("127.0.0.1:"))
+        other = [a for a in bound if a.startswith("[")]
+        assert other, bound  # (what this test is about: iroh bound [::] as well)
+        assert all(line.startswith(("udp 127.0.0.1:", "endpoint-id", "ticket")) for line in acceptor.addresses())
+        ticket_addr = wi.parse_peer(ffi, acceptor.ticket())
+        assert [str(a) for a in ticket_addr.direct_addresses()] == [v4]
+        eid = acceptor._endpoint.id()
+        conn = await asyncio.wait_for(cli.connect(ffi.EndpointAddr(eid, None, [v4]), wi.ALPN), 5)
+        conn.close(0, b"")
+        v6 = "[::1]:" + other[0].rsplit(":", 1)[1]
+        fresh = await ffi.Endpoint.bind(wi.endpoint_options(ffi, "none"))  # (no path known yet)
+        try:
+            with pytest.raises(Exception):
+                await asyncio.wait_for(fresh.connect(ffi.EndpointAddr(eid, None, [v6]), wi.ALPN), 5)
+        finally:
+            await fresh.close()
+    finally:
+        await cli.close()
+        acceptor.close()

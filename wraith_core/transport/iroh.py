@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import ipaddress
 import logging
 import re
 from collections import deque
@@ -413,6 +414,30 @@ class IrohConnector:
         return transport, protocol
 
 
+def _specific_ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        ip = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return None
+    return None if ip.is_unspecified else ip
+
+
+def _ip_of(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The IP of "ip", "ip:port" or "[ip]:port" (an IPv4-mapped IPv6 address as IPv4)."""
+    text = address.strip()
+    if text.startswith("["):
+        text = text[1:text.find("]")]
+    elif text.count(":") == 1:
+        text = text.rsplit(":", 1)[0]
+    try:
+        ip = ipaddress.ip_address(text.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
 def endpoint_secret(host_key: Any) -> bytes:
     """A stable iroh secret key derived from the SSH host key (same host key, same endpoint id)."""
     der = host_key.export_private_key("pkcs8-der")
@@ -429,6 +454,9 @@ class IrohAcceptor:
         self._options = options
         host, port = options.listen_address()
         self._bind = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        # iroh binds the other address family too, on its wildcard address: with a specific
+        # --listen address, what arrives on another one is refused, and tickets leave it out
+        self._only_ip = _specific_ip(host)
         self._secret = endpoint_secret(keys.load_private_key(options.key, "host key"))  # type: ignore[arg-type]
         self._endpoint: Any = None
         self._accept_task: asyncio.Task[None] | None = None
@@ -478,6 +506,11 @@ class IrohAcceptor:
                 host, _, port = str(getattr(source, "addr", "")).rpartition(":")
                 if host and port.isdigit():
                     peername = (host.strip("[]"), int(port))
+            if self._only_ip is not None:
+                local = await asyncio.wait_for(incoming.local_addr(), grace)
+                if local.is_ip() and _ip_of(str(local.addr)) != self._only_ip:
+                    await incoming.refuse()
+                    return
             accepting = await asyncio.wait_for(incoming.accept(), grace)
             conn = await asyncio.wait_for(accepting.connect(), grace)
             if bytes(conn.alpn()) != ALPN:
@@ -533,17 +566,24 @@ class IrohAcceptor:
         if self._endpoint is None:
             return []
         addr = self._endpoint.addr()
-        ticket = self._ffi.EndpointTicket.from_addr(addr)
-        lines = [f"udp {a}" for a in self._endpoint.bound_sockets()]
+        lines = [f"udp {a}" for a in self._endpoint.bound_sockets() if self._listened(str(a))]
         lines.append(f"endpoint-id {addr.id()}")
-        lines.append(f"ticket {ticket}")
+        lines.append(f"ticket {self.ticket()}")
         return lines
 
     def endpoint_id(self) -> str:
         return str(self._endpoint.addr().id())
 
     def ticket(self) -> str:
-        return str(self._ffi.EndpointTicket.from_addr(self._endpoint.addr()))
+        addr = self._endpoint.addr()
+        if self._only_ip is not None:
+            direct = [a for a in addr.direct_addresses() if self._listened(str(a))]
+            addr = self._ffi.EndpointAddr(addr.id(), addr.relay_url(), direct)
+        return str(self._ffi.EndpointTicket.from_addr(addr))
+
+    def _listened(self, address: str) -> bool:
+        """Whether ``address`` (ip:port) is on the --listen address (any, if that is a wildcard)."""
+        return self._only_ip is None or _ip_of(address) == self._only_ip
 
     def close(self) -> None:
         """Stop accepting; the endpoint closes once live sessions are gone (bounded)."""
