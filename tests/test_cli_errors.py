@@ -122,6 +122,33 @@ def test_keygen_errors_and_a_private_key_always_0600(tmp_path) -> None:
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp file left
 
 
+def test_keygen_never_overwrites_or_follows_the_public_key_file(tmp_path) -> None:
+    """KEY.pub is checked like KEY: an existing one is kept without --force, and a symlink
+    there is replaced, never written through."""
+    pub = tmp_path / "a.pub"
+    pub.write_text("mine")
+    one_line_error(["keygen", str(tmp_path / "a")], "exists")
+    assert pub.read_text() == "mine" and not (tmp_path / "a").exists()
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    (tmp_path / "b.pub").symlink_to(victim)
+    out = run(wraith("keygen", str(tmp_path / "b"), "--force"), timeout=20)
+    assert out.returncode == 0, out.stderr
+    assert victim.read_text() == "precious"
+    assert (tmp_path / "b.pub").read_text().startswith("ssh-ed25519 ")
+    (tmp_path / "c.pub").mkdir()
+    one_line_error(["keygen", str(tmp_path / "c"), "--force"], "c.pub")
+    assert not (tmp_path / "c").exists()  # no private key without its public half
+
+
+def test_a_passphrase_protected_key_says_how_to_remove_it(tmp_path) -> None:
+    key = tmp_path / "enc"
+    r = run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "secret", "-f", str(key)], timeout=20)
+    assert r.returncode == 0, r.stderr
+    one_line_error(["connect", "--server", "127.0.0.1:1", "--identity", str(key), "--accept-any-host-key"],
+                   "ssh-keygen -p -N '' -f")
+
+
 def test_listen_port_in_use(keys: Keys, tmp_path, procs) -> None:
     server, port = start_server(keys, tmp_path)
     procs.append(server)

@@ -189,8 +189,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .keys import generate_ed25519
 
             path = Path(args.path)
-            if path.exists() and not args.force:
-                raise WraithError(f"{path} exists (use --force to overwrite)", "EEXIST")
+            for existing in (path, Path(f"{path}.pub")):
+                if (existing.exists() or existing.is_symlink()) and not args.force:
+                    raise WraithError(f"{existing} exists (use --force to overwrite)", "EEXIST")
             priv, pub = generate_ed25519(path, args.comment)
             print(f"wrote {priv} and {pub}")
         elif args.command == "daemon":

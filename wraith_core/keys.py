@@ -91,9 +91,11 @@ def load_private_key(value: KeyInput, what: str = "private key") -> asyncssh.SSH
         )
     try:
         return asyncssh.import_private_key(data)
-    except asyncssh.KeyEncryptionError:
-        raise KeyError_(f"{label}: the key is passphrase-protected; wraith needs an unencrypted key") from None
-    except (asyncssh.KeyImportError, ValueError) as exc:
+    except (asyncssh.KeyEncryptionError, asyncssh.KeyImportError, ValueError) as exc:
+        if isinstance(exc, asyncssh.KeyEncryptionError) or "passphrase" in str(exc).lower():
+            keyfile = "KEYFILE" if label.startswith("<inline") else shlex.quote(label)
+            raise KeyError_(f"{label}: the key is passphrase-protected; wraith needs an unencrypted key "
+                            f"(remove the passphrase with: ssh-keygen -p -N '' -f {keyfile})") from None
         raise KeyError_(f"{label}: cannot read OpenSSH private key: {exc}") from None
 
 
@@ -199,21 +201,30 @@ def generate_ed25519(path: Path, comment: str = "wraith") -> tuple[Path, Path]:
     """Write an ed25519 key pair (``path`` 0600 and ``path.pub``)."""
     key = asyncssh.generate_private_key("ssh-ed25519", comment=comment)
     pub = Path(str(path) + ".pub")
+    target = path
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        # a new file, 0600 from birth (O_TRUNC on an existing one would keep its wider mode)
-        if path.is_dir():
-            raise IsADirectoryError(21, "Is a directory")
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(key.export_private_key("openssh"))
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
-        pub.write_bytes(key.export_public_key("openssh"))
+        for target in (path, pub):
+            if target.is_dir():
+                raise IsADirectoryError(21, "Is a directory")
+        # each file new, private from birth, written beside and then renamed over the name:
+        # never through a symlink there, never O_TRUNC on an old file (which keeps its mode)
+        target = pub
+        _write_new(pub, key.export_public_key("openssh"), 0o644)
+        target = path
+        _write_new(path, key.export_private_key("openssh"), 0o600)
     except OSError as exc:
-        raise KeyError_(f"cannot write the key to {path}: {exc.strerror or exc}") from None
+        raise KeyError_(f"cannot write the key to {target}: {exc.strerror or exc}") from None
     return path, pub
+
+
+def _write_new(path: Path, data: bytes, mode: int) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
