@@ -15,6 +15,7 @@ A transport that is not a socket (iroh) supplies its own ``asyncio.Transport``.
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
@@ -114,3 +115,24 @@ def make_acceptor(options: ServeOptions) -> Acceptor:
 
         return IrohAcceptor(options)
     raise UsageError(f"unknown transport {kind!r}")
+
+
+async def wait_readable(sock: socket.socket, timeout: float | None = None) -> bool:
+    """Until ``sock`` (non-blocking, not yet handed to a transport) has something to read:
+    data, EOF or an error. False if ``timeout`` seconds pass first."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[None] = loop.create_future()
+
+    def ready() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    loop.add_reader(sock.fileno(), ready)
+    try:
+        async with asyncio.timeout(None if timeout is None else max(0.0, timeout)):
+            await fut
+        return True
+    except TimeoutError:
+        return False
+    finally:
+        loop.remove_reader(sock.fileno())

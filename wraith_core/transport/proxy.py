@@ -24,6 +24,7 @@ from python_socks.async_.asyncio import Proxy
 from ..addr import ProxyURL
 from ..errors import ConnectError
 from ..logs import peer_text
+from .base import wait_readable
 
 _TYPES = {"socks5": ProxyType.SOCKS5, "http": ProxyType.HTTP}
 
@@ -95,7 +96,7 @@ async def _http_connect(proxy: ProxyURL, host: str, port: int) -> socket.socket:
             token = base64.b64encode(f"{proxy.username}:{proxy.password or ''}".encode()).decode()
             request += f"Proxy-Authorization: Basic {token}\r\n"
         await loop.sock_sendall(sock, (request + "\r\n").encode())
-        head = await _read_reply_header(loop, sock)
+        head = await _read_reply_header(sock)
         status = head.split(b"\n", 1)[0].rstrip(b"\r").decode("latin-1")
         parts = status.split(" ", 2)
         if len(parts) < 2 or not parts[0].startswith("HTTP/") or not re.fullmatch("[0-9]{3}", parts[1]):
@@ -130,11 +131,11 @@ async def _tcp_connect(host: str, port: int) -> socket.socket:
 _HEADER_END = re.compile(rb"\r?\n\r?\n")
 
 
-async def _read_reply_header(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> bytes:
+async def _read_reply_header(sock: socket.socket) -> bytes:
     """Bytes up to and including the blank line that ends the reply header, and not one more."""
     buf = b""
     while True:
-        await _readable(loop, sock)
+        await wait_readable(sock)
         try:
             peek = sock.recv(MAX_REPLY_HEADER, socket.MSG_PEEK)
         except (BlockingIOError, InterruptedError):
@@ -159,16 +160,3 @@ def _recv_exactly(sock: socket.socket, n: int) -> bytes:
         out += chunk
     return out
 
-
-async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
-    fut: asyncio.Future[None] = loop.create_future()
-
-    def ready() -> None:
-        if not fut.done():
-            fut.set_result(None)
-
-    loop.add_reader(sock.fileno(), ready)
-    try:
-        await fut
-    finally:
-        loop.remove_reader(sock.fileno())

@@ -39,7 +39,7 @@ import socket
 from collections.abc import Callable
 from email.utils import formatdate
 
-from .base import ProtocolFactory
+from .base import ProtocolFactory, wait_readable
 
 log = logging.getLogger("wraith.server")
 
@@ -150,7 +150,7 @@ async def _first_flight(sock: socket.socket, timeout: float) -> bytes:
         if data:  # a peeked socket stays readable: poll for the rest of the record
             await asyncio.sleep(delay)
             delay = min(2 * delay, 0.25)
-        elif not await _readable(sock, deadline - loop.time()):
+        elif not await wait_readable(sock, deadline - loop.time()):
             return b""
         try:
             data = sock.recv(MAX_PEEK, socket.MSG_PEEK)
@@ -162,25 +162,6 @@ async def _first_flight(sock: socket.socket, timeout: float) -> bytes:
             return data
         if len(data) >= 5 and len(data) >= 5 + int.from_bytes(data[3:5], "big"):
             return data
-
-
-async def _readable(sock: socket.socket, timeout: float) -> bool:
-    loop = asyncio.get_running_loop()
-    fut: asyncio.Future[None] = loop.create_future()
-
-    def ready() -> None:
-        if not fut.done():
-            fut.set_result(None)
-
-    loop.add_reader(sock.fileno(), ready)
-    try:
-        async with asyncio.timeout(max(0.0, timeout)):
-            await fut
-        return True
-    except TimeoutError:
-        return False
-    finally:
-        loop.remove_reader(sock.fileno())
 
 
 def offered_alpn(record: bytes) -> list[bytes] | None:
