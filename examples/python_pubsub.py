@@ -92,7 +92,11 @@ def demo(count: int) -> int:
                                   stderr=subprocess.DEVNULL, text=True)
         try:
             assert server.stdout is not None
-            m = re.search(r"listening tcp (\S+)$", server.stdout.readline().strip())
+            m = None
+            for line in server.stdout:  # (the host key line comes first)
+                m = re.search(r"listening tcp (\S+)$", line.strip())
+                if m:
+                    break
             if not m:
                 print("demo: wraith serve did not start", file=sys.stderr)
                 return 1

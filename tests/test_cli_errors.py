@@ -182,3 +182,13 @@ def test_ctrl_c_while_the_program_loads_is_quiet(keys: Keys, delay: float) -> No
     _, err = p.communicate(timeout=20)
     assert p.returncode in (0, 130), (p.returncode, err)
     assert "Traceback" not in err and "never awaited" not in err, err
+
+
+def test_serve_prints_the_host_key_fingerprint_and_version(keys: Keys, tmp_path, procs) -> None:
+    """What clients pin (--host-key SHA256:…) is printed at start, as ssh-keygen shows it."""
+    server, _ = start_server(keys, tmp_path)
+    procs.append(server)
+    shown = run(["ssh-keygen", "-lf", str(keys.host_pub)], timeout=20).stdout.decode().split()[1]
+    assert f"wraith serve: host key {shown}" in server.lines
+    out = run(wraith("--version"), timeout=20)
+    assert out.returncode == 0 and out.stdout.decode().startswith("wraith ")

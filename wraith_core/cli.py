@@ -39,6 +39,9 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="wraith", description="SSH tunnels over TCP, TLS or iroh.")
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"wraith {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     s = sub.add_parser("serve", help="run a wraith SSH server")
@@ -142,7 +145,11 @@ async def run_serve(opts: ServeOptions) -> None:
     server = WraithServer(opts)
 
     async def start() -> None:
+        from .keys import fingerprint, load_private_key
+
         await server.start()
+        # what clients pin (--host-key SHA256:…), as ssh-keygen -lf would print it
+        print(f"wraith serve: host key {fingerprint(load_private_key(opts.key, 'host key'))}", flush=True)  # type: ignore[arg-type]
         for addr in server.addresses():
             print(f"wraith serve: listening {opts.transport} {addr}", flush=True)
 
