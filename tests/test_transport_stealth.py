@@ -376,3 +376,15 @@ def test_tls12_ciphers_like_nginx(stealth) -> None:
     ctx.set_ciphers("ECDHE-ECDSA-AES128-SHA")
     with ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10), server_hostname="localhost") as s:
         assert s.cipher()[0] == "ECDHE-ECDSA-AES128-SHA"
+
+
+def test_part_of_a_tls_record_then_eof_is_closed_at_once(stealth) -> None:
+    """A client that sends the start of a TLS record and then shuts its side down is closed
+    at its EOF, as nginx does, not after the stealth timeout (its per-IP place comes back)."""
+    _, port = stealth
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"\x16\x03\x01")
+        s.shutdown(socket.SHUT_WR)
+        started = time.monotonic()
+        assert _read_all(s, STEALTH_TIMEOUT + 5) == b""
+        assert time.monotonic() - started < min(2.0, STEALTH_TIMEOUT - 1)

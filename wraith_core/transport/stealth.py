@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import select
 import socket
 from collections.abc import Callable
 from email.utils import formatdate
@@ -162,6 +163,15 @@ async def _first_flight(sock: socket.socket, timeout: float) -> bytes:
             return data
         if len(data) >= 5 and len(data) >= 5 + int.from_bytes(data[3:5], "big"):
             return data
+        if _peer_closed(sock):  # part of a record, then EOF: nothing more will come (nginx closes)
+            return b""
+
+
+def _peer_closed(sock: socket.socket) -> bool:
+    """Whether the peer has shut its side down (seen without reading what is buffered)."""
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN | select.POLLRDHUP)
+    return any(ev & (select.POLLRDHUP | select.POLLHUP | select.POLLERR) for _, ev in poller.poll(0))
 
 
 def offered_alpn(record: bytes) -> list[bytes] | None:
