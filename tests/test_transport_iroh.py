@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import os
 import subprocess
 import time
 import types
+from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -343,9 +346,10 @@ async def test_quic_stream_transport_backpressure_and_half_close() -> None:
         await srv.close()
 
 
-async def test_iroh_server_refuses_extra_streams(keys: Keys) -> None:
-    """SSH uses one QUIC stream per connection. Further streams a peer opens (QUIC granted it
-    credit for ~100, each buffered up to its receive window, before any login) are stopped."""
+@contextlib.asynccontextmanager
+async def _server_and_raw_client(keys: Keys) -> AsyncIterator[tuple[Any, Any, str]]:
+    """An in-process iroh ``serve()`` and a bare iroh endpoint to poke it with: (ffi, client
+    endpoint, the server's ticket)."""
     from wraith_core import ServeOptions, serve
     from wraith_core.transport import iroh as wi
 
@@ -354,7 +358,18 @@ async def test_iroh_server_refuses_extra_streams(keys: Keys) -> None:
                                       transport="iroh", iroh_relay="none", listen="127.0.0.1:0"))
     cli = await ffi.Endpoint.bind(wi.endpoint_options(ffi, "none", bind_addr="127.0.0.1:0"))
     try:
-        ticket = next(a.split(" ", 1)[1] for a in server.addresses() if a.startswith("ticket "))
+        yield ffi, cli, next(a.split(" ", 1)[1] for a in server.addresses() if a.startswith("ticket "))
+    finally:
+        await cli.close()
+        await server.close()
+
+
+async def test_iroh_server_refuses_extra_streams(keys: Keys) -> None:
+    """SSH uses one QUIC stream per connection. Further streams a peer opens (QUIC granted it
+    credit for ~100, each buffered up to its receive window, before any login) are stopped."""
+    from wraith_core.transport import iroh as wi
+
+    async with _server_and_raw_client(keys) as (ffi, cli, ticket):
         conn = await cli.connect(wi.parse_peer(ffi, ticket), wi.ALPN)
         first = await conn.open_bi()
         await first.send().write_all(b"SSH-2.0-probe\r\n")
@@ -367,31 +382,19 @@ async def test_iroh_server_refuses_extra_streams(keys: Keys) -> None:
         await uni.write_all(b"y" * 65536)
         await asyncio.wait_for(uni.stopped(), 10)
         conn.close(0, b"")
-    finally:
-        await cli.close()
-        await server.close()
 
 
 async def test_iroh_server_refuses_uni_streams_before_any_login(keys: Keys) -> None:
     """A peer that never opens the SSH stream cannot make the server buffer unidirectional
     streams until the login grace time ends: they are stopped at once."""
-    from wraith_core import ServeOptions, serve
     from wraith_core.transport import iroh as wi
 
-    ffi = wi.load_ffi()
-    server = await serve(ServeOptions(key=str(keys.host), authorized_keys=str(keys.authorized),
-                                      transport="iroh", iroh_relay="none", listen="127.0.0.1:0"))
-    cli = await ffi.Endpoint.bind(wi.endpoint_options(ffi, "none", bind_addr="127.0.0.1:0"))
-    try:
-        ticket = next(a.split(" ", 1)[1] for a in server.addresses() if a.startswith("ticket "))
+    async with _server_and_raw_client(keys) as (ffi, cli, ticket):
         conn = await cli.connect(wi.parse_peer(ffi, ticket), wi.ALPN)
         uni = await conn.open_uni()  # no bi-stream at all
         await uni.write_all(b"y" * 65536)
         await asyncio.wait_for(uni.stopped(), 5)
         conn.close(0, b"")
-    finally:
-        await cli.close()
-        await server.close()
 
 
 async def test_a_failed_iroh_connect_leaves_no_sockets_behind(keys: Keys) -> None:
