@@ -192,3 +192,16 @@ def test_serve_prints_the_host_key_fingerprint_and_version(keys: Keys, tmp_path,
     assert f"wraith serve: host key {shown}" in server.lines
     out = run(wraith("--version"), timeout=20)
     assert out.returncode == 0 and out.stdout.decode().startswith("wraith ")
+
+
+def test_every_flag_says_what_it_does() -> None:
+    """`wraith COMMAND --help` explains each flag, not only its name."""
+    import argparse
+
+    from wraith_core.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    bare = [f"{name} {a.option_strings[0]}" for name, p in sub.choices.items() for a in p._actions
+            if a.option_strings and not a.help]
+    assert bare == []

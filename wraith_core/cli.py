@@ -24,17 +24,22 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--transport", choices=["tcp", "tls", "iroh"], default="tcp")
-    p.add_argument("--proxy", metavar="URL")
-    p.add_argument("--iroh-relay", metavar="URL|none")
+def _common(p: argparse.ArgumentParser, proxy_help: str) -> None:
+    p.add_argument("--transport", choices=["tcp", "tls", "iroh"], default="tcp",
+                   help="what carries the SSH session (default tcp)")
+    p.add_argument("--proxy", metavar="URL", help=proxy_help)
+    p.add_argument("--iroh-relay", metavar="URL|none",
+                   help="iroh: your own relay, or none for direct addresses only (default: iroh's public relays)")
     p.add_argument("--max-pktsize", type=int, metavar="BYTES", help="SSH channel packet size (default 262144)")
     p.add_argument("--window", type=int, metavar="BYTES", help="SSH channel window (default 4 MiB)")
-    p.add_argument("--keepalive-interval", type=float, metavar="SECONDS")
-    p.add_argument("--keepalive-count-max", type=int, metavar="N")
+    p.add_argument("--keepalive-interval", type=float, metavar="SECONDS",
+                   help="SSH keepalive every SECONDS of silence (default 5, 0: off)")
+    p.add_argument("--keepalive-count-max", type=int, metavar="N",
+                   help="unanswered keepalives before the session counts as dead (default 2)")
     p.add_argument("--half-open-timeout", type=float, metavar="SECONDS",
                    help="close relays idle with EOF in one direction only (default 300, 0: never)")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="default info; no level logs destinations")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,45 +51,52 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="run a wraith SSH server")
     s.add_argument("--key", required=True, metavar="HOSTKEY", help="host private key (OpenSSH format)")
-    s.add_argument("--authorized-keys", metavar="FILE")
-    s.add_argument("--cert-authority", metavar="FILE")
-    s.add_argument("--listen", metavar="HOST:PORT")
-    s.add_argument("--tls-cert", metavar="PEM")
-    s.add_argument("--tls-key", metavar="PEM")
-    s.add_argument("--stealth", action="store_true")
+    s.add_argument("--authorized-keys", metavar="FILE", help="client public keys, OpenSSH authorized_keys format")
+    s.add_argument("--cert-authority", metavar="FILE", help="accept user certificates signed by these CA keys")
+    s.add_argument("--listen", metavar="HOST:PORT", help="where to listen (default 0.0.0.0:2222)")
+    s.add_argument("--tls-cert", metavar="PEM", help="tls: certificate chain")
+    s.add_argument("--tls-key", metavar="PEM", help="tls: its private key")
+    s.add_argument("--stealth", action="store_true",
+                   help="tls: answer anything that is not SSH as nginx does (a 404 page)")
     s.add_argument("--stealth-timeout", type=float, metavar="SECONDS",
                    help="close a stealth connection that sends nothing after this long (default 60)")
-    s.add_argument("--max-connections-per-ip", type=int, metavar="N")
-    s.add_argument("--max-auth-attempts", type=int, metavar="N")
-    s.add_argument("--login-grace-time", type=float, metavar="SECONDS")
-    _common(s)
+    s.add_argument("--max-connections-per-ip", type=int, metavar="N",
+                   help="connections one address may hold, from accept on (default 0: unlimited)")
+    s.add_argument("--max-auth-attempts", type=int, metavar="N", help="per connection (default 10)")
+    s.add_argument("--login-grace-time", type=float, metavar="SECONDS",
+                   help="time from accept to a finished login (default 30)")
+    _common(s, "dial channel targets through this socks5:// or http:// proxy (default: directly)")
 
     c = sub.add_parser("connect", help="connect to a wraith (or OpenSSH) server")
-    c.add_argument("--server", metavar="[USER@]HOST:PORT")
-    c.add_argument("--peer", metavar="ID_OR_TICKET")
-    c.add_argument("--identity", metavar="KEY")
-    c.add_argument("--certificate", metavar="FILE")
-    c.add_argument("--user", metavar="NAME")
+    c.add_argument("--server", metavar="[USER@]HOST:PORT", help="the server (default $WRAITH_SERVER; port 2222)")
+    c.add_argument("--peer", metavar="ID_OR_TICKET", help="iroh: the server's endpoint id or ticket")
+    c.add_argument("--identity", metavar="KEY", help="private key, OpenSSH format (default $WRAITH_IDENTITY)")
+    c.add_argument("--certificate", metavar="FILE", help="user certificate (default KEY-cert.pub if present)")
+    c.add_argument("--user", metavar="NAME", help="SSH user name (default: the local one)")
     c.add_argument("--socks5", metavar="ADDR:PORT", help="SOCKS5 listener (default 127.0.0.1:1080; 'off' to disable)")
-    c.add_argument("--socks5-auth", metavar="USER:PASS")
-    c.add_argument("--forward", "-L", action="append", default=[], metavar="[BIND:]PORT:HOST:HOSTPORT")
-    c.add_argument("--remote-forward", "-R", action="append", default=[], metavar="[BIND:]PORT:HOST:HOSTPORT")
-    c.add_argument("--tls-server-name", metavar="NAME")
-    c.add_argument("--tls-ca", metavar="FILE")
-    c.add_argument("--insecure", action="store_true")
+    c.add_argument("--socks5-auth", metavar="USER:PASS", help="require RFC 1929 auth on the SOCKS5 listener")
+    c.add_argument("--forward", "-L", action="append", default=[], metavar="[BIND:]PORT:HOST:HOSTPORT",
+                   help="local port forward, as ssh -L (repeatable)")
+    c.add_argument("--remote-forward", "-R", action="append", default=[], metavar="[BIND:]PORT:HOST:HOSTPORT",
+                   help="remote port forward, as ssh -R (repeatable)")
+    c.add_argument("--tls-server-name", metavar="NAME", help="tls: SNI and certificate name (default: the server host)")
+    c.add_argument("--tls-ca", metavar="FILE", help="tls: trust only this CA (PEM) instead of the system's")
+    c.add_argument("--insecure", action="store_true", help="tls: accept any certificate (SSH host keys still checked)")
     hk = c.add_mutually_exclusive_group()
-    hk.add_argument("--known-hosts", metavar="FILE")
-    hk.add_argument("--host-key", metavar="KEY|SHA256:FP")
-    hk.add_argument("--accept-any-host-key", action="store_true")
-    _common(c)
+    hk.add_argument("--known-hosts", metavar="FILE", help="trusted host keys, OpenSSH known_hosts format")
+    hk.add_argument("--host-key", metavar="KEY|SHA256:FP",
+                    help="trust exactly this host key (`wraith serve` prints its fingerprint)")
+    hk.add_argument("--accept-any-host-key", action="store_true", help="no host key check (tests only)")
+    _common(c, "reach the server through this socks5:// or http:// proxy (tcp and tls)")
 
     k = sub.add_parser("keygen", help="write an ed25519 key pair (KEY and KEY.pub)")
-    k.add_argument("path")
-    k.add_argument("--force", action="store_true")
-    k.add_argument("--comment", default="wraith")
+    k.add_argument("path", help="where the private key goes (the public key: PATH.pub)")
+    k.add_argument("--force", action="store_true", help="overwrite existing files")
+    k.add_argument("--comment", default="wraith", help="the public key's comment (default wraith)")
 
     d = sub.add_parser("demo", help="loopback demo: server + client + SOCKS5, fetches a page through it")
-    d.add_argument("--socks5", default="127.0.0.1:1080", metavar="ADDR:PORT")
+    d.add_argument("--socks5", default="127.0.0.1:1080", metavar="ADDR:PORT",
+                   help="the demo's SOCKS5 listener (default 127.0.0.1:1080; port 0: any free one)")
     d.add_argument("--once", action="store_true", help="exit after the demo request instead of staying up")
 
     dm = sub.add_parser("daemon", help="local daemon: SSH streams for other processes over WebSocket (docs/ipc.md)")
@@ -96,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--linger", type=float, default=5.0, metavar="SECONDS",
                     help="keep an unused pooled SSH session this long (default 5)")
     dm.add_argument("--exit-with-stdin", action="store_true", help="exit when stdin reaches EOF (child daemons)")
-    dm.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    dm.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                    help="default info; no level logs destinations")
     return parser
 
 
