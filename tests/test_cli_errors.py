@@ -43,6 +43,19 @@ def test_fifo_and_device_keys_refused_without_reading(keys: Keys, tmp_path) -> N
     one_line_error(["serve", "--key", str(keys.host), "--authorized-keys", str(fifo)], "not a regular file")
 
 
+def test_dev_null_reads_as_an_empty_file(keys: Keys) -> None:
+    """As for OpenSSH (``UserKnownHostsFile=/dev/null``): no host is known, nothing is refused
+    for being a device. Other devices still are (above)."""
+    from wraith_core.keys import read_key_input
+    from wraith_core.options import ConnectOptions
+    from wraith_core.ssh.client import Session
+
+    assert read_key_input("/dev/null", "known hosts") == (b"", "/dev/null")
+    known = Session(ConnectOptions(server="127.0.0.1:1", identity=str(keys.client),
+                                   known_hosts="/dev/null"))
+    assert known.known_hosts.match("127.0.0.1", "127.0.0.1", 1) == ([], [], [], [], [], [], [])
+
+
 def test_pem_key_refused_with_conversion_hint(keys: Keys, tmp_path) -> None:
     pem = tmp_path / "pem_key"
     subprocess.run(["ssh-keygen", "-q", "-t", "rsa", "-b", "2048", "-m", "PEM", "-N", "", "-f", str(pem)], check=True)

@@ -48,10 +48,14 @@ def read_key_input(value: KeyInput, what: str) -> tuple[bytes, str]:
     return read_small_file(path, what), str(path)
 
 
+_DEV_NULL = os.makedev(1, 3)  # Linux's /dev/null (major 1, minor 3)
+
+
 def read_small_file(path: Path, what: str) -> bytes:
     """The bytes of a regular file of at most ``MAX_FILE`` bytes. A FIFO or a device
     (``/dev/zero``) given as a key would block the event loop or fill the memory: they
-    are refused without reading (the open does not wait for a FIFO's writer)."""
+    are refused without reading (the open does not wait for a FIFO's writer).
+    ``/dev/null`` reads as empty."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         st = os.fstat(fd)
@@ -65,6 +69,8 @@ def read_small_file(path: Path, what: str) -> bytes:
         raise KeyError_(f"{what} file cannot be opened: {path}: {exc.strerror}") from None
     if not stat.S_ISREG(st.st_mode):  # checked before fdopen, which refuses directories itself
         os.close(fd)
+        if stat.S_ISCHR(st.st_mode) and st.st_rdev == _DEV_NULL:
+            return b""  # an empty file, as for OpenSSH (``UserKnownHostsFile=/dev/null``)
         if stat.S_ISDIR(st.st_mode):
             raise KeyError_(f"{what} path is a directory: {path}")
         raise KeyError_(f"{what} is not a regular file: {path}")
