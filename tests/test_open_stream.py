@@ -234,3 +234,24 @@ async def test_drain_waits_for_a_full_connection_send_buffer() -> None:
     assert not waiting.done()
     s.resume_writing()
     await asyncio.wait_for(waiting, 1)
+
+
+async def test_connects_when_the_user_lookup_fails(keys: Keys, server: int, monkeypatch) -> None:
+    """Out of descriptors, the passwd lookup behind ``getpass.getuser`` fails. asyncssh does
+    it on every connect; the session keeps the name from its start, so a reconnect then
+    still works instead of failing with "Unknown local username"."""
+    import pwd
+
+    from wraith_core.ssh.client import Session
+
+    for var in ("LOGNAME", "USER", "LNAME", "USERNAME"):
+        monkeypatch.delenv(var, raising=False)
+    session = Session(opts(keys, server))
+
+    def no_passwd(uid: int) -> pwd.struct_passwd:
+        raise KeyError(f"getpwuid(): uid not found: {uid}")
+
+    monkeypatch.setattr(pwd, "getpwuid", no_passwd)
+    conn = await session.connect_once()
+    conn.close()
+    await conn.wait_closed()

@@ -90,6 +90,25 @@ class _Owner(asyncssh.SSHClient):
         self._session._on_lost(self.conn, exc)
 
 
+_USER_VARS = ("LOGNAME", "USER", "LNAME", "USERNAME")
+
+
+def _keep_local_user() -> None:
+    """asyncssh looks up the local user name (``getpass.getuser``) on every connect. With
+    none of the variables it reads set, that is a passwd lookup, which fails when the
+    process is out of descriptors: the reconnect then reports "Unknown local username".
+    Looked up once here and kept in ``LOGNAME``, where ``getuser`` reads it first (the
+    same name it would find)."""
+    if any(os.environ.get(v) for v in _USER_VARS):
+        return
+    try:
+        import getpass
+
+        os.environ["LOGNAME"] = getpass.getuser()
+    except (KeyError, OSError):
+        pass  # no name to keep: asyncssh will say so itself
+
+
 class Session:
     def __init__(self, options: ConnectOptions, *, reconnect: bool = True,
                  on_state: StateCallback | None = None) -> None:
@@ -104,6 +123,7 @@ class Session:
         self.pin = _HostKeyPin(options.host_key) if options.host_key else None
         self.host_key_mismatch: str | None = None
         self.known_hosts = self._known_hosts()
+        _keep_local_user()
         self.conn: asyncssh.SSHClientConnection | None = None
         self.up_hooks: list[UpHook] = []
         self._up = asyncio.Event()
