@@ -486,3 +486,25 @@ async def test_iroh_listen_on_one_address_serves_only_that_address(keys: Keys) -
     finally:
         await cli.close()
         acceptor.close()
+
+
+async def test_iroh_listen_takes_a_host_name(keys: Keys) -> None:
+    """iroh binds socket addresses only: a --listen name is resolved first, and one that
+    does not resolve is a one-line error."""
+    from wraith_core.errors import ConnectError
+    from wraith_core.options import ServeOptions
+    from wraith_core.transport import iroh as wi
+
+    def acceptor(listen: str) -> wi.IrohAcceptor:
+        return wi.IrohAcceptor(ServeOptions(key=str(keys.host), authorized_keys=str(keys.authorized),
+                                            transport="iroh", iroh_relay="none", listen=listen))
+
+    named = acceptor("localhost:0")
+    await named.start(lambda: asyncio.Protocol())
+    try:
+        udp = [line for line in named.addresses() if line.startswith("udp ")]
+        assert udp and all(line.startswith(("udp 127.0.0.1:", "udp [::1]:")) for line in udp), udp
+    finally:
+        named.close()
+    with pytest.raises(ConnectError, match="cannot resolve nosuchhost.invalid"):
+        await acceptor("nosuchhost.invalid:0").start(lambda: asyncio.Protocol())

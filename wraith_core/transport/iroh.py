@@ -24,6 +24,7 @@ import hashlib
 import ipaddress
 import logging
 import re
+import socket
 from collections import deque
 from typing import Any
 
@@ -464,8 +465,25 @@ class IrohAcceptor:
         self._transports: set[IrohStreamTransport] = set()
         self._closer: asyncio.Task[None] | None = None
 
+    async def _resolve_listen(self) -> None:
+        """iroh binds socket addresses only: a --listen name is looked up (its first address)."""
+        host, port = self._options.listen_address()
+        try:
+            ipaddress.ip_address(host.strip("[]"))
+            return
+        except ValueError:
+            pass
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+        except (OSError, UnicodeError) as exc:
+            raise ConnectError(f"--listen: cannot resolve {host}: {getattr(exc, 'strerror', None) or exc}") from None
+        ip = str(infos[0][4][0])
+        self._bind = f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+        self._only_ip = _specific_ip(ip)
+
     async def start(self, protocol_factory: ProtocolFactory) -> None:
         ffi = self._ffi
+        await self._resolve_listen()
         opts = endpoint_options(ffi, self._options.iroh_relay, alpns=[ALPN], bind_addr=self._bind,
                                 secret_key=self._secret)
         try:
