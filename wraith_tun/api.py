@@ -17,6 +17,7 @@ import signal
 import socket
 from dataclasses import asdict, dataclass, field
 
+from .budget import DEFAULT_LIMIT
 from .device import DeviceError, create_tun
 from .dns import VirtualDns
 from .netns import NamespaceError
@@ -44,6 +45,7 @@ class TunOptions:
     dns: bool = True  # virtual DNS
     dns_addr: str | None = None  # default: the address after tun_addr
     max_flows: int = 4096
+    max_buffered: int = DEFAULT_LIMIT  # bytes from SOCKS5 not yet acked by the programs, all flows together
     idle_timeout: float = 7440.0  # seconds without traffic before a flow is reset; 0 = never
     setup: bool = False  # route everything into the TUN (run_device only)
     bypass: list[IPNetwork] = field(default_factory=list)
@@ -62,7 +64,8 @@ class TunOptions:
     def shim_config(self) -> ShimConfig:
         return ShimConfig(socks_host=self.socks5[0], socks_port=self.socks5[1], tcp=TcpConfig(mtu=self.mtu),
                           max_flows=self.max_flows, idle_timeout=self.idle_timeout,
-                          dns=VirtualDns() if self.dns else None)
+                          dns=VirtualDns() if self.dns else None, max_buffered=self.max_buffered,
+                          broadcast=frozenset({self.tun_addr.network.broadcast_address.packed}))
 
 
 async def _socks_bypass(opts: TunOptions) -> list[IPNetwork]:

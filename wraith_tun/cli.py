@@ -11,11 +11,12 @@ from collections.abc import Callable, Coroutine
 from typing import Any, NoReturn
 
 from .api import TunError, TunOptions, run_device, run_unshare
+from .budget import DEFAULT_LIMIT
 
 log = logging.getLogger("wraith_tun")
 
 USAGE = """wraith-tun [--socks5 HOST:PORT] [--tun-addr ADDR/LEN] [--tun-addr6 ADDR/LEN|off] [--tun-name NAME] [--mtu N]
-                  [--dns virtual|off] [--dns-addr ADDR] [--max-flows N] [--idle-timeout S] [-v]
+                  [--dns virtual|off] [--dns-addr ADDR] [--max-flows N] [--max-buffered MIB] [--idle-timeout S] [-v]
                   [--setup [--bypass CIDR]...] | [--unshare -- CMD ARGS...]"""
 
 
@@ -44,6 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dns-addr", default=None, metavar="ADDR",
                    help="DNS address on the TUN written to --unshare's resolv.conf (default: next address after --tun-addr)")
     p.add_argument("--max-flows", type=int, default=4096, help="TCP flows held at once (default 4096)")
+    p.add_argument("--max-buffered", type=int, default=DEFAULT_LIMIT >> 20, metavar="MIB",
+                   help="MiB read from SOCKS5 and not yet acknowledged by the programs, all flows together "
+                        f"(default {DEFAULT_LIMIT >> 20}); beyond half of it each flow keeps only a reserve")
     p.add_argument("--idle-timeout", type=float, default=7440.0, metavar="SECONDS",
                    help="reset flows idle this long (default 7440 = 2h4m, RFC 5382; 0 = never)")
     p.add_argument("--setup", action="store_true", help="route all IPv4 traffic into the TUN until exit")
@@ -87,6 +91,8 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         raise UsageError("--mtu must be between 1280 and 65535")
     if a.max_flows < 1:
         raise UsageError("--max-flows must be at least 1")
+    if not 1 <= a.max_buffered <= 1 << 20:
+        raise UsageError("--max-buffered must be between 1 and 1048576 (MiB)")
     if not (a.idle_timeout == 0 or 1 <= a.idle_timeout < float("inf")):  # tiny values would spin the sweeper
         raise UsageError("--idle-timeout must be 0 (never) or at least 1 second")
     try:
@@ -114,7 +120,8 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 def options(a: argparse.Namespace) -> TunOptions:
     return TunOptions(
         socks5=(a.socks_host, a.socks_port), tun_addr=a.iface, tun_addr6=a.iface6, tun_name=a.tun_name,
-        mtu=a.mtu, dns=a.dns == "virtual", dns_addr=a.dns_addr, max_flows=a.max_flows, idle_timeout=a.idle_timeout,
+        mtu=a.mtu, dns=a.dns == "virtual", dns_addr=a.dns_addr, max_flows=a.max_flows,
+        max_buffered=a.max_buffered << 20, idle_timeout=a.idle_timeout,
         setup=a.setup, bypass=a.bypass_nets,
     )
 

@@ -8,11 +8,14 @@ Parsing and building DNS messages is dnslib's job, not ours.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import struct
 from collections import OrderedDict
 from dataclasses import dataclass
 
 from dnslib import PTR, QTYPE, RCODE, RR, A, DNSHeader, DNSLabel, DNSQuestion, DNSRecord
+
+log = logging.getLogger("wraith_tun")
 
 FAKE_NET = ipaddress.IPv4Network("198.18.0.0/15")
 # A query is a header and one question, perhaps an EDNS record: anything longer is not one.
@@ -22,7 +25,7 @@ MAX_QUERY = 4096
 @dataclass(slots=True)
 class _Entry:
     name: str
-    expires: float
+    used: float  # last time the mapping was handed out or connected to
 
 
 def _name_of(labels: list[bytes]) -> str | None:
@@ -84,15 +87,16 @@ def _parse_query(query: bytes) -> _Query | None:
 class VirtualDns:
     """Name <-> fake address memory plus the query responder (sans-I/O)."""
 
-    def __init__(self, network: str = "198.18.0.0/15", ttl: int = 30, keep: float = 600.0):
+    def __init__(self, network: str = "198.18.0.0/15", ttl: int = 30):
         self.network = ipaddress.IPv4Network(network)
         self.ttl = ttl  # what answers say
-        self.keep = keep  # how long a mapping survives after its last use
         self._first = int(self.network.network_address) + 1
         self._last = int(self.network.broadcast_address) - 1
         self._next = self._first
         self._by_ip: OrderedDict[int, _Entry] = OrderedDict()  # oldest use first
         self._by_name: dict[str, int] = {}
+        self._held: dict[int, int] = {}  # address -> live flows to it: never recycled
+        self._warned = False
         self.queries = 0
 
     # ---- memory ------------------------------------------------------------------
@@ -101,23 +105,23 @@ class VirtualDns:
         return len(addr) == 4 and ipaddress.IPv4Address(addr) in self.network
 
     def address_for(self, name: str, now: float) -> bytes | None:
-        """The fake address for ``name``; None when every address is in use."""
+        """The fake address for ``name``; None only when a live flow holds every address."""
         ip = self._by_name.get(name)
         if ip is None:
             ip = self._allocate(now)
             if ip is None:
                 return None
             self._by_name[name] = ip
-            self._by_ip[ip] = _Entry(name, now + self.keep)
+            self._by_ip[ip] = _Entry(name, now)
         else:
             self._touch(ip, now)
         return ip.to_bytes(4, "big")
 
     def name_for(self, addr: bytes, now: float) -> str | None:
-        """The name behind a fake address (refreshes its lifetime), or None if unknown.
+        """The name behind a fake address (counts as a use), or None if unknown.
         A mapping lasts until its address is needed for another name (``_allocate``):
         programs that resolve once and keep the address (JVMs, proxies' upstreams) go on
-        reaching their host after ``keep``."""
+        reaching their host for as long as the pool is not used up."""
         ip = int.from_bytes(addr, "big")
         entry = self._by_ip.get(ip)
         if entry is None:
@@ -125,11 +129,25 @@ class VirtualDns:
         self._touch(ip, now)
         return entry.name
 
+    def hold(self, addr: bytes) -> None:
+        """A flow to ``addr`` started: its address must keep naming the same host while it lives
+        (its SOCKS5 CONNECT used the name, but the app may open more connections to the address)."""
+        ip = int.from_bytes(addr, "big")
+        self._held[ip] = self._held.get(ip, 0) + 1
+
+    def release(self, addr: bytes) -> None:
+        ip = int.from_bytes(addr, "big")
+        n = self._held.get(ip, 0) - 1
+        if n > 0:
+            self._held[ip] = n
+        else:
+            self._held.pop(ip, None)
+
     def __len__(self) -> int:
         return len(self._by_ip)
 
     def _touch(self, ip: int, now: float) -> None:
-        self._by_ip[ip].expires = now + self.keep
+        self._by_ip[ip].used = now
         self._by_ip.move_to_end(ip)
 
     def _drop(self, ip: int) -> None:
@@ -142,14 +160,22 @@ class VirtualDns:
             ip = self._next
             self._next += 1
             return ip
-        # pool used up: recycle the least recently used mapping, but only once it has gone
-        # unused for ``keep``: a live address must never start naming another host (a local
-        # program flooding queries could otherwise re-point another program's answer)
-        oldest = next(iter(self._by_ip), None)
-        if oldest is None or self._by_ip[oldest].expires >= now:
-            return None
-        self._drop(oldest)
-        return oldest
+        # Pool used up (131070 names): recycle the least recently used mapping that no live flow
+        # holds. Refusing instead (SERVFAIL until mappings aged) let one program flooding unique
+        # names deny every other program new names for as long as it kept flooding; LRU order
+        # means a flood recycles its own old names first once the others are in use.
+        for _ in range(len(self._by_ip)):
+            ip, entry = next(iter(self._by_ip.items()))
+            if ip in self._held:
+                self._by_ip.move_to_end(ip)  # in use: as good as just used (and skipped in O(1) next time)
+                continue
+            if now - entry.used < self.ttl and not self._warned:
+                self._warned = True  # an answer younger than its TTL is re-pointed: say why, once
+                log.warning("virtual DNS: all %d addresses in use; recycling ones handed out less than %d s ago "
+                            "(something is asking for very many names)", len(self._by_ip), self.ttl)
+            self._drop(ip)
+            return ip
+        return None
 
     # ---- responder -----------------------------------------------------------------
 

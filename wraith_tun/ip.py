@@ -254,6 +254,14 @@ def build_udp(src: bytes, dst: bytes, sport: int, dport: int, payload: bytes) ->
     return _ip_header(src, dst, PROTO_UDP, ulen, False) + hdr[:6] + struct.pack("!H", csum) + payload
 
 
+def is_unicast(addr: bytes, broadcast: frozenset[bytes] = frozenset()) -> bool:
+    """False for addresses that name no single host: IPv4 0.0.0.0, multicast (224/4), the limited
+    broadcast 255.255.255.255 and ``broadcast`` (the TUN network's own), IPv6 :: and ff00::/8."""
+    if len(addr) == 16:
+        return addr[0] != 0xFF and any(addr)
+    return addr[0] & 0xF0 != 0xE0 and addr != b"\xff\xff\xff\xff" and any(addr) and addr not in broadcast
+
+
 def build_icmp_port_unreachable(dgram: UdpDatagram) -> bytes:
     """ICMP (v4: type 3 code 3; v6: type 1 code 4) from the datagram's destination back to its source."""
     if len(dgram.src) == 16:

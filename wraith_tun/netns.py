@@ -3,10 +3,11 @@
 The parent (the shim) starts ``python -m wraith_tun.netns`` as a child. The
 child unshares (adding a user namespace when not root), brings up ``lo``,
 creates the TUN inside the new namespace, makes it the default route,
-bind-mounts a private ``/etc/resolv.conf`` naming the shim's DNS address, hands
-the TUN file descriptor back over a Unix socket (SCM_RIGHTS), waits for "go",
-and execs CMD. The shim keeps serving from the original namespace, so its
-SOCKS5 connections never enter the new one.
+bind-mounts a private ``/etc/resolv.conf`` naming the shim's DNS address (and a
+private ``/etc/nsswitch.conf`` with ``hosts: files dns``), hides the host's
+name service daemons' sockets, hands the TUN file descriptor back over a Unix
+socket (SCM_RIGHTS), waits for "go", and execs CMD. The shim keeps serving from
+the original namespace, so its SOCKS5 connections never enter the new one.
 """
 
 from __future__ import annotations
@@ -26,10 +27,19 @@ from dataclasses import dataclass
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWNET = 0x40000000
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_NOEXEC = 8
 MS_BIND = 4096
 MS_REC = 16384
 MS_PRIVATE = 1 << 18
 PR_SET_PDEATHSIG = 1
+# Unix sockets of daemons that resolve names on the host's network: the mount namespace still
+# shares /run, and glibc asks nscd before any NSS module or resolv.conf is looked at; nss-resolve
+# asks systemd-resolved's varlink socket. An empty read-only tmpfs goes over each in CMD's view.
+HOST_RESOLVER_DIRS = ("/run/nscd", "/var/run/nscd", "/run/systemd/resolve", "/var/run/systemd/resolve")
+NSSWITCH = "/etc/nsswitch.conf"
 
 
 class NamespaceError(Exception):
@@ -63,13 +73,15 @@ async def spawn(cmd: list[str], iface: ipaddress.IPv4Interface, mtu: int, dns_ad
             f.write(f"# written by wraith-tun: DNS goes to the shim's virtual DNS on the TUN\nnameserver {dns_addr}\noptions attempts:3 timeout:2\n")
         else:
             f.write("# written by wraith-tun (--dns off)\n")
+    nsswitch = os.path.join(tmpdir.name, "nsswitch.conf")
+    _write_nsswitch(nsswitch)
     os.chmod(tmpdir.name, 0o755)
     os.chmod(resolv, 0o644)
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     # -P: the helper runs as root; the current directory (maybe someone else's, with a planted
     # wraith_tun/) must not come first on its import path
     args = [sys.executable, "-P", "-m", "wraith_tun.netns", "--sock-fd", str(child.fileno()),
-            "--tun-addr", str(iface), "--mtu", str(mtu), "--resolv", resolv]
+            "--tun-addr", str(iface), "--mtu", str(mtu), "--resolv", resolv, "--nsswitch", nsswitch]
     if name:
         args += ["--tun-name", name]
     if iface6:
@@ -93,6 +105,21 @@ async def spawn(cmd: list[str], iface: ipaddress.IPv4Interface, mtu: int, dns_ad
     # the bind mount keeps the file alive inside CMD's mount namespace: nothing to leave behind
     tmpdir.cleanup()
     return Unshared(proc, fds[0], msg.decode().strip(), parent, tmpdir)
+
+
+def _write_nsswitch(path: str, src: str = NSSWITCH) -> None:
+    """The host's nsswitch.conf with names looked up in files and DNS only: modules such as
+    resolve, mdns or myhostname reach daemons or networks on the host's side."""
+    try:
+        with open(src) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        lines = []
+    lines = [ln for ln in lines if not ln.strip().startswith("hosts:")]
+    lines += ["# wraith-tun: names resolve through the TUN only", "hosts: files dns"]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    os.chmod(path, 0o644)
 
 
 async def _recv_fd(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> tuple[bytes, list[int]]:
@@ -159,6 +186,26 @@ def _private_resolv_conf(src: str, target: str = "/etc/resolv.conf") -> None:
     _check(libc.mount(src.encode(), real.encode(), None, MS_BIND, None), f"bind-mount {target}")
 
 
+def _hide_host_resolvers(dirs: tuple[str, ...] = HOST_RESOLVER_DIRS) -> None:
+    """Put an empty read-only tmpfs over the directories holding the host's resolver sockets."""
+    libc = _libc()
+    done: set[str] = set()
+    for d in dirs:
+        real = os.path.realpath(d)  # /var/run is usually a link to /run
+        if real in done or not os.path.isdir(real):
+            continue
+        done.add(real)
+        flags = MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC
+        _check(libc.mount(b"tmpfs", real.encode(), b"tmpfs", flags, b"mode=0755,size=4k"), f"hide {real}")
+
+
+def _private_file(src: str, target: str) -> None:
+    """Show ``src`` as ``target`` (an existing file) in this mount namespace."""
+    real = os.path.realpath(target)
+    if os.path.isfile(real):
+        _check(_libc().mount(src.encode(), real.encode(), None, MS_BIND, None), f"bind-mount {target}")
+
+
 def _ip(*args: str) -> None:
     r = subprocess.run(["ip", *args], capture_output=True, text=True)
     if r.returncode != 0:
@@ -173,6 +220,7 @@ def child_main(argv: list[str]) -> int:
     ap.add_argument("--tun-addr6")
     ap.add_argument("--mtu", type=int, required=True)
     ap.add_argument("--resolv", required=True)
+    ap.add_argument("--nsswitch")
     ap.add_argument("cmd", nargs=argparse.REMAINDER)
     a = ap.parse_args(argv)
     cmd = a.cmd[1:] if a.cmd[:1] == ["--"] else a.cmd
@@ -188,7 +236,10 @@ def child_main(argv: list[str]) -> int:
         _ip("route", "add", "default", "dev", dev.name)
         if iface6:
             _ip("-6", "route", "add", "default", "dev", dev.name)
+        _hide_host_resolvers()  # first: /etc/resolv.conf may point into one of these directories
         _private_resolv_conf(a.resolv)
+        if a.nsswitch:
+            _private_file(a.nsswitch, NSSWITCH)  # no nsswitch.conf (musl): no NSS modules, nothing to do
     except Exception as e:
         sock.sendall(str(e).encode() or b"namespace setup failed")
         return 126

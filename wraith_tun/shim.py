@@ -6,7 +6,10 @@ are :mod:`dns`. Backpressure in both directions:
 * app -> SOCKS: bytes stay in the flow's receive buffer (shrinking the app's
   window) while the SOCKS socket's transport says ``pause_writing``.
 * SOCKS -> app: the SOCKS socket is not read while the flow's send buffer
-  (bytes the app has not acknowledged) is full.
+  (bytes the app has not acknowledged) is full, and each read is sized to what
+  the flow may still hold, within a shim-wide :class:`~.budget.Budget`.
+
+TCP/53 and UDP/53 in virtual DNS mode are answered here and never reach SOCKS.
 """
 
 from __future__ import annotations
@@ -21,13 +24,21 @@ import struct
 from dataclasses import dataclass, field
 
 from . import ip, tcp
-from .dns import VirtualDns
+from .budget import DEFAULT_LIMIT, Budget
+from .dns import MAX_QUERY, VirtualDns
 from .socks import SocksRefused, socks5_connect
 
 log = logging.getLogger("wraith_tun")
 
 READ_BATCH = 128
 VNET_HDR_LEN = 10
+# the largest IP packet (65535, whatever --mtu says) plus the virtio header: a shorter read
+# truncates the packet, which then fails its checks and is lost with every retransmission
+TUN_READ_SIZE = 65535 + VNET_HDR_LEN
+SOCKS_READ_SIZE = 256 * 1024  # one shared buffer for every SOCKS read (asyncio's own read size)
+# room a DNS-over-TCP flow needs before it answers the next query: an answer to one question
+# is under 1 KiB, far below this
+DNS_TCP_ROOM = 2 + MAX_QUERY
 # virtio_net_hdr for our TCP packets: NEEDS_CSUM, checksum starts at byte 20 (the TCP
 # header), field at +16; the field holds the pseudo-header sum and the kernel, delivering
 # locally, trusts it (CHECKSUM_PARTIAL) instead of summing the payload again.
@@ -57,9 +68,13 @@ class ShimConfig:
     connect_timeout: float = 30.0
     idle_timeout: float = 7440.0  # RFC 5382: a NAT keeps idle TCP for at least 2 h 4 min; 0 = never
     dns: VirtualDns | None = None
+    max_buffered: int = DEFAULT_LIMIT  # bytes read from SOCKS and not yet acked by apps, all flows together
+    # the TUN network's broadcast address (no ICMP errors about datagrams to it): the default
+    # --tun-addr 10.0.0.1/24's; TunOptions.shim_config() fills in the real one
+    broadcast: frozenset[bytes] = frozenset({bytes([10, 0, 0, 255])})
 
 
-class Flow(asyncio.Protocol):
+class Flow(asyncio.BufferedProtocol):
     """One TCP flow bridged to one SOCKS5 connection."""
 
     def __init__(self, shim: Shim, conn: tcp.TcpConnection):
@@ -73,6 +88,8 @@ class Flow(asyncio.Protocol):
         self.reading_paused = False
         self.eof_to_socks = False
         self.eof_from_socks = False
+        self.charged = 0  # this flow's bytes in the shim's budget
+        self.fake_addr: bytes | None = None  # a virtual DNS address this flow keeps from being recycled
 
     # -- SOCKS side ------------------------------------------------------------------
 
@@ -108,13 +125,16 @@ class Flow(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's are not asyncio.Transport subclasses
 
-    def data_received(self, data: bytes) -> None:
-        conn = self.conn
-        conn.send(data, self.shim.loop.time())
-        if conn.send_space <= 0 and self.transport is not None and not self.reading_paused:
-            self.reading_paused = True
-            self.transport.pause_reading()
-        self.shim.service(self)
+    def get_buffer(self, sizehint: int) -> memoryview:
+        # a read never brings more than the flow may hold (its free space, within the budget):
+        # a whole socket read appended past a full buffer is what let memory outgrow both
+        n = self.shim.read_allowance(self)
+        return self.shim.read_buffer[: max(n, 1)]  # the transport wants at least one byte
+
+    def buffer_updated(self, nbytes: int) -> None:
+        shim = self.shim
+        self.conn.send(shim.read_buffer[:nbytes], shim.loop.time())  # copied: the buffer is shared
+        shim.service(self)
 
     def eof_received(self) -> bool:
         self.eof_from_socks = True
@@ -163,6 +183,43 @@ class Flow(asyncio.Protocol):
             _abort_with_rst(self.transport)
 
 
+class DnsOverTcp(Flow):
+    """TCP/53 in virtual DNS mode, answered here like UDP/53 (resolvers retry over TCP). As a
+    SOCKS5 CONNECT it would carry the query to whichever host has that address on the server's
+    side. Messages carry a 2-byte length (RFC 1035 4.2.2); queries may be pipelined."""
+
+    def __init__(self, shim: Shim, conn: tcp.TcpConnection, dns: VirtualDns):
+        super().__init__(shim, conn)
+        self.dns = dns
+        self.frame = bytearray()  # the message being read: length field, then query
+
+    def pump_to_socks(self) -> None:
+        conn, shim = self.conn, self.shim
+        now = shim.loop.time()
+        # answer only while the app has room for an answer: one that pipelines queries without
+        # reading the answers is held back by its own receive window, not by our memory
+        while conn.readable and conn.send_space >= DNS_TCP_ROOM:
+            want = 2 + int.from_bytes(self.frame[:2], "big") if len(self.frame) >= 2 else 2
+            self.frame += conn.read(want - len(self.frame))
+            if len(self.frame) < want:
+                break
+            if want == 2:
+                if not 12 <= int.from_bytes(self.frame, "big") <= MAX_QUERY:  # not a query's length
+                    conn.abort()
+                    return
+                continue
+            shim.stats.dns_queries += 1
+            answer = self.dns.handle(bytes(self.frame[2:]), now)
+            self.frame.clear()
+            if answer is None:  # not a query we answer: over UDP it is dropped, here the stream is lost
+                conn.abort()
+                return
+            conn.send(len(answer).to_bytes(2, "big") + answer, now)
+        if conn.at_eof and not self.eof_to_socks:
+            self.eof_to_socks = True
+            conn.shutdown(now)  # FIN after the last answer
+
+
 def _abort_with_rst(tr: asyncio.Transport) -> None:
     """Close the SOCKS socket with RST, not FIN: an aborted flow must not look like a clean end."""
     sock = tr.get_extra_info("socket")
@@ -185,6 +242,9 @@ class Shim:
         self.stack = tcp.TcpStack(tcp_cfg, cfg.max_flows)
         self.flows: dict[tcp.TcpConnection, Flow] = {}
         self.stats = Stats()
+        self.budget = Budget(cfg.max_buffered, cfg.max_flows)
+        self.read_buffer = memoryview(bytearray(SOCKS_READ_SIZE))
+        self._squeezed = False  # some flow was paused by the budget (not by its own full buffer)
         self._failure_logged = False
         self._dirty: set[Flow] = set()
         self._running = False
@@ -226,7 +286,9 @@ class Shim:
             flow.conn.abort()
             self._write(flow.conn.packets_to_send())
             flow.release()
+            self._release_fake_addr(flow)
         self.flows.clear()
+        self.budget.held = 0
 
     # -- TUN input -------------------------------------------------------------------------------
 
@@ -234,7 +296,7 @@ class Shim:
         now = self.loop.time()
         for _ in range(READ_BATCH):
             try:
-                pkt = os.read(self.fd, 65536)
+                pkt = os.read(self.fd, TUN_READ_SIZE)
             except BlockingIOError:
                 break
             except OSError as e:
@@ -293,17 +355,30 @@ class Shim:
                 self._write([ip.build_udp(d.dst, d.src, 53, d.sport, answer)])
             return
         self.stats.udp_rejected += 1
-        self._write([ip.build_icmp_port_unreachable(d)])
+        # RFC 1122 3.2.2: no ICMP error about a datagram sent to a multicast or broadcast address
+        # (mDNS, SSDP, DHCP...) or from a source that is no single host; its source would be wrong too
+        if ip.is_unicast(d.dst, self.cfg.broadcast) and ip.is_unicast(d.src):
+            self._write([ip.build_icmp_port_unreachable(d)])
 
     def _open_flow(self, conn: tcp.TcpConnection, now: float) -> None:
+        dns = self.cfg.dns
+        if dns is not None and conn.local_port == 53:  # DNS over TCP: answered here, like UDP/53
+            flow: Flow = DnsOverTcp(self, conn, dns)
+            self.flows[conn] = flow
+            self.stats.flows_opened += 1
+            conn.accept(now)
+            self.service(flow)
+            return
         flow = Flow(self, conn)
         self.flows[conn] = flow
         self.stats.flows_opened += 1
         dst = conn.local_ip
-        dns = self.cfg.dns
         host: str | None
         if dns is not None and dns.is_fake(dst):
             host = dns.name_for(dst, now)
+            if host is not None:  # while the flow lives its address keeps naming this host
+                dns.hold(dst)
+                flow.fake_addr = dst
         else:
             host = str(ipaddress.ip_address(dst))
         if host is None:  # a fake address we never handed out (or forgot)
@@ -322,11 +397,7 @@ class Shim:
             return
         closed = reset = False
         for ev in conn.events():
-            if isinstance(ev, tcp.SendSpace):
-                if flow.reading_paused and conn.send_space > 0 and flow.transport is not None:
-                    flow.reading_paused = False
-                    flow.transport.resume_reading()
-            elif isinstance(ev, tcp.Reset):
+            if isinstance(ev, tcp.Reset):
                 reset = True
                 if flow.transport is not None:
                     _abort_with_rst(flow.transport)
@@ -335,9 +406,11 @@ class Shim:
         if not closed:
             flow.pump_to_socks()
         self._write(conn.packets_to_send())
+        self._account(flow)
         if closed or conn.state is tcp.State.CLOSED:
             self._forget(flow, graceful=not reset and conn.peer_fin)
             return
+        self._update_reading(flow)
         when = conn.next_deadline()
         if when != flow.timer_at:
             if flow.timer is not None:
@@ -351,10 +424,57 @@ class Shim:
         flow.conn.on_timer(self.loop.time())
         self.service(flow)
 
+    # -- SOCKS reading within the budget ----------------------------------------------------------------
+
+    def read_allowance(self, flow: Flow) -> int:
+        conn = flow.conn
+        return self.budget.allowance(conn.unacked, conn.send_space)
+
+    def _account(self, flow: Flow) -> None:
+        held = flow.conn.unacked
+        if held != flow.charged:
+            self.budget.charge(held - flow.charged)
+            flow.charged = held
+        self._maybe_unsqueeze()
+
+    def _maybe_unsqueeze(self) -> None:
+        if self._squeezed and self.budget.relaxed:
+            self._squeezed = False
+            self.loop.call_soon(self._retry_paused)
+
+    def _update_reading(self, flow: Flow) -> None:
+        """Pause the flow's SOCKS socket when it may not read now, resume it when it may again."""
+        tr = flow.transport
+        if tr is None or tr.is_closing() or flow.eof_from_socks:
+            return
+        may_read = self.read_allowance(flow) > 0
+        if may_read and flow.reading_paused:
+            flow.reading_paused = False
+            tr.resume_reading()
+        elif not may_read and not flow.reading_paused:
+            flow.reading_paused = True
+            tr.pause_reading()
+            if flow.conn.send_space > 0:  # held by the budget: retry when it has room again
+                self._squeezed = True
+
+    def _retry_paused(self) -> None:
+        for flow in list(self.flows.values()):
+            if flow.reading_paused:
+                self._update_reading(flow)
+
+    def _release_fake_addr(self, flow: Flow) -> None:
+        if flow.fake_addr is not None and self.cfg.dns is not None:
+            self.cfg.dns.release(flow.fake_addr)
+            flow.fake_addr = None
+
     def _forget(self, flow: Flow, graceful: bool = False) -> None:
         if self.flows.pop(flow.conn, None) is None:
             return
         self.stack.forget(flow.conn)
+        self._release_fake_addr(flow)
+        self.budget.charge(-flow.charged)
+        flow.charged = 0
+        self._maybe_unsqueeze()
         if flow.timer is not None:
             flow.timer.cancel()
             flow.timer = None

@@ -200,7 +200,7 @@ class TcpConnection:
         else:
             self.abort()
 
-    def send(self, data: bytes, now: float) -> None:
+    def send(self, data: bytes | memoryview, now: float) -> None:
         """Queue bytes for the app. The caller keeps within :attr:`send_space`."""
         if not data or self.state not in _OPEN_FOR_WRITE or self._fin_queued:
             return

@@ -22,6 +22,7 @@ def run(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
     (["--unshare"], "needs a command"),
     (["--", "true"], "needs --unshare"),
     (["--mtu", "10"], "--mtu"),
+    (["--max-buffered", "0"], "between 1 and"),
     (["--idle-timeout", "-1"], "--idle-timeout"),
     (["--idle-timeout", "0.000001"], "--idle-timeout"),
     (["--idle-timeout", "nan"], "--idle-timeout"),

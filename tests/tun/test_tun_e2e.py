@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from netenv import (CLIENT_ADDR, HERE, HTTP_ADDR, HTTP_ADDR6, HTTP_NAME, HTTP_PORT, SERVICE_ADDR, WraithNet,
                     wraith_tun_cmd)
 
@@ -127,6 +128,70 @@ def test_dns_never_leaves_the_tun(wnet: WraithNet) -> None:
     assert m, summary
     assert int(m.group(1)) == 1, summary  # only the control packet: nothing from inside leaked
     assert int(m.group(2)) > 10  # the sniffer did see the tunnelled traffic (SSH on the veth)
+
+
+FAKE_RESOLVERS = """
+import select, socket, sys
+log = open(sys.argv[1], "ab", buffering=0)
+socks = []
+for path in ("/run/nscd/socket", "/run/systemd/resolve/io.systemd.Resolve"):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(path)
+    s.listen(8)
+    socks.append(s)
+print("ready", flush=True)
+while True:  # ends when the test kills it
+    for s in select.select(socks, [], [])[0]:
+        c, _ = s.accept()
+        c.settimeout(2)
+        try:
+            log.write(c.recv(4096) + b"\\n")
+        except OSError:
+            pass
+        c.close()  # no answer: glibc falls back to its NSS modules
+"""
+
+
+@pytest.mark.parametrize("userns", [False, True], ids=["root", "userns"])
+def test_cmd_cannot_reach_the_host_name_service_daemons(wnet: WraithNet, userns: bool) -> None:
+    """CMD's mount namespace shares /run with the host: glibc's getaddrinfo() asked the host's
+    nscd first (and nss-resolve would ask systemd-resolved), so names were looked up on the
+    host's network. Here stand-ins listen where those daemons do, in a private /run."""
+    net = wnet.net
+    (net.tmp / "resolvers.py").write_text(FAKE_RESOLVERS)
+    log = net.tmp / "resolvers.log"
+    log.write_bytes(b"")
+    inner = ("getent ahosts secret-db.corp.test; echo getent=$?; ls -A /run/nscd /run/systemd/resolve; "
+             "grep '^hosts:' /etc/nsswitch.conf; echo uid_map $(cat /proc/self/uid_map)")
+    env = "env WRAITH_TUN_USERNS=1 " if userns else ""
+    tun = env + " ".join(f"'{a}'" for a in wraith_tun_cmd("-v", "--socks5", wnet.socks, "--unshare", "--", "sh", "-c", inner))
+    script = f"""
+        mount -t tmpfs tmpfs /run && mkdir -p /run/nscd /run/systemd/resolve || exit 99
+        python3 {net.tmp}/resolvers.py {log} > {net.tmp}/resolvers.out & fake=$!
+        i=0; until grep -qs ready {net.tmp}/resolvers.out || [ $i -ge 300 ]; do sleep 0.05; i=$((i+1)); done
+        getent passwd root >/dev/null; echo control=$?
+        {tun}
+        kill $fake
+    """
+    r = net.run(net.client, "unshare", "-m", "sh", "-c", script, timeout=60)
+    out = r.stdout.decode()
+    assert "control=0" in out, (out, r.stderr)
+    assert log.read_bytes().strip(), "control: outside the shim the stand-in nscd is asked (and falls back)"
+    assert re.search(r"^198\.1[89]\.\S+\s+STREAM secret-db\.corp\.test", out, re.M), (out, r.stderr)
+    assert b"secret-db" not in log.read_bytes(), log.read_bytes()  # nothing asked the host's daemons
+    assert "io.systemd.Resolve" not in out and "socket" not in out  # both directories look empty
+    assert "hosts: files dns" in out
+    assert ("uid_map 0 0 1" in out) == userns, out  # the user-namespace path when asked for
+
+
+def test_largest_mtu_upload(wnet: WraithNet) -> None:
+    """--mtu 65535: the app's full-size segments (65535 bytes + the virtio header) are read whole."""
+    net = wnet.net
+    r = unshare(wnet, f"curl -sS -m 30 --data-binary @{net.www}/mid.bin {URL_IP}/upload; echo rc=$?",
+                "--mtu", "65535")
+    out = r.stdout.decode()
+    assert "rc=0" in out and wnet.files["mid.bin"] in out, (out, r.stderr)
+    assert stats(r.stderr)["bad_packets"] == 0
 
 
 def _routes(w: WraithNet) -> str:

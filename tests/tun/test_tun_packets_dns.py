@@ -129,29 +129,76 @@ def test_aaaa_and_others_answer_empty_noerror() -> None:
         assert r.header.rcode == RCODE.NOERROR and not r.rr
 
 
-def test_mappings_outlive_keep_until_their_address_is_needed() -> None:
+def test_mappings_last_until_their_address_is_needed() -> None:
     """A program that resolved once may keep using the address long after: the mapping
-    lasts until the pool needs that address for another name (then only if unused for
-    ``keep``). Addresses never handed out name nothing."""
-    dns = VirtualDns(keep=60)
+    lasts until the pool needs that address for another name. Addresses never handed out
+    name nothing."""
+    dns = VirtualDns()
     addr = dns.address_for("a.test", 0.0)
-    assert dns.name_for(addr, 50.0) == "a.test"  # use refreshes
-    assert dns.name_for(addr, 1000.0) == "a.test"  # long unused: still there
+    assert addr is not None
+    assert dns.name_for(addr, 50.0) == "a.test"
+    assert dns.name_for(addr, 100000.0) == "a.test"  # long unused: still there
     assert dns.name_for(bytes([198, 18, 200, 200]), 0.0) is None  # never handed out
 
 
+def test_a_full_pool_answers_new_names_at_once() -> None:
+    """Once every address was handed out, new names got SERVFAIL until a mapping had gone
+    unused for 10 minutes, and one program asking unique names again and again kept it so for
+    every other program. Now the least recently used address is recycled at once."""
+    dns = VirtualDns(network="198.18.0.0/29")  # 6 usable addresses
+    addrs = [dns.address_for(f"h{i}.test", float(i)) for i in range(6)]
+    assert None not in addrs and len(set(addrs)) == 6
+    assert dns.name_for(addrs[0], 6.0) == "h0.test"  # a use: h1 is now the least recently used
+    for i in range(40):  # the flood: unique names, each asked twice (a refresh)
+        for _ in range(2):
+            r = ask(dns, f"flood{i}.test", now=10.0 + i)
+            assert r.header.rcode == RCODE.NOERROR and r.rr, i
+        if i == 0:
+            assert str(r.a.rdata) == "198.18.0.2"  # h1's address went first
+    r = ask(dns, "intranet.corp", now=60.0)  # another program, right away
+    assert r.header.rcode == RCODE.NOERROR and r.rr
+
+
+def test_a_full_pool_never_takes_an_address_a_flow_holds() -> None:
+    """Recycling must not re-point an address a live flow uses (the app may connect again)."""
+    dns = VirtualDns(network="198.18.0.0/29")
+    addrs = [dns.address_for(f"h{i}.test", float(i)) for i in range(6)]
+    held = [a for a in addrs[:2] if a is not None]
+    for a in held:
+        dns.hold(a)  # live flows to h0 and h1, the least recently used
+    dns.hold(held[0])  # two flows to h0
+    for i in range(40):
+        assert dns.address_for(f"flood{i}.test", 10.0 + i) not in held
+    assert [dns.name_for(a, 61.0) for a in held] == ["h0.test", "h1.test"]
+    dns.release(held[1])  # h1's flow ended: its address is free to go again
+    assert held[1] in {dns.address_for(f"after{i}.test", 80.0) for i in range(5)}
+    dns.release(held[0])  # one of h0's two flows ended: still held
+    for i in range(5):
+        assert dns.address_for(f"last{i}.test", 90.0) != held[0]
+    assert dns.name_for(held[0], 91.0) == "h0.test"
+
+
 def test_an_exhausted_pool_keeps_answering_after_the_mappings_age() -> None:
-    """Every address handed out, all of them older than keep, then a connection to each
-    (which used to drop its mapping and lose the address for good, until a new query
-    found the pool empty and raised): new names still get addresses, recycled LRU."""
-    dns = VirtualDns(network="198.18.0.0/29", keep=100)
+    """Every address handed out, then a connection to each (which used to drop its mapping
+    and lose the address for good): new names still get addresses, recycled LRU."""
+    dns = VirtualDns(network="198.18.0.0/29")
     addrs = [dns.address_for(f"h{i}.test", 0.0) for i in range(6)]
     for a in addrs:
-        assert dns.name_for(a, 500.0) is not None
+        assert a is not None and dns.name_for(a, 500.0) is not None
     late = [dns.address_for(f"late{i}.test", 700.0) for i in range(6)]
     assert sorted(late) == sorted(addrs)  # (bytes | None: a None would fail the sort)
-    r = ask(dns, "later.test", now=700.0)
-    assert r.header.rcode == RCODE.SERVFAIL  # all six just used: none is re-pointed
+
+
+def test_a_pool_held_entirely_by_live_flows_gets_servfail() -> None:
+    dns = VirtualDns(network="198.18.0.0/30")  # 2 usable addresses
+    for name in ("a.test", "b.test"):
+        addr = dns.address_for(name, 0.0)
+        assert addr is not None
+        dns.hold(addr)
+    r = ask(dns, "c.test", now=1.0)
+    assert r.header.rcode == RCODE.SERVFAIL and not r.rr
+    assert sorted(dns.name_for(a, 2.0) or "" for a in (bytes([198, 18, 0, 1]), bytes([198, 18, 0, 2]))) == [
+        "a.test", "b.test"]
 
 
 def test_crafted_compression_pointers_cost_nothing() -> None:
@@ -174,23 +221,6 @@ def test_crafted_compression_pointers_cost_nothing() -> None:
     assert dns.handle(pointer, 0.0) is None
     assert dns.handle(long_name, 0.0) is None  # a name over 255 bytes
     assert time.perf_counter() - t0 < 1.0 and len(dns) == 0
-
-
-def test_small_pool_recycles_only_mappings_unused_for_keep() -> None:
-    dns = VirtualDns(network="198.18.0.0/29", keep=100)  # 6 usable addresses
-    addrs = [dns.address_for(f"h{i}.test", float(i)) for i in range(6)]
-    assert None not in addrs and len(set(addrs)) == 6
-    dns.name_for(addrs[0], 7.0)  # h0 used recently; h1 is now the oldest
-    # every address is still live: a new name gets no address (SERVFAIL), none is re-pointed
-    assert dns.address_for("late.test", 30.0) is None
-    r = ask(dns, "late.test", now=30.0)
-    assert r.header.rcode == RCODE.SERVFAIL and not r.rr
-    assert [dns.name_for(a, 31.0) for a in addrs[:2]] == ["h0.test", "h1.test"]
-    # h1 was last used at 31: free after 131; the oldest (h2, used at 2) goes first
-    new = dns.address_for("late.test", 103.0)
-    assert new == addrs[2]
-    assert dns.name_for(addrs[2], 103.0) == "late.test"
-    assert dns.name_for(addrs[0], 103.0) == "h0.test"
 
 
 def test_one_question_per_query() -> None:
@@ -252,6 +282,18 @@ def test_ipv6_bad_packets() -> None:
     udp[46:48] = b"\0\0"  # a zero UDP checksum is not allowed over IPv6
     with pytest.raises(ip.BadPacket):
         ip.parse_packet(bytes(udp))
+
+
+def test_unicast_test_for_icmp_errors() -> None:
+    def v4(a: str) -> bytes:
+        return bytes(map(int, a.split(".")))
+
+    for addr in ("224.0.0.251", "239.255.255.250", "255.255.255.255", "0.0.0.0"):
+        assert not ip.is_unicast(v4(addr)), addr
+    assert not ip.is_unicast(v4("10.0.0.255"), frozenset({v4("10.0.0.255")}))
+    assert ip.is_unicast(v4("10.0.0.255")) and ip.is_unicast(v4("10.80.0.1"))
+    assert not ip.is_unicast(bytes.fromhex("ff0200000000000000000000000000fb")) and not ip.is_unicast(bytes(16))
+    assert ip.is_unicast(B6)
 
 
 def test_ipv6_flow_uses_ipv6_mss() -> None:

@@ -12,9 +12,10 @@ import pytest
 from dnslib import DNSRecord
 
 from wraith_tun import ip
+from wraith_tun.budget import Budget
 from wraith_tun.dns import VirtualDns
 from wraith_tun.ip import ACK, FIN, PSH, RST, SYN
-from wraith_tun.shim import Shim, ShimConfig
+from wraith_tun.shim import VNET_HDR_LEN, Shim, ShimConfig
 from wraith_tun.tcp import TcpConfig
 
 APP = bytes([10, 0, 0, 1])
@@ -374,3 +375,159 @@ async def test_idle_flows_are_reset_both_ways(rig: Rig) -> None:
         await asyncio.sleep(0.02)
     assert rig.socks.ends == ["reset"]
     assert not rig.shim.flows
+
+
+# ---- review findings -------------------------------------------------------------------------------
+
+
+async def test_largest_packets_are_read_whole_with_a_virtio_header() -> None:
+    """--mtu up to 65535 is allowed: a 65535-byte packet plus the 10-byte virtio header was read
+    into 65536 bytes, cut short, counted bad, and its retransmissions were lost the same way."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    for s in (a, b):
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+    b.setblocking(False)
+    shim = Shim(a.fileno(), ShimConfig(tcp=TcpConfig(mtu=65535)), vnet_hdr=True)
+    shim.start()
+    loop = asyncio.get_running_loop()
+    try:
+        big = ip.build_udp(APP, DST, 5000, 9999, b"x" * (65535 - 28))
+        assert len(big) == 65535
+        b.send(bytes(VNET_HDR_LEN) + big)
+        b.send(bytes(VNET_HDR_LEN) + ip.build_udp(APP, DST, 5000, 9998, b"small"))  # answered second
+        raw = (await asyncio.wait_for(loop.sock_recv(b, 70000), 5))[VNET_HDR_LEN:]
+        assert raw[9] == ip.PROTO_ICMP and raw[20:22] == b"\x03\x03"
+        assert struct.unpack("!H", raw[28 + 22 : 28 + 24])[0] == 9999  # the quoted UDP header: the big one
+        assert shim.stats.bad_packets == 0
+    finally:
+        shim.stop()
+        a.close()
+        b.close()
+
+
+def _framed(msg: bytes) -> bytes:
+    return struct.pack("!H", len(msg)) + msg
+
+
+async def test_dns_over_tcp_is_answered_here_never_through_socks(rig: Rig) -> None:
+    """TCP/53 became a SOCKS5 CONNECT to 10.0.0.2:53 on the server's network (the query went to
+    whichever host has that address there). It is answered like UDP/53 now, pipelined too."""
+    app = App(rig.tun, 53, dst=bytes([10, 0, 0, 2]))
+    await app.connect()
+    queries = [DNSRecord.question("one.internal.test"), DNSRecord.question("two.internal.test")]
+    msg = b"".join(_framed(q.pack()) for q in queries)
+    app.send(ACK | PSH, msg)
+    app.seq += len(msg)
+    stream = b""
+    answers: list[DNSRecord] = []
+    while len(answers) < 2:
+        s = await app.recv()
+        if s.payload and s.seq == app.ack:
+            stream += s.payload
+            app.ack += len(s.payload)
+            app.send(ACK)
+        while len(stream) >= 2 and len(stream) >= 2 + struct.unpack("!H", stream[:2])[0]:
+            n = struct.unpack("!H", stream[:2])[0]
+            answers.append(DNSRecord.parse(stream[2 : 2 + n]))
+            stream = stream[2 + n :]
+    for q, r in zip(queries, answers):
+        assert r.header.qr == 1 and r.header.id == q.header.id
+        assert str(r.a.rdata).startswith("198.1")
+    app.send(ACK | FIN)  # the client is done: the shim ends its side too
+    app.seq += 1
+    fin = await app.recv()
+    while not fin.flags & FIN:
+        fin = await app.recv()
+    assert rig.socks.targets == [] and rig.shim.stats.dns_queries == 2
+    # a length no query has: the stream cannot be followed, so it is reset
+    bad = App(rig.tun, 53, dst=bytes([10, 0, 0, 2]), sport=40001)
+    await bad.connect()
+    bad.send(ACK | PSH, b"\x00\x05hello")
+    r = await bad.recv()
+    while not r.flags & RST:
+        r = await bad.recv()
+    assert rig.socks.targets == []
+
+
+async def test_no_icmp_errors_about_multicast_or_broadcast(rig: Rig) -> None:
+    """RFC 1122 3.2.2: no ICMP error about a datagram sent to a multicast or broadcast address
+    (it went out with that address as its source); unicast still gets port unreachable."""
+    loop = asyncio.get_running_loop()
+    rig.shim.cfg.broadcast = frozenset({bytes([10, 0, 0, 255])})
+    app6 = socket.inet_pton(socket.AF_INET6, "fd77:7772:6169::2")
+    for src, dst, port in [
+        (APP, bytes([224, 0, 0, 251]), 5353), (APP, bytes([239, 255, 255, 250]), 1900),
+        (APP, bytes([255, 255, 255, 255]), 67), (APP, bytes([10, 0, 0, 255]), 137),
+        (bytes(4), DST, 67),  # from 0.0.0.0: no host to tell
+        (app6, socket.inet_pton(socket.AF_INET6, "ff02::fb"), 5353),
+    ]:
+        rig.tun.send(ip.build_udp(src, dst, 5353, port, b"q"))
+    rig.tun.send(ip.build_udp(APP, DST, 5000, 9999, b"hello"))
+    raw = await asyncio.wait_for(loop.sock_recv(rig.tun, 4096), 5)  # the first answer is about the last one
+    assert raw[9] == ip.PROTO_ICMP and raw[20:22] == b"\x03\x03" and raw[12:16] == DST
+    assert rig.shim.stats.udp_rejected == 7
+
+
+async def test_a_flow_keeps_its_virtual_address_while_new_names_press_a_full_pool(rig: Rig) -> None:
+    """Recycling addresses when the pool is full must never re-point one a live flow uses: a
+    second connection by the same program to the same address must reach the same name."""
+    dns = VirtualDns(network="198.18.0.0/29")  # 6 addresses
+    rig.shim.cfg.dns = dns
+    now = asyncio.get_running_loop().time()
+    addr = dns.address_for("held.test", now)
+    assert addr is not None
+    first = App(rig.tun, 7, dst=addr)
+    await first.connect()
+    for i in range(20):
+        assert dns.address_for(f"flood{i}.test", now) is not None  # every new name is answered
+    second = App(rig.tun, 7, dst=addr, sport=40001)
+    await second.connect()
+    assert rig.socks.targets == [("held.test", 7), ("held.test", 7)]
+    for app in (first, second):
+        app.send(RST)
+    for _ in range(100):
+        if not rig.shim.flows:
+            break
+        await asyncio.sleep(0.02)
+    assert not rig.shim.flows
+    for i in range(6):  # the flows are gone: now the address may go to another name
+        dns.address_for(f"later{i}.test", now)
+    assert dns.name_for(addr, now) != "held.test"
+
+
+async def test_all_flows_together_stay_within_the_buffer_budget_and_readers_progress(rig: Rig) -> None:
+    """Per flow the bytes apps have not acknowledged were bounded, in total not: flows whose app
+    never reads held ~350 KB each. With a budget, the total stays under it, and a flow whose app
+    does read still gets every byte while the others are stalled."""
+    limit = 1 << 20
+    rig.shim.cfg.max_buffered, rig.shim.cfg.max_flows = limit, 16
+    rig.shim.budget = Budget(limit, 16)  # a reserve of 32 KiB per flow
+    stalled = [App(rig.tun, 2, sport=41000 + i) for i in range(6)]  # 6 x 256 KiB would be 1.5 MiB
+    for app in stalled:
+        await app.connect()  # and never acknowledges a byte
+    for _ in range(250):  # wait until they have read what they may (not timed: a bounded poll)
+        if rig.shim.memory >= limit // 2 + 4 * 32 * 1024:
+            break
+        await asyncio.sleep(0.02)
+    assert rig.shim.memory >= limit // 2, rig.shim.memory
+    reader = App(rig.tun, 2, sport=42000)
+    await reader.connect()
+    received, fin, peak, stalls = 0, False, 0, 0
+    while not fin:
+        try:
+            s = await reader.recv(timeout=2.0)
+        except asyncio.TimeoutError:
+            stalls += 1
+            assert stalls < 5, "the reading flow stalled"
+            continue
+        peak = max(peak, rig.shim.memory)
+        if s.payload and s.seq == reader.ack:
+            received += len(s.payload)
+            reader.ack += len(s.payload)
+        if s.flags & FIN and s.seq + len(s.payload) == reader.ack:
+            fin = True
+            reader.ack += 1
+        reader.send(ACK)
+    assert received == BULK
+    assert peak <= limit, peak
+    assert rig.shim.budget.held == sum(f.conn.unacked for f in rig.shim.flows.values())
