@@ -100,7 +100,7 @@ def test_child_daemon_dies_with_a_killed_client(env, tmp_path) -> None:
     opts = dict(conn_opts(env["keys"], env["sport"]), target=f"127.0.0.1:{env['tport']}")
     script = _client_script(tmp_path, """
         s = await wraith_client.connect(**OPTS)
-        print("child", wraith_client.child_daemon().proc.pid, flush=True)
+        print("child", wraith_client.child_daemon().proc.pid, wraith_client.child_daemon().dir, flush=True)
         await asyncio.sleep(60)
     """)
     p = subprocess.Popen([PY, str(script), json.dumps(opts)], env=_env_without_daemon(tmp_path),
@@ -110,10 +110,15 @@ def test_child_daemon_dies_with_a_killed_client(env, tmp_path) -> None:
         line = p.stdout.readline()
         assert line.startswith("child "), p.stderr.read() if p.poll() is not None else line
         pid = int(line.split()[1])
+        cdir = Path(line.split()[2])
         assert _alive(pid)
         os.kill(p.pid, signal.SIGKILL)  # no atexit, no cleanup: only the stdin lifeline is left
         p.wait(5)
         assert _wait_gone(pid, 10), "the child daemon survived its SIGKILLed client"
+        # nobody removes the client's temp dir now; at least it holds no log (and the daemon
+        # removed its own files on the way out)
+        left = sorted(str(f.relative_to(cdir)) for f in cdir.rglob("*"))
+        assert left == ["d"], left
     finally:
         if p.poll() is None:
             p.kill()
@@ -466,3 +471,151 @@ def test_daemon_messages_are_decoded_within_limits() -> None:
     big = bytes(4 << 20)
     assert _ipc.decode(_ipc.encode_data(big)) == {"type": "data", "data": big}
     assert _ipc.decode(msgpack.packb({"type": "opened", "kind": "connect", "id": "s1"}))["id"] == "s1"
+
+
+async def test_a_daemon_that_dies_fails_writes_with_a_code(tmp_path) -> None:
+    """The daemon's socket reset under a writer: drain() raised a bare ConnectionResetError,
+    the next write() was taken silently, and a flusher nobody drained printed "Task
+    exception was never retrieved". Now: WraithError ECONNRESET, from drain and write."""
+    import gc
+
+    import msgpack
+    import wraith_client
+
+    opened = msgpack.packb({"type": "opened", "kind": "connect", "id": "s1"})
+
+    async def reset_later(ws, first) -> None:  # type: ignore[no-untyped-def]
+        await ws.send(opened)
+        ws.transport.pause_reading()  # the client's bytes pile up unread …
+        await asyncio.sleep(1)
+        ws.transport.abort()  # … then a close with unread data: the client sees a reset
+
+    loop = asyncio.get_running_loop()
+    reported: list[dict] = []
+    old_handler = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, ctx: reported.append(ctx))
+    server, ep = await _fake_daemon(tmp_path, reset_later)
+    try:
+        drained = await wraith_client.connect(daemon=ep, server="127.0.0.1:1", identity=b"k", host_key="SHA256:x")
+        undrained = await wraith_client.connect(daemon=ep, server="127.0.0.1:1", identity=b"k", host_key="SHA256:x")
+        blob = bytes(1 << 20)
+
+        async def writer() -> None:
+            while True:
+                drained.write(blob)
+                await drained.drain()
+
+        task = asyncio.create_task(writer())
+        for _ in range(30):
+            undrained.write(blob)  # never drained: the flusher's end is nobody's business
+        with pytest.raises(WraithError) as err:
+            await asyncio.wait_for(task, 10)
+        assert err.value.code == "ECONNRESET", err.value
+        with pytest.raises(WraithError):
+            drained.write(b"z")
+        flusher = undrained._flusher
+        assert flusher is not None
+        for _ in range(100):  # bounded: until the flusher met the reset (not awaited on purpose)
+            if flusher.done():
+                break
+            await asyncio.sleep(0.05)
+        assert flusher.done()
+        with pytest.raises(WraithError):
+            undrained.write(b"z")
+        del undrained, flusher
+        gc.collect()
+        await asyncio.sleep(0)
+        assert not reported, reported
+    finally:
+        loop.set_exception_handler(old_handler)
+        server.close()
+
+
+async def test_the_api_misuses_asyncio_refuses_are_refused(tmp_path) -> None:
+    """readexactly(-1) raises ValueError (it returned b""), and a second read() while one
+    waits raises the binding's error (it was websockets' ConcurrencyError)."""
+    import msgpack
+    import wraith_client
+
+    async def quiet(ws, first) -> None:  # type: ignore[no-untyped-def]
+        await ws.send(msgpack.packb({"type": "opened", "kind": "connect", "id": "s1"}))
+        await asyncio.sleep(30)
+
+    server, ep = await _fake_daemon(tmp_path, quiet)
+    try:
+        s = await wraith_client.connect(daemon=ep, server="127.0.0.1:1", identity=b"k", host_key="SHA256:x")
+        with pytest.raises(ValueError):
+            await s.readexactly(-1)
+        first = asyncio.create_task(s.read(10))
+        await asyncio.sleep(0.05)
+        for second in (s.read(10), s.readexactly(1)):
+            with pytest.raises(wraith_client.UsageError) as err:
+                await second
+            assert isinstance(err.value, WraithError) and err.value.code == "EUSAGE"
+        assert not first.done()
+        first.cancel()
+        s.abort()
+    finally:
+        server.close()
+
+
+async def test_close_with_unread_data_does_not_wait_out_the_close_timeout(env, tmp_path, procs) -> None:
+    """A download nobody reads, then close(): the daemon's answer to our close waited behind
+    the unread data until websockets gave up (5 s) and cut the connection. Now what still
+    comes is dropped while closing: the closing handshake completes — before our eof
+    (an abort for the daemon anyway) and after it (a graceful close)."""
+    p, info = start_daemon(tmp_path)
+    procs.append(p)
+    opts = dict(conn_opts(env["keys"], env["sport"], info), target=f"127.0.0.1:{env['tport']}")
+    for eof_first in (False, True):
+        s = await wraith_client.connect(**opts)
+        s.write(b"SEND 500000000 3\n")
+        await s.drain()
+        if eof_first:
+            s.write_eof()
+        await asyncio.sleep(1)  # the download fills every buffer on the way
+        await s.aclose()
+        assert s._ws.protocol.close_rcvd is not None, "the connection was cut, not closed"
+
+
+async def test_a_daemon_shutting_down_is_edaemon(env, tmp_path, procs) -> None:
+    """SIGTERM: the daemon closes every stream with 1001; the binding said ECONNRESET (as for
+    a reset target). docs/ipc.md §5: EDAEMON is the daemon shutting down."""
+    p, info = start_daemon(tmp_path)
+    procs.append(p)
+    keys = env["keys"]
+    s = await wraith_client.connect(**conn_opts(keys, env["sport"], info), target=f"127.0.0.1:{env['tport']}")
+    s.write(b"ECHO\n")
+    await s.drain()
+    # and a stream the daemon's own server accepted (its session ends with the server)
+    srv = await wraith_client.serve(host_key=str(keys.host), authorized_keys=str(keys.authorized),
+                                    listen="127.0.0.1:0", daemon=info["ws"])
+    peer = await wraith_client.connect(**dict(conn_opts(keys, env["sport"], info), server=srv.addresses[0]))
+    accepted = (await asyncio.wait_for(srv.__aiter__().__anext__(), 20))[0]
+    readers = [asyncio.create_task(x.read()) for x in (s, peer, accepted)]
+    await asyncio.sleep(0.2)
+    p.signal(signal.SIGTERM)
+    for reading in readers:
+        with pytest.raises(WraithError) as err:
+            await asyncio.wait_for(reading, 20)
+        assert err.value.code == "EDAEMON", err.value
+    with pytest.raises(WraithError) as err:
+        s.write(b"more")
+        await s.drain()
+    assert err.value.code in ("EDAEMON", "EPIPE"), err.value
+
+
+def test_the_package_ships_its_type_information(tmp_path) -> None:
+    """PEP 561: a py.typed marker in the built package (what build_py puts in a wheel)."""
+    import shutil
+
+    from helpers import ROOT
+
+    src = tmp_path / "src"
+    shutil.copytree(ROOT / "bindings" / "python", src,
+                    ignore=shutil.ignore_patterns("*.egg-info", "build", "__pycache__"))
+    r = subprocess.run([PY, "-c", "import setuptools; setuptools.setup()", "-q", "build_py", "-d", str(tmp_path / "out")],
+                       cwd=src, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    built = tmp_path / "out" / "wraith_client"
+    assert (built / "stream.py").exists() and (built / "py.typed").exists()

@@ -6,10 +6,12 @@ import asyncio
 import base64
 import os
 import shutil
+import signal
 import socket
 import stat
 import subprocess
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -355,7 +357,11 @@ async def test_only_the_serve_control_can_accept_its_incoming_streams(tmp_path, 
 async def test_hostile_messages_stay_cheap(tmp_path, procs) -> None:
     """A 16 MiB message of empty maps (msgpack makes an object per byte: 1.2 GB and a
     blocked loop), a 1 GiB window (the daemon holds about a window per stalled stream):
-    refused at once, one line each; the daemon's memory stays where it was."""
+    refused at once, one line each; the daemon's memory stays where it was. (Before a
+    stream is open a message is at most 1 MiB: the 16 MiB one is refused from its frame
+    header, close 1009, before the daemon reads it.)"""
+    from websockets.exceptions import ConnectionClosed
+
     from test_daemon_support import rss_kib
 
     p, info = start_daemon(tmp_path)
@@ -363,10 +369,15 @@ async def test_hostile_messages_stay_cheap(tmp_path, procs) -> None:
     base = rss_kib(p.p.pid)
     for _ in range(3):
         ws = await raw_ws(info)
-        await ws.send(b"\xdd" + (16 * 1024 * 1024 - 8).to_bytes(4, "big") + b"\x80" * (16 * 1024 * 1024 - 8))
-        answer = await _msg(ws)
-        assert answer["type"] == "error" and answer["code"] == "EPROTO", answer
-        await ws.close()
+        with pytest.raises(ConnectionClosed) as closed:
+            await ws.send(b"\xdd" + (16 * 1024 * 1024 - 8).to_bytes(4, "big") + b"\x80" * (16 * 1024 * 1024 - 8))
+            await _msg(ws)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009, closed.value
+    ws = await raw_ws(info)  # the same within the 1 MiB that an open may have: an EPROTO error
+    await ws.send(b"\xdd" + (1024 * 1024 - 8).to_bytes(4, "big") + b"\x80" * (1024 * 1024 - 8))
+    answer = await _msg(ws)
+    assert answer["type"] == "error" and answer["code"] == "EPROTO", answer
+    await ws.close()
     ws = await raw_ws(info)
     await _send(ws, {"type": "open", "kind": "connect", "options": {
         "server": "127.0.0.1:9", "identity": "/nonexistent", "hostKey": "SHA256:" + "A" * 43,
@@ -393,6 +404,41 @@ def test_a_daemon_that_fails_to_start_leaves_the_running_one_alone(tmp_path, pro
     q = subprocess.run(wraith("daemon", "--dir", str(d)), capture_output=True, text=True, timeout=30)
     assert q.returncode != 0 and "already listening" in q.stderr, q.stderr  # its events socket is live
     assert (d / "events.sock").exists() and token_file.read_text() == token
+
+
+@pytest.mark.parametrize("events", ["ipc", "none"])
+def test_a_daemon_started_while_the_last_one_shuts_down_keeps_its_sockets(tmp_path, procs, events) -> None:
+    """SIGTERM to daemon A (a client that answers no closing handshake keeps it shutting
+    down for a while), daemon B started in the same directory meanwhile: A's exit removed
+    B's daemon.sock, and libzmq B's events.sock. Now one daemon per directory: B waits
+    for A to finish, and each removes only its own socket files."""
+    import json
+
+    from helpers import Proc
+
+    d = tmp_path / "dir"
+    flags = ("--events", "none") if events == "none" else ()
+    a = Proc(wraith("daemon", "--dir", str(d), *flags), tmp_path / "a.log", ready=r"wraith daemon: ready (.*)$")
+    procs.append(a)
+    stuck = socket.socket(socket.AF_UNIX)  # a WebSocket client that never reads again
+    stuck.connect(str(d / "daemon.sock"))
+    stuck.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                  b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+    assert stuck.recv(12) == b"HTTP/1.1 101"
+    a.signal(signal.SIGTERM)
+    time.sleep(0.3)
+    b = Proc(wraith("daemon", "--dir", str(d), *flags), tmp_path / "b.log", ready=r"wraith daemon: ready (.*)$")
+    procs.append(b)
+    assert a.p.wait(20) == 0
+    binfo = json.loads(b.match.group(1))  # type: ignore[union-attr]
+    assert binfo["pid"] == b.p.pid and json.loads((d / "daemon.json").read_text())["pid"] == b.p.pid
+    for name in ("daemon.sock", "events.sock")[:1 if events == "none" else 2]:
+        assert stat.S_ISSOCK(os.lstat(d / name).st_mode), f"{name} of the new daemon was removed"
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(str(d / name))  # and B listens there
+    stuck.close()
+    b.stop()
+    assert not (d / "daemon.sock").exists() and not (d / "events.sock").exists()
 
 
 def test_a_busy_socket_is_not_taken_for_a_stale_one(tmp_path) -> None:

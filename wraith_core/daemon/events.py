@@ -17,6 +17,8 @@ from typing import Any
 
 import msgpack
 
+from .paths import FileIdentity, file_identity, link_socket, private_umask, remove_if_same
+
 log = logging.getLogger("wraith.daemon")
 
 FEED_QUEUE = 1000
@@ -58,6 +60,7 @@ class EventBus:
         self._pub: Any = None
         self._auth: Any = None
         self.feeds: set[Feed] = set()
+        self._ipc_id: FileIdentity | None = None  # the ipc:// socket file we bound
         self.listeners: list[Callable[[dict[str, Any]], None]] = []
 
     def start(self) -> None:
@@ -70,8 +73,6 @@ class EventBus:
 
             raise WraithError("ZeroMQ events need pyzmq: pip install 'wraith[daemon]' "
                               "(or start with --events none)", "EDAEMON") from None
-        from .paths import clear_stale_socket, private_umask
-
         self._ctx = zmq.Context.instance()
         pub = self._ctx.socket(zmq.PUB)
         pub.setsockopt(zmq.SNDHWM, ZMQ_HWM)
@@ -79,20 +80,30 @@ class EventBus:
         endpoint = self.zmq_endpoint
         if endpoint.startswith("tcp://"):
             self._require_token(pub)
-        if endpoint.startswith("ipc://"):
-            clear_stale_socket(endpoint[6:])
+        path = endpoint[6:] if endpoint.startswith("ipc://") else None
+        if path is not None:  # bound under a private name first (see paths.link_socket)
+            endpoint = "ipc://" + _unused_name(os.path.dirname(path), f".ev{os.getpid()}")
         try:
             with private_umask():
                 pub.bind(endpoint)
+            if path is not None:
+                link_socket(endpoint[6:], path)
         except zmq.ZMQError as exc:
             pub.close(0)
             self._stop_auth()
             from ..errors import WraithError
 
-            raise WraithError(f"cannot bind events endpoint {endpoint}: {exc}", "EDAEMON") from None
-        if endpoint.startswith("ipc://"):
-            os.chmod(endpoint[6:], 0o600)
-        self.bound_endpoint = pub.getsockopt_string(zmq.LAST_ENDPOINT)
+            raise WraithError(f"cannot bind events endpoint {self.zmq_endpoint}: {exc}", "EDAEMON") from None
+        except BaseException:
+            pub.close(0)
+            self._stop_auth()
+            raise
+        if path is not None:
+            os.chmod(path, 0o600)
+            self._ipc_id = file_identity(path)
+            self.bound_endpoint = f"ipc://{path}"
+        else:
+            self.bound_endpoint = pub.getsockopt_string(zmq.LAST_ENDPOINT)
         self._pub = pub
 
     def _require_token(self, pub: Any) -> None:
@@ -139,8 +150,17 @@ class EventBus:
             self._pub.close(0)
             self._pub = None
             self._stop_auth()
-            if self.bound_endpoint and self.bound_endpoint.startswith("ipc://"):
-                try:
-                    os.unlink(self.bound_endpoint[6:])
-                except OSError:
-                    pass
+            if self.bound_endpoint and self.bound_endpoint.startswith("ipc://") and self._ipc_id:
+                # only our own socket file: a daemon that replaced us there keeps its own
+                remove_if_same(self.bound_endpoint[6:], self._ipc_id)
+
+
+def _unused_name(directory: str, stem: str) -> str:
+    """A path in ``directory`` where nothing is (libzmq would unlink what it binds over)."""
+    for i in range(100):
+        candidate = os.path.join(directory, stem if i == 0 else f"{stem}-{i}")
+        if not os.path.lexists(candidate):
+            return candidate
+    from ..errors import WraithError
+
+    raise WraithError(f"no free name for a socket in {directory}", "EDAEMON")

@@ -23,6 +23,8 @@ from .ws import IPCServer
 
 log = logging.getLogger("wraith.daemon")
 
+LOCK_WAIT = 15.0  # for a daemon in the same directory that is shutting down (SIGTERM: ~5 s at most)
+
 
 @dataclass
 class DaemonConfig:
@@ -44,12 +46,33 @@ class Daemon:
         self._json: Path | None = None
         self._token_file: Path | None = None
         self._token = ""
+        self._lock: int | None = None
+
+    async def _lock_dir(self) -> None:
+        """One daemon per directory, for its whole life: a daemon started while the previous
+        one is still shutting down waits for it (instead of the two removing each other's
+        sockets); one started beside a running daemon fails at once."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + LOCK_WAIT
+        while True:
+            self._lock = paths.try_lock_dir(self.dir)
+            if self._lock is not None:
+                return
+            running = paths.running_daemon(self.dir)
+            if running is not None:
+                raise WraithError(f"another daemon is already listening on {running.get('ws')} "
+                                  f"(pid {running.get('pid')}, directory {self.dir})", "EDAEMON")
+            if loop.time() >= deadline:
+                raise WraithError(f"another daemon (pid {paths.lock_holder(self.dir)}) still holds "
+                                  f"{self.dir / paths.LOCK_NAME}; stop it first", "EDAEMON")
+            await asyncio.sleep(0.05)
 
     async def start(self) -> dict[str, Any]:
         cfg = self.config
         endpoint = paths.parse_ws(cfg.ws) if cfg.ws else None
         events = paths.check_events(cfg.events) if cfg.events is not None else "default"
         paths.secure_dir(self.dir, tighten=not cfg.dir)
+        await self._lock_dir()
         if endpoint is None:
             endpoint = paths.WsEndpoint("unix", path=str(self.dir / "daemon.sock"))
         if events == "default":
@@ -105,6 +128,9 @@ class Daemon:
                     self._token_file.unlink()
             except OSError:
                 pass
+        if self._lock is not None:  # last: the next daemon here may start now
+            paths.unlock_dir(self.dir, self._lock)
+            self._lock = None
 
 
 def _dump_tasks() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import ipaddress
 import json
 import os
@@ -12,7 +13,7 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 from ..errors import UsageError, WraithError
 
@@ -77,6 +78,131 @@ def clear_stale_socket(path: str) -> None:
     finally:
         s.close()
     raise WraithError(f"another daemon is already listening on {path}", "EDAEMON")
+
+
+class FileIdentity(NamedTuple):
+    dev: int
+    ino: int
+
+
+def file_identity(path: str) -> FileIdentity | None:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return FileIdentity(st.st_dev, st.st_ino)
+
+
+def remove_if_same(path: str, ident: FileIdentity) -> None:
+    """Remove the socket we made at ``path`` — not what another daemon put there since
+    (a daemon started while we were shutting down binds its own socket at the same path)."""
+    if file_identity(path) == ident:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+def bind_unix_socket(path: str) -> socket.socket:
+    """A listening-ready Unix socket bound at ``path``, mode 0600 from birth.
+
+    bind() itself refuses a path that exists, so two daemons cannot both take it (asyncio's
+    own binding first unlinks whatever socket is there). An existing socket is removed only
+    when it is a dead daemon's leftover (``clear_stale_socket``); then the bind is retried."""
+    for attempt in (1, 2):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            with private_umask():
+                sock.bind(path)
+            os.chmod(path, 0o600)
+            return sock
+        except OSError as exc:
+            sock.close()
+            if exc.errno != errno.EADDRINUSE or attempt == 2:
+                raise
+        clear_stale_socket(path)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def link_socket(tmp: str, path: str) -> None:
+    """Give the socket bound at ``tmp`` its real name ``path`` (and drop ``tmp``).
+
+    For ZeroMQ's ipc://, which binds by itself: libzmq unlinks whatever is at the
+    path before binding, and unlinks the path again when the socket closes — a
+    daemon shutting down would remove the socket of the one that replaced it. So
+    it binds a private name, and link() (which never replaces anything) makes
+    the real one; what libzmq removes at the end is only the private name."""
+    try:
+        for attempt in (1, 2):
+            try:
+                os.link(tmp, path)
+                return
+            except FileExistsError:
+                if attempt == 2:
+                    raise WraithError(f"another daemon is already listening on {path}", "EDAEMON") from None
+            clear_stale_socket(path)
+    finally:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+
+
+LOCK_NAME = "daemon.lock"
+
+
+def try_lock_dir(directory: Path) -> int | None:
+    """Take ``DIR/daemon.lock`` (an flock held for the daemon's life: one daemon per
+    directory); the locked descriptor, or None if another process holds it."""
+    path = directory / LOCK_NAME
+    while True:
+        with private_umask():
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except BaseException:
+            os.close(fd)
+            raise
+        # a daemon that exits removes the file while it holds it: what we locked must still
+        # be the file at the path, or a third daemon could lock a new one beside us
+        st = os.fstat(fd)
+        if file_identity(str(path)) == FileIdentity(st.st_dev, st.st_ino):
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            return fd
+        os.close(fd)
+
+
+def unlock_dir(directory: Path, fd: int) -> None:
+    """Release the lock, removing its file first (while still holding it; see try_lock_dir)."""
+    try:
+        os.unlink(directory / LOCK_NAME)
+    except OSError:
+        pass
+    os.close(fd)
+
+
+def lock_holder(directory: Path) -> int | None:
+    try:
+        text = (directory / LOCK_NAME).read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def running_daemon(directory: Path) -> dict[str, Any] | None:
+    """The daemon.json of a live daemon in ``directory``, if there is one."""
+    try:
+        info = json.loads((directory / "daemon.json").read_text())
+    except (OSError, ValueError):
+        return None
+    pid = info.get("pid") if isinstance(info, dict) else None
+    if not isinstance(pid, int) or pid == os.getpid() or not pid_alive(pid):
+        return None
+    return info
 
 
 @contextmanager

@@ -13,9 +13,11 @@ import dataclasses
 import hashlib
 import logging
 import os
+import stat
 from typing import Any
 
-from ..errors import WraithError
+from ..errors import KeyError_, WraithError
+from ..keys import MAX_FILE
 from ..options import ConnectOptions
 from ..ssh.channels import ChannelManager
 from ..ssh.client import Session
@@ -25,21 +27,43 @@ from .events import EventBus
 log = logging.getLogger("wraith.daemon")
 
 DEFAULT_LINGER = 5.0
-_KEY_FIELDS = ("identity", "certificate", "host_key", "known_hosts", "tls_ca")
+# key inputs (compared by their contents) and what keys.py calls them in its errors
+_KEY_FIELDS = {"identity": "identity", "certificate": "certificate", "host_key": "host key",
+               "known_hosts": "known hosts", "tls_ca": "TLS CA"}
 
 
-def _fingerprint_value(value: Any) -> Any:
+def _file_digest(path: str, what: str) -> str | None:
+    """sha256 of a regular file's contents, read at most ``keys.MAX_FILE`` bytes: this runs on
+    the event loop, so a huge file is refused from its size, unread (as keys.py would refuse
+    it after reading 16 MiB). None if ``path`` is no regular file we can open."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # a FIFO: no waiting
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        if st.st_size > MAX_FILE:
+            raise KeyError_(f"{what} file is larger than {MAX_FILE >> 20} MiB: {path}")
+        try:
+            data = f.read(MAX_FILE + 1)
+        except OSError:
+            return None
+    if len(data) > MAX_FILE:  # it grew since the fstat
+        raise KeyError_(f"{what} file is larger than {MAX_FILE >> 20} MiB: {path}")
+    return "file:" + hashlib.sha256(data).hexdigest()
+
+
+def _fingerprint_value(value: Any, what: str) -> Any:
     if isinstance(value, (bytes, bytearray)):
         return "bytes:" + hashlib.sha256(value).hexdigest()
     if isinstance(value, (str, os.PathLike)):
         text = os.fspath(value)
-        path = os.path.expanduser(text)
-        if "\n" not in text and os.path.isfile(path):
-            try:
-                with open(path, "rb") as f:
-                    return "file:" + hashlib.sha256(f.read()).hexdigest()
-            except OSError:
-                pass
+        if "\n" not in text:
+            digest = _file_digest(os.path.expanduser(text), what)
+            if digest is not None:
+                return digest
         return "text:" + hashlib.sha256(text.encode()).hexdigest()
     return value
 
@@ -50,7 +74,7 @@ def pool_key(opts: ConnectOptions) -> str:
     for f in dataclasses.fields(opts):
         v = getattr(opts, f.name)
         if f.name in _KEY_FIELDS:
-            v = _fingerprint_value(v)
+            v = _fingerprint_value(v, _KEY_FIELDS[f.name])
         items.append((f.name, repr(v)))
     return hashlib.sha256(repr(sorted(items)).encode()).hexdigest()
 

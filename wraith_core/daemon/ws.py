@@ -11,6 +11,9 @@ Backpressure, end to end:
 * SSH -> client: ``await ws.send()`` blocks while the WebSocket's write buffer
   is above ``write_limit``; meanwhile the channel is not read, its bounded
   receive buffer fills and pauses the SSH window.
+
+What a client can make the daemon hold in messages (size limits, one budget for
+large frames) is inflow.py's business.
 """
 
 from __future__ import annotations
@@ -37,9 +40,11 @@ from ..errors import WraithError
 from ..options import ConnectOptions, ServeOptions
 from ..protocol import ipc
 from ..protocol.frame_input import chunked_frame_input
+from . import inflow
 from .errors import map_error
 from .events import EventBus, Feed
-from .paths import WsEndpoint, clear_stale_socket, private_umask
+from .inflow import InputBudget, InputGate
+from .paths import FileIdentity, WsEndpoint, bind_unix_socket, file_identity, remove_if_same
 from .pool import SessionPool
 
 log = logging.getLogger("wraith.daemon")
@@ -53,10 +58,15 @@ PEER_CLOSE_GRACE = 30.0
 CHANNEL_HIGH_WATER = 2 * 1024 * 1024
 SOCKET_BUFFER = 1024 * 1024
 STREAM_LIMIT = 2 * 1024 * 1024  # receive buffer per stream (pauses the SSH channel above it)
+FEED_PIECE = ipc.DATA_CHUNK  # a large client message goes into the channel this much at a time
 ACCEPT_BACKLOG = 4096
+MAX_CONNECTIONS = 4096  # WebSockets at once (each costs a descriptor and its buffers); more: HTTP 503
+MAX_PENDING_INCOMING = 1024  # per serve control: incoming streams waiting to be accepted
 WS_SETTINGS: dict[str, Any] = {
     "compression": None,             # no permessage-deflate: bytes are opaque, CPU matters
-    "max_size": ipc.MAX_MESSAGE,
+    # the control limit until a stream is open (inflow.open_stream raises it to 16 MiB):
+    # a client must not make us hold 16 MiB before it even said what it wants
+    "max_size": ipc.MAX_CONTROL_MESSAGE,
     "max_queue": 1,                  # received messages held before we stop reading the socket
     "write_limit": 2 * 1024 * 1024,  # send() waits above this much unsent data
     "ping_interval": None,           # local socket; a stream under backpressure may sit for long
@@ -104,8 +114,11 @@ class IPCServer:
         self.incoming: dict[str, _Pending] = {}
         self.servers: set[Any] = set()
         self.connections: set[ServerConnection] = set()
+        self.gates: dict[ServerConnection, InputGate | None] = {}
+        self.budget = InputBudget()
         self.streams = 0
         self.closing = False
+        self._socket_id: FileIdentity | None = None
 
     def _id(self, prefix: str) -> str:
         self._n += 1
@@ -119,16 +132,25 @@ class IPCServer:
         # would find the default (100) full, and a full Unix socket queue fails at once (EAGAIN)
         kw = dict(WS_SETTINGS, process_request=self._check_request, server_header=None, backlog=ACCEPT_BACKLOG)
         if ep.kind == "unix":
-            clear_stale_socket(ep.path)
-            with private_umask():
-                self.server = await unix_serve(self._handle, ep.path, **kw)
-            os.chmod(ep.path, 0o600)
+            # bound here, not by asyncio (which unlinks whatever is at the path first)
+            sock = bind_unix_socket(ep.path)
+            try:
+                self._socket_id = file_identity(ep.path)
+                self.server = await unix_serve(self._handle, sock=sock, **kw)
+            except BaseException:
+                sock.close()
+                if self._socket_id is not None:
+                    remove_if_same(ep.path, self._socket_id)
+                raise
         else:
             self.server = await serve(self._handle, ep.host, ep.port, **kw)
             sock = next(iter(self.server.sockets))
             self.bound = WsEndpoint("tcp", host=ep.host, port=sock.getsockname()[1])
 
     def _check_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        if len(self.connections) >= MAX_CONNECTIONS:
+            log.warning("ipc: %d WebSockets open; refused another", len(self.connections))
+            return connection.respond(503, f"the daemon has {MAX_CONNECTIONS} connections open\n")
         if "Origin" in request.headers:
             log.warning("ipc: refused a request with an Origin header")
             return connection.respond(403, "Origin header not allowed: the wraith daemon is not for browsers\n")
@@ -151,12 +173,9 @@ class IPCServer:
         for p in list(self.incoming.values()):
             p.abort()
         self.incoming.clear()
-        for srv in list(self.servers):
-            try:
-                await srv.close()
-            except Exception:
-                pass
         if self.server is not None:
+            # every WebSocket first (close 1001: "shutting down"); the servers after, so that
+            # an accepted stream hears 1001, not the ECONNRESET of its session ending under it
             self.server.close(close_connections=True)
             try:
                 await asyncio.wait_for(asyncio.shield(self.server.wait_closed()), SHUTDOWN_GRACE)
@@ -168,22 +187,39 @@ class IPCServer:
                     await asyncio.wait_for(self.server.wait_closed(), 3)
                 except asyncio.TimeoutError:
                     pass
-        if self.endpoint.kind == "unix" and self.server is not None:  # only a socket we bound
+        for srv in list(self.servers):  # each serve control closes its own; what is left
             try:
-                os.unlink(self.endpoint.path)
-            except OSError:
+                await srv.close()
+            except Exception:
                 pass
+        if self.endpoint.kind == "unix" and self._socket_id is not None:
+            # only the socket we bound: a daemon that replaced us there keeps its own
+            remove_if_same(self.endpoint.path, self._socket_id)
 
     # -- one WebSocket -------------------------------------------------------------
 
     async def _handle(self, ws: ServerConnection) -> None:
         _deepen_socket_buffers(ws)
         chunked_frame_input(ws)
+        gate = inflow.install(ws, self.budget)
+        self.gates[ws] = gate
         self.connections.add(ws)
         try:
             await self._handle_one(ws)
         finally:
             self.connections.discard(ws)
+            self.gates.pop(ws, None)
+            if gate is not None:
+                gate.close()
+
+    def _consumed(self, ws: ServerConnection) -> None:
+        gate = self.gates.get(ws)
+        if gate is not None:
+            gate.consumed()
+
+    def _open_stream(self, ws: ServerConnection) -> None:
+        """Before ``opened`` of a connect/accept stream: data messages may come now."""
+        inflow.open_stream(ws, self.gates.get(ws))
 
     async def _handle_one(self, ws: ServerConnection) -> None:
         try:
@@ -193,6 +229,7 @@ class IPCServer:
             return
         except ConnectionClosed:
             return
+        self._consumed(ws)
         try:
             msg = ipc.decode_client(raw)
             if not isinstance(msg, ipc.Open):
@@ -245,6 +282,7 @@ class IPCServer:
             except WraithError as exc:
                 raise map_error(exc, "ECHANNEL") from None
             sid = self._id("s")
+            self._open_stream(ws)
             try:
                 await ws.send(ipc.encode(ipc.Opened("connect", sid, {
                     "target": target, "session": entry.id, "pooled": pooled})))
@@ -260,7 +298,7 @@ class IPCServer:
         extra = {"session": session} if session else {}
         self.bus.publish("stream.opened", stream=sid, kind=kind, **extra)
         self.streams += 1
-        pump = _Pump(ws, stream, server_side=(kind == "accept"))
+        pump = _Pump(ws, stream, server_side=(kind == "accept"), gate=self.gates.get(ws))
         try:
             clean = await pump.run()
         finally:
@@ -280,11 +318,18 @@ class IPCServer:
         except WraithError as exc:
             raise map_error(exc, "ESERVE") from None
         srv_id = self._id("srv")
-        queue: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue()
-        mine: set[str] = set()
+        mine: set[str] = set()  # our incoming streams not yet accepted (nor expired)
+        backlog: collections.deque[str] = collections.deque()  # ids not yet announced
+        more = asyncio.Event()
 
         def on_connection(stream: DuplexStream, info: Any) -> None:
             if self.closing:
+                stream.abort()
+                return
+            if len(mine) >= MAX_PENDING_INCOMING:
+                # the control does not accept (or read) them: each one holds a window of bytes
+                log.warning("ipc: server %s has %d incoming streams waiting; refused another",
+                            srv_id, len(mine))
                 stream.abort()
                 return
             # The id is the capability to accept: unguessable, and told only to this serve
@@ -295,10 +340,17 @@ class IPCServer:
                  "user": info.user, "keyFingerprint": info.key_fingerprint}
             loop = asyncio.get_running_loop()
             timer = loop.call_later(ACCEPT_TIMEOUT, self._expire, in_id)
-            self.incoming[in_id] = _Pending(stream, d, timer)
+            self.incoming[in_id] = _Pending(stream, d, timer, mine)
             mine.add(in_id)
             self.bus.publish("server.incoming", server=srv_id, stream=label, info=d)
-            queue.put_nowait((in_id, d))
+            if len(backlog) >= MAX_PENDING_INCOMING:
+                # a control that stopped reading: forget the announcements of streams that
+                # expired meanwhile (at most len(mine) < MAX_PENDING_INCOMING are left)
+                live = [i for i in backlog if i in mine]
+                backlog.clear()
+                backlog.extend(live)
+            backlog.append(in_id)
+            more.set()
 
         server.on_connection(on_connection)
         try:
@@ -315,8 +367,13 @@ class IPCServer:
 
             async def announce() -> None:
                 while True:
-                    in_id, d = await queue.get()
-                    await ws.send(ipc.encode(ipc.Incoming(in_id, d)))
+                    while not backlog:
+                        more.clear()
+                        await more.wait()
+                    in_id = backlog.popleft()
+                    p = self.incoming.get(in_id)
+                    if p is not None:  # not expired while it waited to be told
+                        await ws.send(ipc.encode(ipc.Incoming(in_id, p.info)))
 
             sender = asyncio.get_running_loop().create_task(announce())
             try:
@@ -332,10 +389,11 @@ class IPCServer:
                 _stop(sender)
         finally:
             self.servers.discard(server)
-            for in_id in mine:
+            for in_id in list(mine):
                 p = self.incoming.pop(in_id, None)
                 if p is not None:
                     p.abort()
+            mine.clear()
             await server.close()
             self.bus.publish("server.closed", server=srv_id)
             log.info("ipc: server %s closed", srv_id)
@@ -345,6 +403,7 @@ class IPCServer:
         if p is not None:
             log.info("ipc: incoming stream %s not accepted in time", in_id.split("-", 1)[0])
             p.abort()
+            p.owner.discard(in_id)
 
     async def _accept(self, ws: ServerConnection, msg: ipc.Open) -> None:
         assert msg.id is not None
@@ -352,8 +411,10 @@ class IPCServer:
         if p is None:
             raise ipc.IPCError(f"no incoming stream {ipc.shown(msg.id)} waits to be accepted", "EUSAGE")
         p.timer.cancel()
+        p.owner.discard(msg.id)
         if type(p.stream) is DuplexStream:
             ChannelStream.adopt(p.stream)  # same layout; flow control that holds (see above)
+        self._open_stream(ws)
         try:
             await ws.send(ipc.encode(ipc.Opened("accept", msg.id, {"info": p.info})))
         except BaseException:
@@ -518,12 +579,16 @@ class ChannelStream(DuplexStream):
 
 
 class _Pending:
-    __slots__ = ("stream", "info", "timer")
+    """An incoming stream waiting to be accepted; ``owner``: its serve control's set of such ids."""
 
-    def __init__(self, stream: DuplexStream, info: dict[str, Any], timer: asyncio.TimerHandle) -> None:
+    __slots__ = ("stream", "info", "timer", "owner")
+
+    def __init__(self, stream: DuplexStream, info: dict[str, Any], timer: asyncio.TimerHandle,
+                 owner: set[str]) -> None:
         self.stream = stream
         self.info = info
         self.timer = timer
+        self.owner = owner
 
     def abort(self) -> None:
         self.timer.cancel()
@@ -541,10 +606,12 @@ class _Pump:
     channel is closed, the WebSocket is closed with 1000.
     """
 
-    def __init__(self, ws: ServerConnection, stream: DuplexStream, server_side: bool = False) -> None:
+    def __init__(self, ws: ServerConnection, stream: DuplexStream, server_side: bool = False,
+                 gate: InputGate | None = None) -> None:
         self.ws = ws
         self.stream = stream
         self.server_side = server_side
+        self.gate = gate
         transport = getattr(stream, "_transport", None)
         if transport is not None and hasattr(transport, "set_write_buffer_limits"):
             # let a couple of client messages queue in the channel while the window opens
@@ -636,8 +703,10 @@ class _Pump:
         ws, stream = self.ws, self.stream
         dead = False
         async for raw in ws:
+            payload: bytes | memoryview | None = None
+            msg: ipc.Message | None = None
             try:
-                payload: bytes | memoryview | None = ipc.data_payload(raw)  # the common case, no copy
+                payload = ipc.data_payload(raw)  # the common case, no copy
                 msg = ipc.decode_client(raw) if payload is None else None
                 if isinstance(msg, ipc.Data):
                     payload = msg.data
@@ -647,8 +716,7 @@ class _Pump:
                     if dead:
                         continue
                     try:
-                        stream.write(payload)
-                        await stream.drain()
+                        await _feed(stream, payload)
                     except Exception:
                         dead = True  # the channel is gone; _down reports how it ended
                 elif isinstance(msg, ipc.Eof):
@@ -666,6 +734,24 @@ class _Pump:
                 stream.abort()
                 await _fail(ws, exc.code, str(exc), 1002)
                 return
+            finally:
+                del raw, payload, msg  # in the channel now (or dropped): its room goes back
+                if self.gate is not None:
+                    self.gate.consumed()
+
+
+async def _feed(stream: DuplexStream, payload: bytes | memoryview) -> None:
+    """Write one client message into the channel, a piece at a time, each once the channel
+    drained below its high-water mark: a 16 MiB message must not become 16 MiB more in the
+    channel's send buffer (the message itself is already counted in the input budget)."""
+    if len(payload) <= FEED_PIECE:
+        stream.write(payload)
+        await stream.drain()
+        return
+    view = memoryview(payload)
+    for off in range(0, len(view), FEED_PIECE):
+        stream.write(view[off:off + FEED_PIECE])
+        await stream.drain()
 
 
 async def _finish_detached(stream: DuplexStream) -> None:

@@ -18,13 +18,13 @@ from typing import Any
 
 from . import _ipc
 from .daemon import Endpoint, child_daemon, discover, resolve, shutdown
-from .errors import DaemonError, StreamError, WraithError
+from .errors import DaemonError, StreamError, UsageError, WraithError
 from .server import ConnectionInfo, Server
 from .stream import Stream, open_stream
 
 __all__ = [
     "connect", "serve", "create_event_target", "events", "zmq_events", "shutdown",
-    "Stream", "Server", "ConnectionInfo", "WraithError", "DaemonError", "StreamError",
+    "Stream", "Server", "ConnectionInfo", "WraithError", "DaemonError", "StreamError", "UsageError",
     "discover", "resolve", "child_daemon", "Endpoint", "EventTarget", "Event",
 ]
 __version__ = "0.1.0"

@@ -201,24 +201,24 @@ class ChildDaemon:
     def __init__(self, python: str) -> None:
         self.python = python
         self.dir = tempfile.mkdtemp(prefix="wraith-client-")  # 0700
-        self.log_path = Path(self.dir) / "daemon.log"
         self.info: dict[str, Any] = {}
-        log = open(self.log_path, "wb")
+        # the daemon's stderr: a file without a name (unlinked at once, read through our
+        # descriptor), so that a client killed with SIGKILL leaves no log behind
+        self._log = tempfile.TemporaryFile(dir=self.dir)
         env = dict(os.environ)
         env.pop("WRAITH_DAEMON", None)
         try:
             self.proc = subprocess.Popen(
                 [python, "-m", "wraith_core", "daemon", "--dir", str(Path(self.dir) / "d"),
                  "--exit-with-stdin"],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, env=env, close_fds=True)
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, env=env, close_fds=True)
         except OSError as exc:
+            self._log.close()
             shutil.rmtree(self.dir, ignore_errors=True)
             raise DaemonError(
                 f"cannot start a wraith daemon with Python {python!r}: {exc.strerror or exc}. "
                 f"Install Python 3.11+ and wraith (pip install 'wraith[daemon]'), set WRAITH_PYTHON to "
                 f"that interpreter, or point WRAITH_DAEMON at a running daemon") from None
-        finally:
-            log.close()
 
     def wait_ready(self, timeout: float = READY_TIMEOUT) -> dict[str, Any]:
         assert self.proc.stdout is not None
@@ -257,10 +257,12 @@ class ChildDaemon:
         self.info = result
         return result
 
-    def log_text(self) -> str:
+    def log_text(self, limit: int = 1 << 20) -> str:
+        """The end of what the daemon wrote on stderr (its last ``limit`` bytes)."""
         try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
+            size = os.fstat(self._log.fileno()).st_size
+            return os.pread(self._log.fileno(), limit, max(0, size - limit)).decode(errors="replace")
+        except (OSError, ValueError):
             return ""
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -280,7 +282,7 @@ class ChildDaemon:
                 except subprocess.TimeoutExpired:
                     p.kill()
                     p.wait(5)
-        for f in (p.stdin, p.stdout):
+        for f in (p.stdin, p.stdout, self._log):
             try:
                 if f is not None:
                     f.close()

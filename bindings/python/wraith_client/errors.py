@@ -25,3 +25,9 @@ class StreamError(WraithError, ConnectionError):
     """A stream that ended badly (reset, protocol error) or was used after its end."""
 
     code = "ECONNRESET"
+
+
+class UsageError(WraithError, RuntimeError):
+    """The API used in a way it does not support (as asyncio raises RuntimeError for it)."""
+
+    code = "EUSAGE"

@@ -27,11 +27,12 @@ from websockets.frames import apply_mask
 from websockets.protocol import State
 
 from . import _ipc
-from .errors import StreamError, WraithError
+from .errors import StreamError, UsageError, WraithError
 
 _EOF = object()
-CLOSE_TIMEOUT = 10.0  # close(): the daemon takes what was written, then answers our close
-ABORT_GRACE = 1.0  # abort(): a moment for the close frame (an abort code), then the cut
+CLOSE_TIMEOUT = 10.0  # close() after our eof: the daemon takes what was written, then answers
+ABORT_GRACE = 1.0  # abort(), or close() before our eof: a moment for the close frame, then the cut
+SHUTTING_DOWN = 1001  # the daemon's close code when it exits (docs/ipc.md §1.2)
 
 
 class Stream:
@@ -49,10 +50,16 @@ class Stream:
         self._eof_sent = False
         self._closing = False
         self._closed_task: asyncio.Task[None] | None = None
+        self._reading = False  # a read is waiting (one at a time, as asyncio's StreamReader)
+        self._dropping = False  # closing: incoming messages are read and dropped
 
     # -- reading -------------------------------------------------------------------
 
     async def _fill(self) -> None:
+        if self._dropping:  # read() after close(): nothing more is kept
+            self._exc = self._exc or StreamError("stream closed", "ECLOSED")
+            self._eof = True
+            return
         try:
             raw = await self._ws.recv()
         except ConnectionClosed as exc:
@@ -89,16 +96,27 @@ class Stream:
             return StreamError("stream closed", "ECLOSED")
         rcvd = exc.rcvd
         code = rcvd.code if rcvd is not None else None
+        if code == SHUTTING_DOWN:
+            return StreamError("the wraith daemon is shutting down", "EDAEMON")
         return StreamError(f"the daemon closed the stream before its end (close code {code})", "ECONNRESET")
 
     async def read(self, n: int = -1) -> bytes:
         """Up to ``n`` bytes (``-1``: until EOF); ``b""`` at EOF; raises if the stream broke."""
+        if self._reading:  # as asyncio's StreamReader: one reader at a time
+            raise UsageError("read() called while another read of this stream is waiting")
+        self._reading = True
+        try:
+            return await self._read(n)
+        finally:
+            self._reading = False
+
+    async def _read(self, n: int) -> bytes:
         if n == 0:
             return b""
         if n < 0:
             parts: list[bytes] = []
             while True:
-                part = await self.read(1 << 20)
+                part = await self._read(1 << 20)
                 if not part:
                     return b"".join(parts)
                 parts.append(part)
@@ -116,13 +134,21 @@ class Stream:
         return chunk[:n]
 
     async def readexactly(self, n: int) -> bytes:
-        out = bytearray()
-        while len(out) < n:
-            part = await self.read(n - len(out))
-            if not part:
-                raise asyncio.IncompleteReadError(bytes(out), n)
-            out += part
-        return bytes(out)
+        if n < 0:
+            raise ValueError("readexactly size can not be less than zero")
+        if self._reading:
+            raise UsageError("readexactly() called while another read of this stream is waiting")
+        self._reading = True
+        try:
+            out = bytearray()
+            while len(out) < n:
+                part = await self._read(n - len(out))
+                if not part:
+                    raise asyncio.IncompleteReadError(bytes(out), n)
+                out += part
+            return bytes(out)
+        finally:
+            self._reading = False
 
     def at_eof(self) -> bool:
         return self._eof and not self._chunks
@@ -165,10 +191,21 @@ class Stream:
                     await send_data(ws, item)
         except ConnectionClosed as exc:
             self._pending.clear()
+            shutdown = exc.rcvd is not None and exc.rcvd.code == SHUTTING_DOWN
             self._werr = self._exc or (StreamError("stream closed", "ECLOSED") if self._closing else
+                                       self._close_error(exc) if shutdown else
                                        StreamError("the stream was closed by the far end", "EPIPE"))
             if not self._eof and self._exc is None and not self._closing:
                 self._exc = self._close_error(exc)
+        except Exception as exc:  # the socket failed under us (the daemon died: reset, broken pipe)
+            # kept here, never left in the task: drain() and the next write() raise it, and
+            # no "Task exception was never retrieved" if nobody drains
+            self._pending.clear()
+            err = StreamError(f"the connection to the wraith daemon was lost ({type(exc).__name__}: {exc})",
+                              "ECONNRESET")
+            self._werr = self._exc or (StreamError("stream closed", "ECLOSED") if self._closing else err)
+            if not self._eof and self._exc is None and not self._closing:
+                self._exc = err
 
     async def drain(self) -> None:
         f = self._flusher
@@ -207,18 +244,35 @@ class Stream:
             except (asyncio.TimeoutError, Exception):
                 pass
         self._closing = True
-        await self._close_ws(1000, "close", CLOSE_TIMEOUT)
+        # after our eof the daemon lets the channel finish what we sent: give it time to take
+        # it; before, the daemon aborts the channel whatever we say (docs/ipc.md §4.1)
+        await self._close_ws(1000, "close", CLOSE_TIMEOUT if self._eof_sent else ABORT_GRACE)
 
     async def _close_ws(self, code: int, reason: str, timeout: float) -> None:
         """The WebSocket close, bounded: a daemon that stopped reading keeps our close frame
-        queued behind the data it did not take — then the connection is cut."""
+        queued behind the data it did not take — then the connection is cut. Meanwhile what
+        still comes is read and dropped: the daemon's answer to our close waits behind it
+        (unread data used to hold every close() of an unread download for 5 s)."""
+        drop = asyncio.get_running_loop().create_task(self._drop_incoming())
         try:
             await asyncio.wait_for(self._ws.close(code, reason), timeout)
         except (asyncio.TimeoutError, Exception):
             pass
         finally:
+            drop.cancel()
             if self._ws.state is not State.CLOSED:
                 self._ws.transport.abort()
+
+    async def _drop_incoming(self) -> None:
+        if self._reading:
+            return  # a read() is waiting: it takes the messages (and sees the close)
+        self._chunks.clear()
+        self._dropping = True
+        try:
+            while True:
+                await self._ws.recv()
+        except Exception:  # the close ended it
+            pass
 
     def abort(self) -> None:
         """Drop everything and reset the channel (the far end sees a reset)."""
@@ -300,7 +354,13 @@ async def open_stream(ws: ClientConnection, open_msg: dict[str, Any], timeout: f
             ws.transport.abort()
             raise WraithError(f"no answer from the wraith daemon within {wait:g} s", "ETIMEDOUT") from None
         msg = _ipc.decode(raw)
-    except ConnectionClosed:
+    except ConnectionClosed as exc:
+        rcvd = exc.rcvd
+        if rcvd is not None and rcvd.code == 1009:  # refused from its frame header, unread
+            raise WraithError(f"the daemon refused the open message: {rcvd.reason or 'too big'} "
+                              f"(at most {_ipc.MAX_CONTROL_MESSAGE} bytes)", "EPROTO") from None
+        if rcvd is not None and rcvd.code == SHUTTING_DOWN:
+            raise WraithError("the wraith daemon is shutting down", "EDAEMON") from None
         raise WraithError("the daemon closed the connection before answering", "EDAEMON") from None
     except _ipc.ProtocolViolation as exc:
         await ws.close(1002)
