@@ -5,6 +5,7 @@ packet ends the connection with asyncssh's own error."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import types
 from typing import Any
@@ -268,3 +269,67 @@ def test_bad_data_packets(case: str) -> None:
         body, expected = CHAN5 + (5).to_bytes(4, "big") + bytes(9), "Unexpected data at end of packet"
     assert _disconnect_of(rx, tx.packet(DATA, body)) == (DISC_PROTOCOL_ERROR, expected)
     assert chan._session.got == []
+
+
+class _ConsumingReceiver(_Receiver):
+    """asyncssh's path stood in for by one that decrypts what it is given, packet by packet
+    (keeping the nonce in step), records each packet, and takes them all."""
+
+    def _recv_data(self) -> None:
+        while self._inpbuf:
+            n = 4 + int.from_bytes(self._inpbuf[:4], "big") + 16
+            pkt, self._inpbuf = self._inpbuf[:n], self._inpbuf[n:]
+            plain = self._recv_encryption.decrypt_packet(self._recv_seq, pkt[:16], pkt[16:-16], 4, pkt[-16:])
+            assert plain is not None
+            self.events.append(("asyncssh", plain[1]))
+            self._recv_seq += 1
+        self.events.append(("asyncssh returns",))
+
+
+def test_asyncssh_s_packets_are_handed_over_one_at_a_time() -> None:
+    """asyncssh's loop copies the rest of its input once per packet: given a read of thousands
+    of small requests it takes quadratic time. It gets one packet per call; the lean loop
+    goes on after it."""
+    tx, rx = _Sender(), _ConsumingReceiver()
+    lean_recv.install(rx, _GCM)
+    request = b"\x00\x00\x00\x05hello\x01"
+    rx.feed(tx.packet(EOF, CHAN5) + tx.packet(GLOBAL_REQUEST, request) + tx.packet(GLOBAL_REQUEST, request)
+            + tx.packet(EOF, CHAN5))
+    assert rx.events == [
+        ("chan", EOF, 3, b""),
+        ("asyncssh", GLOBAL_REQUEST), ("asyncssh returns",),
+        ("asyncssh", GLOBAL_REQUEST), ("asyncssh returns",),
+        ("chan", EOF, 6, b""),
+    ]
+    assert rx._inpbuf == b"" and rx._recv_seq == 7
+
+
+class _PausableTransport:
+    def __init__(self) -> None:
+        self.reading = True
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+    def is_closing(self) -> bool:
+        return False
+
+
+async def test_a_long_read_is_handled_over_several_loop_passes() -> None:
+    """One read can hold thousands of small packets: a connection handles at most
+    TURN_PACKETS per loop pass (not reading meanwhile), so others get their turns."""
+    tx, rx = _Sender(), _receiver()
+    transport = rx._transport = _PausableTransport()
+    count = 3 * lean_recv.TURN_PACKETS + 10
+    rx.feed(b"".join(tx.packet(EOF, CHAN5) for _ in range(count)))
+    assert len(rx.events) == lean_recv.TURN_PACKETS and not transport.reading
+    for passes in range(1, 10):
+        await asyncio.sleep(0)
+        if len(rx.events) == count:
+            break
+    assert passes == 3 and transport.reading
+    assert [e[2] for e in rx.events] == list(range(3, 3 + count))  # in order, sequence numbers in step
+    assert rx._inpbuf == b""

@@ -14,14 +14,17 @@ with the same sequence numbers and the same errors: a bad tag is asyncssh's
 
 Any other packet (global requests, key exchange, ...), another cipher, a
 decompressor, or packet-level debugging: the packet goes through asyncssh's own
-path (after a decrypt here, the nonce counter is stepped back first).
+path (after a decrypt here, the nonce counter is stepped back first), one packet
+at a time, and the lean loop goes on after it when it still applies.
 Installed per connection, as an instance attribute, like ``speedups``.
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
+from .backlog import hold_reading, release_reading
 from .internals import has_names
 
 try:
@@ -48,6 +51,8 @@ _NAMES = ("_recv_data", "_recv_handler", "_recv_encryption", "_recv_blocksize", 
           "_reset_keepalive_timer", "_send_disconnect", "_force_close", "internal_error", "process_packet")
 
 _TAG = 16
+# packets one connection may have handled per loop pass (a few milliseconds of small ones)
+TURN_PACKETS = 256
 
 
 def install(conn: Any, gcm_type: type) -> None:
@@ -56,94 +61,143 @@ def install(conn: Any, gcm_type: type) -> None:
         return
     original = conn._recv_data
 
-    def recv_data() -> None:
+    def lean_cipher() -> Any:
+        """The lean cipher when the lean loop applies to what comes next, else None."""
         cipher = getattr(conn._recv_encryption, "_cipher", None)
         if (type(cipher) is not gcm_type or getattr(conn._recv_handler, "__func__", None) is not _PKTHDR
                 or not conn._auth_complete or conn._decompressor is not None or conn._recv_macsize != _TAG
                 or SSHLogger._debug_level >= 3):
+            return None
+        return cipher
+
+    turn = [False]  # the rest of a read waits for the next loop pass
+
+    def next_turn() -> None:
+        turn[0] = False
+        if conn._transport:
+            conn._recv_data()  # (the whole wrapped chain: batching, key swaps)
+        if not turn[0]:
+            release_reading(conn, "turn")
+
+    def recv_data() -> None:
+        cipher = lean_cipher()
+        if cipher is None:
             original()
             return
         conn._reset_keepalive_timer()
-        try:
-            handled_all = _lean_loop(conn, cipher)
-        except DisconnectError as exc:
-            conn._send_disconnect(exc.code, exc.reason, exc.lang)
-            conn._force_close(exc)
-            return
-        except Exception:
-            conn.internal_error()
-            return
-        if not handled_all and conn._transport and conn._inpbuf:
-            original()  # the packet at the front is not one of ours: asyncssh's path
+        buf = conn._inpbuf
+        pos = 0
+        budget = TURN_PACKETS
+        while True:
+            if budget <= 0:
+                # One connection's read of small packets can be thousands of them: the rest
+                # waits a loop pass, so every other connection gets its turn in between.
+                conn._inpbuf = buf[pos:]
+                if len(buf) - pos >= 4 + _TAG and not turn[0]:
+                    turn[0] = True
+                    hold_reading(conn, "turn")
+                    asyncio.get_running_loop().call_soon(next_turn)
+                return
+            try:
+                pos, foreign, budget = _lean_loop(conn, cipher, buf, pos, budget)
+            except DisconnectError as exc:
+                conn._send_disconnect(exc.code, exc.reason, exc.lang)
+                conn._force_close(exc)
+                return
+            except Exception:
+                conn.internal_error()
+                return
+            if not conn._transport:
+                return
+            if not foreign:
+                if budget <= 0:
+                    continue  # (above: the rest waits for the next turn)
+                if pos:
+                    conn._inpbuf = buf[pos:]
+                return
+            # The packet at ``pos`` is asyncssh's (a request, key exchange, ...): it gets that
+            # packet alone. Given the whole rest, its loop would copy the rest once per packet,
+            # and a burst of small requests would cost the server's loop quadratic time.
+            end = pos + 4 + int.from_bytes(buf[pos:pos + 4], "big") + _TAG
+            conn._inpbuf = buf[pos:end]
+            original()
+            if not conn._transport:
+                return
+            pos = end
+            budget -= 1
+            cipher = lean_cipher()  # the packet may have been a key exchange, or be handled async
+            if conn._inpbuf or cipher is None:  # the rest is asyncssh's (it keeps any of its own first)
+                conn._inpbuf += buf[pos:]
+                original()
+                return
+            if pos >= len(buf):
+                conn._inpbuf = b""
+                return
 
     conn._recv_data = recv_data
 
 
-def _lean_loop(conn: Any, cipher: Any) -> bool:
-    """Process whole channel packets from the input buffer. False when stopped at a
-    packet asyncssh must handle (left unconsumed at the front of the buffer)."""
-    buf = conn._inpbuf
+def _lean_loop(conn: Any, cipher: Any, buf: bytes, pos: int, budget: int) -> tuple[int, bool, int]:
+    """Process whole channel packets from ``buf`` at ``pos``, at most ``budget`` of them: the
+    position reached, whether it stopped at a packet asyncssh must handle (which starts
+    there), and what is left of the budget."""
     view = memoryview(buf)
     size = len(buf)
-    pos = 0
-    try:
-        while size - pos >= 4 + _TAG:
-            pktlen = int.from_bytes(view[pos:pos + 4], "big")
-            if pktlen > conn._max_recv_pktlen:
-                raise ProtocolError("Max packet size exceeded")
-            end = pos + 4 + pktlen + _TAG
-            if end > size:
-                break
-            plain = cipher.open(view[pos:pos + 4], view[pos + 4:end])
-            if plain is None:
-                raise MACError("MAC verification failed")
-            padlen = plain[0]
-            if not padlen or padlen + 2 > len(plain):  # no room for a message type (asyncssh fails
-                raise ProtocolError("Invalid packet padding")  # later; zero padding too: [1:-0] is empty)
-            pkttype = plain[1]
-            if not MSG_CHANNEL_OPEN <= pkttype <= MSG_CHANNEL_CLOSE:
-                cipher.rewind()  # not decrypted, as far as asyncssh's path is concerned
-                return False
-            pos = end
-            seq = conn._recv_seq
-            body_end = len(plain) - padlen  # the payload is plain[1:body_end]
-            if pkttype >= MSG_CHANNEL_WINDOW_ADJUST:
-                if body_end < 6:
-                    raise ProtocolError("Incomplete channel request received")
-                recv_chan = int.from_bytes(plain[2:6], "big")
-                handler = conn._channels.get(recv_chan)
-                if handler is None:
-                    raise ProtocolError(f"Invalid channel number {recv_chan} received")
-                start = 5  # past the message type and the channel number
-            else:  # an open, its confirmation or its failure: the connection's handlers
-                assert pkttype <= MSG_CHANNEL_OPEN_FAILURE
-                handler = conn
-                start = 1
-            if pkttype == MSG_CHANNEL_DATA:
-                handled = _data(handler, plain, body_end)
-            elif pkttype == MSG_CHANNEL_OPEN:  # the server's own open path, if it installed one
-                fast_open = getattr(conn, "wraith_open", None)
-                handled = fast_open is not None and fast_open(plain, body_end)
-            elif pkttype == MSG_CHANNEL_OPEN_CONFIRMATION and body_end == 18:  # no extra fields
-                confirm = getattr(conn._channels.get(int.from_bytes(plain[2:6], "big")), "lean_confirm", None)
-                handled = confirm is not None and confirm(plain)
-            else:
-                handled = False
-            if not handled:
-                packet = SSHPacket(plain[1:body_end])
-                packet._idx = start
-                try:
-                    handler.process_packet(pkttype, seq, packet)  # all of these are handled, synchronously
-                except PacketDecodeError as exc:
-                    raise ProtocolError(str(exc)) from None
-            conn._auth_final = True
-            if not conn._transport:
-                return True  # the connection closed meanwhile (asyncssh dropped its input)
-            conn._recv_seq = (seq + 1) & 0xFFFF_FFFF
-        return True
-    finally:
-        if pos and conn._transport:
-            conn._inpbuf = buf[pos:]
+    while size - pos >= 4 + _TAG and budget > 0:
+        budget -= 1
+        pktlen = int.from_bytes(view[pos:pos + 4], "big")
+        if pktlen > conn._max_recv_pktlen:
+            raise ProtocolError("Max packet size exceeded")
+        end = pos + 4 + pktlen + _TAG
+        if end > size:
+            break
+        plain = cipher.open(view[pos:pos + 4], view[pos + 4:end])
+        if plain is None:
+            raise MACError("MAC verification failed")
+        padlen = plain[0]
+        if not padlen or padlen + 2 > len(plain):  # no room for a message type (asyncssh fails
+            raise ProtocolError("Invalid packet padding")  # later; zero padding too: [1:-0] is empty)
+        pkttype = plain[1]
+        if not MSG_CHANNEL_OPEN <= pkttype <= MSG_CHANNEL_CLOSE:
+            cipher.rewind()  # not decrypted, as far as asyncssh's path is concerned
+            return pos, True, budget + 1
+        pos = end
+        seq = conn._recv_seq
+        body_end = len(plain) - padlen  # the payload is plain[1:body_end]
+        if pkttype >= MSG_CHANNEL_WINDOW_ADJUST:
+            if body_end < 6:
+                raise ProtocolError("Incomplete channel request received")
+            recv_chan = int.from_bytes(plain[2:6], "big")
+            handler = conn._channels.get(recv_chan)
+            if handler is None:
+                raise ProtocolError(f"Invalid channel number {recv_chan} received")
+            start = 5  # past the message type and the channel number
+        else:  # an open, its confirmation or its failure: the connection's handlers
+            assert pkttype <= MSG_CHANNEL_OPEN_FAILURE
+            handler = conn
+            start = 1
+        if pkttype == MSG_CHANNEL_DATA:
+            handled = _data(handler, plain, body_end)
+        elif pkttype == MSG_CHANNEL_OPEN:  # the server's own open path, if it installed one
+            fast_open = getattr(conn, "wraith_open", None)
+            handled = fast_open is not None and fast_open(plain, body_end)
+        elif pkttype == MSG_CHANNEL_OPEN_CONFIRMATION and body_end == 18:  # no extra fields
+            confirm = getattr(conn._channels.get(int.from_bytes(plain[2:6], "big")), "lean_confirm", None)
+            handled = confirm is not None and confirm(plain)
+        else:
+            handled = False
+        if not handled:
+            packet = SSHPacket(plain[1:body_end])
+            packet._idx = start
+            try:
+                handler.process_packet(pkttype, seq, packet)  # all of these are handled, synchronously
+            except PacketDecodeError as exc:
+                raise ProtocolError(str(exc)) from None
+        conn._auth_final = True
+        if not conn._transport:
+            return pos, False, budget  # the connection closed meanwhile (asyncssh dropped its input)
+        conn._recv_seq = (seq + 1) & 0xFFFF_FFFF
+    return pos, False, budget
 
 
 _DATA_PATHS: dict[type, Any] = {}

@@ -67,6 +67,7 @@ import time
 from typing import Any, cast
 
 from . import lean_recv
+from .backlog import stop_reading_if_backed_up
 from .internals import has_names
 
 try:
@@ -194,6 +195,9 @@ def _lean_channel_writes(chan: Any) -> None:
     chan._flush_send_buf = flush_send_buf
 
 
+JOIN_OVER = 8  # packets in one burst past which a backed-up burst is joined into one buffer
+
+
 def _batch_sends(conn: Any) -> None:
     pending: list[bytes] = []
     target: list[Any] = [None]
@@ -230,6 +234,11 @@ def _batch_sends(conn: Any) -> None:
         try:
             if len(data) == 1:
                 transport.write(data[0])
+            elif transport.get_write_buffer_size() and len(data) > JOIN_OVER:
+                # the socket is backed up, so these wait in the transport's buffer: as one
+                # object, not hundreds (a peer that sends requests and stops reading gets
+                # one small reply per request, each costing ~10x its size as its own object)
+                transport.write(b"".join(data))
             else:
                 transport.writelines(data)
         except ConnectionError:  # pragma: no cover - as asyncssh's own _send
@@ -243,6 +252,7 @@ def _batch_sends(conn: Any) -> None:
             recv_data()
         finally:
             end()
+        stop_reading_if_backed_up(conn)
 
     conn._send = send
     conn._recv_data = batched_recv_data
