@@ -62,9 +62,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="close a stealth connection that sends nothing after this long (default 60)")
     s.add_argument("--max-connections-per-ip", type=int, metavar="N",
                    help="connections one address may hold, from accept on (default 0: unlimited)")
+    s.add_argument("--max-startups", metavar="START:RATE:FULL|N",
+                   help="connections not yet logged in: from START on, drop new ones at accept with "
+                        "probability RATE %%, rising to all at FULL; N: drop all past N; 0: no limit "
+                        "(default 10:30:100, as OpenSSH)")
     s.add_argument("--max-auth-attempts", type=int, metavar="N", help="per connection (default 10)")
     s.add_argument("--login-grace-time", type=float, metavar="SECONDS",
                    help="time from accept to a finished login (default 30)")
+    s.add_argument("--max-forwards-per-connection", type=int, metavar="N",
+                   help="remote-forward listeners one SSH connection may hold (default 64; 0: no limit)")
+    s.add_argument("--max-channels-per-connection", type=int, metavar="N",
+                   help="channels open at once on one SSH connection (default 4096; 0: no limit)")
     _common(s, "dial channel targets through this socks5:// or http:// proxy (default: directly)")
 
     c = sub.add_parser("connect", help="connect to a wraith (or OpenSSH) server")
@@ -127,7 +135,9 @@ _COMMON = ["transport", "proxy", "iroh_relay", "max_pktsize", "window", "keepali
 def serve_options(args: argparse.Namespace) -> ServeOptions:
     opts = ServeOptions()
     _set(opts, args, _COMMON + ["key", "authorized_keys", "cert_authority", "listen", "tls_cert", "tls_key",
-                                "stealth", "stealth_timeout", "max_connections_per_ip", "max_auth_attempts", "login_grace_time"])
+                                "stealth", "stealth_timeout", "max_connections_per_ip", "max_startups",
+                                "max_auth_attempts", "login_grace_time", "max_forwards_per_connection",
+                                "max_channels_per_connection"])
     return opts
 
 

@@ -191,6 +191,7 @@ class ConnectOptions(_Common):
 
 
 STEALTH_TIMEOUT = 60.0  # seconds, as nginx's client_header_timeout
+DEFAULT_MAX_STARTUPS = "10:30:100"  # OpenSSH's default MaxStartups
 
 
 @dataclass
@@ -206,8 +207,15 @@ class ServeOptions(_Common):
     stealth: bool = False
     stealth_timeout: float = STEALTH_TIMEOUT
     max_connections_per_ip: int = 0
+    # OpenSSH's MaxStartups: connections not yet logged in (TLS handshakes included) are
+    # dropped at accept with probability RATE % from START on, rising to 100 % at FULL
+    max_startups: str | int = DEFAULT_MAX_STARTUPS
     max_auth_attempts: int = 10
     login_grace_time: float = 30.0
+    # per SSH connection: each remote-forward listener and each channel's target socket is
+    # a descriptor, and one login must not be able to take all of the server's (0: no limit)
+    max_forwards_per_connection: int = 64
+    max_channels_per_connection: int = 4096
     connect_timeout: float = 10.0
     drain_time: float = 2.0
 
@@ -227,14 +235,33 @@ class ServeOptions(_Common):
             raise UsageError("--transport tls needs --tls-cert PEM and --tls-key PEM")
         if self.max_auth_attempts < 1:
             raise UsageError("--max-auth-attempts must be at least 1")
-        if self.max_connections_per_ip < 0:
-            raise UsageError("--max-connections-per-ip must be 0 (unlimited) or more")
+        for name in ("max_connections_per_ip", "max_forwards_per_connection", "max_channels_per_connection"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise UsageError(f"--{name.replace('_', '-')} must be 0 (unlimited) or more")
+        self.startups()
         _positive(self, "stealth_timeout")
         _positive(self, "login_grace_time")
         _positive(self, "connect_timeout")
         _at_least(self, "drain_time", 0)
         if self.transport != "iroh":
             self.listen_address()
+
+    def startups(self) -> tuple[int, int, int] | None:
+        """``max_startups`` as (start, rate in %, full), or None for no limit ("0").
+        A single number N is OpenSSH's N: N:100:N, every connection past N dropped."""
+        text = str(self.max_startups).strip()
+        parts = text.split(":")
+        bad = UsageError(f"--max-startups: expected START:RATE:FULL (like 10:30:100), N or 0, got {text!r}")
+        if len(parts) not in (1, 3) or not all(p.isdigit() and len(p) <= 9 for p in parts):
+            raise bad
+        if len(parts) == 1:
+            full = int(parts[0])
+            return None if full == 0 else (full, 100, full)
+        start, rate, full = (int(p) for p in parts)
+        if not (0 < start <= full and 0 < rate <= 100):
+            raise bad
+        return start, rate, full
 
     def listen_address(self) -> tuple[str, int]:
         return parse_hostport(self.listen, "--listen", default_host="0.0.0.0",

@@ -23,7 +23,9 @@ import asyncio
 import errno
 import logging
 import os
+import resource
 import socket
+import time
 from typing import Any
 
 import asyncssh
@@ -78,6 +80,49 @@ class DialBudget:
 
     def give(self) -> None:
         self.used -= 1
+
+
+# -- the descriptor reserve ------------------------------------------------------------------
+# Linux hands out the lowest free descriptor number, so a new descriptor numbered N means
+# N are in use. Opens and forwards refuse a descriptor numbered within the top eighth of
+# RLIMIT_NOFILE (at least 64, at most 1024, never more than half): those stay free for
+# what must keep working when one login is greedy — accepting connections and logging in.
+RESERVE_LOW, RESERVE_HIGH = 64, 1024
+LOW_FDS_LOG_EVERY = 10.0  # seconds between "descriptors running low" lines
+_low_logged = -LOW_FDS_LOG_EVERY
+
+
+def fd_reserve(limit: int) -> int:
+    """How many descriptors of a soft limit of ``limit`` are kept back."""
+    return min(max(limit // 8, RESERVE_LOW), RESERVE_HIGH, limit // 2)
+
+
+def in_fd_reserve(fd: int) -> bool:
+    """Whether descriptor ``fd``, just made, lies in the reserve (the limit is read each
+    time: an administrator may lower it with prlimit while the server runs)."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY or fd < soft - fd_reserve(soft):
+        return False
+    global _low_logged
+    now = time.monotonic()
+    if now - _low_logged >= LOW_FDS_LOG_EVERY:  # one line per burst, not one per refusal
+        _low_logged = now
+        log.warning("file descriptors running low (limit %d): refusing new channels and forwards", soft)
+    return True
+
+
+def fds_running_out() -> bool:
+    """:func:`in_fd_reserve` for the descriptor the next socket would get (for a dial made
+    elsewhere, e.g. ``dial.py``), found by opening one and closing it again."""
+    try:
+        fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        return exc.errno in (errno.EMFILE, errno.ENFILE)
+    os.close(fd)
+    return in_fd_reserve(fd)
+
+
+NO_DESCRIPTORS = "Server out of file descriptors"
 
 
 def pending_channel(conn: Any, address: Address, timeout: float, window: int,
@@ -161,6 +206,10 @@ class _PendingChannel:
         except OSError as exc:
             self._fail(reason_for_oserror(exc))
             return
+        if in_fd_reserve(sock.fileno()):
+            sock.close()
+            self._fail(NO_DESCRIPTORS, asyncssh.OPEN_RESOURCE_SHORTAGE)
+            return
         self.sock = sock
         try:
             sock.setblocking(False)
@@ -235,10 +284,10 @@ class _PendingChannel:
         if budget is not None:
             budget.give()
 
-    def _fail(self, reason: str) -> None:
+    def _fail(self, reason: str, code: int = asyncssh.OPEN_CONNECT_FAILED) -> None:
         self._settle_budget()
         if self.conn._transport:
-            self.conn.send_channel_open_failure(self.send[0], asyncssh.OPEN_CONNECT_FAILED, reason, DEFAULT_LANG)
+            self.conn.send_channel_open_failure(self.send[0], code, reason, DEFAULT_LANG)
 
     def _connected(self) -> None:
         """Confirm now, on a channel fused with the socket; give the socket its transport later."""
