@@ -16,8 +16,8 @@ import time
 import pytest
 import wraith_client
 
-from helpers import Keys, start_server
-from test_daemon_support import conn_opts, expected_sha, rss_kib, start_daemon, start_target
+from helpers import Keys
+from test_daemon_support import expected_sha, rss_kib, start_env
 
 GIB = 1024 * 1024 * 1024
 # against the ~700 MB that piled up before ChannelStream (and the 1 GiB without any backpressure)
@@ -51,14 +51,7 @@ class RssSampler:
 
 @pytest.fixture
 def env(keys: Keys, tmp_path, procs):
-    server, sport = start_server(keys, tmp_path)
-    procs.append(server)
-    daemon, info = start_daemon(tmp_path)
-    procs.append(daemon)
-    target, tport = start_target(tmp_path)
-    procs.append(target)
-    return {"server": server, "daemon": daemon, "info": info, "tport": tport,
-            "opts": conn_opts(keys, sport, info)}
+    return start_env(keys, tmp_path, procs)
 
 
 async def test_slow_reader_1gib_keeps_daemon_memory_bounded(env) -> None:

@@ -15,19 +15,14 @@ import msgpack
 import pytest
 from websockets.exceptions import ConnectionClosed
 
-from helpers import Keys, start_server
-from test_daemon_support import raw_ws, start_daemon, start_target, wire_opts
+from helpers import Keys
+from test_daemon_support import raw_ws, start_env, wire_opts
 
 
 @pytest.fixture
 def env(keys: Keys, tmp_path, procs):
-    server, sport = start_server(keys, tmp_path)
-    procs.append(server)
-    daemon, info = start_daemon(tmp_path)
-    procs.append(daemon)
-    target, tport = start_target(tmp_path)
-    procs.append(target)
-    return {"daemon": daemon, "info": info, "opts": wire_opts(keys, sport, f"127.0.0.1:{tport}")}
+    env = start_env(keys, tmp_path, procs)
+    return {**env, "opts": wire_opts(keys, env["sport"], f"127.0.0.1:{env['tport']}")}
 
 
 def _valid_messages(opts: dict) -> list[bytes]:

@@ -20,8 +20,8 @@ import pytest
 import wraith_client
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from helpers import Keys, start_server
-from test_daemon_support import conn_opts, raw_ws, rss_kib, start_daemon, start_target, wire_opts
+from helpers import Keys
+from test_daemon_support import raw_ws, rss_kib, start_env, wire_opts
 
 MIB = 1024 * 1024
 BIG = 16 * MIB - 64  # a data message as large as the protocol allows
@@ -29,14 +29,7 @@ BIG = 16 * MIB - 64  # a data message as large as the protocol allows
 
 @pytest.fixture
 def env(keys: Keys, tmp_path, procs):
-    server, sport = start_server(keys, tmp_path)
-    procs.append(server)
-    daemon, info = start_daemon(tmp_path)
-    procs.append(daemon)
-    target, tport = start_target(tmp_path)
-    procs.append(target)
-    return {"sport": sport, "daemon": daemon, "info": info, "tport": tport, "keys": keys,
-            "opts": conn_opts(keys, sport, info)}
+    return start_env(keys, tmp_path, procs)
 
 
 async def _raw_stream(env, line: bytes) -> Any:

@@ -14,20 +14,13 @@ import pytest
 import wraith_client
 from wraith_client import WraithError
 
-from helpers import Keys, start_server
-from test_daemon_support import conn_opts, expected_sha, start_daemon, start_target
+from helpers import Keys
+from test_daemon_support import expected_sha, start_daemon, start_env
 
 
 @pytest.fixture
 def env(keys: Keys, tmp_path, procs):
-    server, sport = start_server(keys, tmp_path)
-    procs.append(server)
-    daemon, info = start_daemon(tmp_path)
-    procs.append(daemon)
-    target, tport = start_target(tmp_path)
-    procs.append(target)
-    return {"server": server, "sport": sport, "daemon": daemon, "info": info, "target": target,
-            "tport": tport, "opts": conn_opts(keys, sport, info), "keys": keys}
+    return start_env(keys, tmp_path, procs)
 
 
 async def _open(env, mode: str, **over):

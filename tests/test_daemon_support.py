@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from helpers import PY, Keys, Proc, wraith
+from helpers import PY, Keys, Proc, start_server, wraith
 
 BLOCK = 1 << 20
 
@@ -187,3 +187,15 @@ def count_in_log(p: Proc, text: str) -> int:
 if __name__ == "__main__":  # pragma: no cover - manual use
     asyncio.run(_target_main()) if sys.argv[1:] == ["target"] else None
     os._exit(0)
+
+
+def start_env(keys: Keys, tmp_path: Path, procs: list[Proc]) -> dict[str, Any]:
+    """A server, a daemon and a target (all in ``procs``), and the stream options for them."""
+    server, sport = start_server(keys, tmp_path)
+    procs.append(server)
+    daemon, info = start_daemon(tmp_path)
+    procs.append(daemon)
+    target, tport = start_target(tmp_path)
+    procs.append(target)
+    return {"server": server, "sport": sport, "daemon": daemon, "info": info, "target": target,
+            "tport": tport, "keys": keys, "opts": conn_opts(keys, sport, info)}

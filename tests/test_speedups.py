@@ -11,6 +11,7 @@ from typing import Any
 
 from asyncssh.crypto.cipher import GCMCipher
 
+from test_lean_recv import _PausableTransport
 from wraith_core.ssh.speedups import _GCM
 
 
@@ -102,28 +103,19 @@ def test_packets_sent_while_processing_received_bytes_go_out_in_one_write() -> N
                                ("writelines", [b"eof", b"close"])]
 
 
-class _BackedUpTransport(_Transport):
+class _BackedUpTransport(_Transport, _PausableTransport):
     """A transport whose socket does not take more: what is written waits in its buffer."""
 
     def __init__(self, buffered: int) -> None:
-        super().__init__()
+        _Transport.__init__(self)
+        _PausableTransport.__init__(self)
         self.buffered = buffered
-        self.reading = True
 
     def get_write_buffer_size(self) -> int:
         return self.buffered
 
     def set_write_buffer_limits(self, high: int, low: int) -> None:
         pass
-
-    def pause_reading(self) -> None:
-        self.reading = False
-
-    def resume_reading(self) -> None:
-        self.reading = True
-
-    def is_closing(self) -> bool:
-        return False
 
 
 def test_a_backed_up_burst_waits_as_one_buffer() -> None:
