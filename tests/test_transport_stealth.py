@@ -12,7 +12,7 @@ import pytest
 
 from helpers import Keys, curl, sha, start_client, start_server, wait_for_log, wraith
 from openssh import ssh_base
-from transport_helpers import Certs, tls_server_args
+from transport_helpers import Certs, slow_tls_login, tls_server_args
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -388,3 +388,40 @@ def test_part_of_a_tls_record_then_eof_is_closed_at_once(stealth) -> None:
         started = time.monotonic()
         assert _read_all(s, STEALTH_TIMEOUT + 5) == b""
         assert time.monotonic() - started < min(2.0, STEALTH_TIMEOUT - 1)
+
+
+def test_ssh_after_a_silent_start_has_only_the_rest_of_the_login_grace_time(keys, certs, tmp_path, procs) -> None:
+    """The waits before SSH are nginx's (--stealth-timeout), but a stream that turns out
+    to be SSH must still log in by accept + --login-grace-time: the silent start, the
+    handshake and the peek do not come on top of it."""
+    grace, stall = 4.0, 3.0
+    server, port = start_server(keys, tmp_path, *tls_server_args(certs), "--stealth", "--stealth-timeout", "30",
+                                "--login-grace-time", str(grace))
+    procs.append(server)
+    handshake, closed = slow_tls_login(port, stall, silent_first=True, wait=grace + 2.0)
+    assert handshake >= stall
+    assert closed <= grace + 2.0, f"closed {closed:.1f} s after the connect (handshake done at {handshake:.1f} s)"
+    wait_for_log(server, "connection closed remote_addr=127.0.0.1")
+
+
+@pytest.mark.parametrize("stealth_on", [False, True], ids=["tls", "stealth"])
+def test_max_startups_counts_connections_before_ssh(keys, certs, tmp_path, procs, stealth_on: bool) -> None:
+    """--max-startups counts a TLS connection from its accept: in its handshake and, in
+    stealth mode, silent after it. Over the cap a new one is reset before any TLS work,
+    and a login gets in once places are free again."""
+    extra = ["--stealth", "--stealth-timeout", "30"] if stealth_on else []
+    server, port = start_server(keys, tmp_path, *tls_server_args(certs), "--max-startups", "2",
+                                "--login-grace-time", "30", *extra)
+    procs.append(server)
+    held: list[socket.socket] = []
+    for _ in range(2):  # stealth: handshake done, silent; plain TLS: TCP only, no ClientHello
+        held.append(_tls_socket(port) if stealth_on else socket.create_connection(("127.0.0.1", port)))
+    time.sleep(0.5)  # both accepted
+    assert _refused(port)
+    wait_for_log(server, "connections dropped reason=max-startups count=1 unauthenticated=2")
+    for s in held:
+        s.close()
+    client, _ = start_client(keys, tmp_path, port, "--transport", "tls", "--tls-ca", str(certs.ca),
+                             "--tls-server-name", "localhost")
+    procs.append(client)  # (it retries by itself until a place is free)
+    assert "Traceback" not in server.log()

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from helpers import HTTPFiles, Keys, curl, sha, start_client, start_server, wait_for_log
-from transport_helpers import Certs, start_client_args, tls_server_args
+from transport_helpers import Certs, slow_tls_login, start_client_args, tls_server_args
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -115,3 +115,15 @@ async def test_tls_library_open_stream(keys, certs, tls_server, files) -> None:
     assert info.value.code == "ETLS"
     assert "certificate verification failed" in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_login_grace_time_counts_from_the_accept(keys, certs, tmp_path, procs) -> None:
+    """--login-grace-time is one deadline from the TCP accept: a client that spends most of
+    it in the TLS handshake has only the rest for SSH, not a fresh grace time."""
+    grace, stall = 4.0, 3.0
+    server, port = start_server(keys, tmp_path, *tls_server_args(certs), "--login-grace-time", str(grace))
+    procs.append(server)
+    handshake, closed = slow_tls_login(port, stall, wait=grace + 2.0)
+    assert handshake >= stall
+    assert closed <= grace + 2.0, f"closed {closed:.1f} s after the connect (handshake done at {handshake:.1f} s)"
+    wait_for_log(server, "connection closed remote_addr=127.0.0.1")

@@ -189,3 +189,55 @@ def wait_until(pred, timeout: float = 10.0, interval: float = 0.05) -> bool:  # 
             return True
         time.sleep(interval)
     return bool(pred())
+
+
+def slow_tls_login(port: int, stall: float, silent_first: bool = False, wait: float = 30.0) -> tuple[float, float]:
+    """A TLS client that dawdles before SSH: part of its ClientHello, ``stall`` seconds, then
+    the rest (``silent_first``: nothing at all for ``stall`` seconds, then the whole
+    ClientHello, as a stealth server's peek sees it); once the handshake is done an SSH
+    version line, and nothing more. The times from the TCP connect to the end of the
+    handshake and to the server's close (``inf`` if still open ``wait`` seconds after the
+    connect)."""
+    import ssl
+
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ctx.wrap_bio(incoming, outgoing, server_hostname="localhost")
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        t0 = time.monotonic()
+        try:
+            tls.do_handshake()
+        except ssl.SSLWantReadError:
+            pass
+        hello = outgoing.read()
+        cut = 0 if silent_first else 10
+        s.sendall(hello[:cut])
+        time.sleep(stall)
+        s.sendall(hello[cut:])
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                if outgoing.pending:
+                    s.sendall(outgoing.read())
+                data = s.recv(65536)
+                assert data, "closed during the TLS handshake"
+                incoming.write(data)
+        handshake = time.monotonic() - t0
+        tls.write(b"SSH-2.0-dawdler\r\n")
+        s.sendall(outgoing.read())
+        while (left := t0 + wait - time.monotonic()) > 0:
+            s.settimeout(left)
+            try:
+                if not s.recv(65536):
+                    break
+            except ConnectionResetError:
+                break
+            except socket.timeout:
+                return handshake, float("inf")
+        else:
+            return handshake, float("inf")
+        return handshake, time.monotonic() - t0

@@ -1,15 +1,21 @@
 """The SSH server: public-key auth policy, limits, channel routing.
 
+* admission: ``max_connections_per_ip``, and OpenSSH's MaxStartups
+  (``max_startups``) over connections not yet logged in; one login deadline
+  (``login_grace_time``) from the accept, whatever the transport does first;
 * auth: public keys (and OpenSSH user certificates) only; every attempt is
   one log line ``auth attempt remote_addr=… user=… key_fingerprint=… result=…``
-  (requests for other methods, e.g. passwords, are rejects with
-  ``key_fingerprint=none method=…``); ``max_auth_attempts`` failures of any
-  method end the connection;
+  (requests for other methods, e.g. passwords, and any "none" request but the
+  first, are rejects with ``key_fingerprint=none method=…``);
+  ``max_auth_attempts`` failures of any method end the connection;
 * ``direct-tcpip``: ``wraith-*`` destinations are reserved and never dialed
   (``wraith-control:0`` goes to the control handler); other targets are
   dialed first and the channel is confirmed only once the target is
   connected, so a failure is a proper channel-open failure;
 * ``tcpip-forward``: our own listener, each socket on a SocketChannel;
+* per connection at most ``max_forwards_per_connection`` listeners and
+  ``max_channels_per_connection`` channels; past them, and when descriptors
+  run low (``target_open.in_fd_reserve``), forwards and opens are refused;
 * logs never contain destinations, DNS names or byte counts.
 """
 
@@ -20,6 +26,7 @@ import fnmatch
 import functools
 import ipaddress
 import logging
+import random
 import re
 import time
 import unicodedata
@@ -55,6 +62,7 @@ CONTROL_HOST = "wraith-control"
 # refused with "resource shortage" until some of them have an outcome
 MAX_DIALS_PER_CONNECTION = 256
 RESERVED_PREFIX = "wraith-"
+DROP_LOG_EVERY = 10.0  # seconds: connections dropped by max_startups are logged as one line per period
 # asyncssh's names we hook to see requests for auth methods other than public keys
 _USERAUTH_NAMES = ("_finish_userauth", "_auth_complete")
 _OTHER_METHODS = {m.encode(): m for m in ("password", "keyboard-interactive", "hostbased",
@@ -131,6 +139,10 @@ class _Gate(asyncio.Protocol):
     def __init__(self, runner: SSHServerRunner, make_conn: Callable[[], asyncio.BaseProtocol]) -> None:
         self._runner = runner
         self._make_conn = make_conn
+        # When the stream was accepted: the login deadline counts from then. Made at the
+        # accept (tcp, iroh), or set by an acceptor with a phase before SSH (tls, stealth)
+        # to its own accept time, so that phase is inside the login grace time, not added.
+        self.accepted_at = time.monotonic()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         runner = self._runner
@@ -144,9 +156,13 @@ class _Gate(asyncio.Protocol):
             log.info("connection refused remote_addr=%s reason=max-connections-per-ip", info.remote_addr)
             stream.abort()
             return
+        # (a stream admitted before its TLS handshake holds a place already: never dropped here)
+        if not runner.take_startup(force=runner.admits_early):
+            stream.abort()
+            return
         runner.per_ip[info.remote_addr] += 1
         conn = self._make_conn()
-        conn.set_extra_info(wraith_info=info)  # type: ignore[attr-defined]
+        conn.set_extra_info(wraith_info=info, wraith_accepted_at=self.accepted_at)  # type: ignore[attr-defined]
         transport.set_protocol(conn)
         conn.connection_made(transport)
 
@@ -163,9 +179,14 @@ class _ServerConn(asyncssh.SSHServer):
         self._user = ""
         self._fingerprint = ""
         self._counted = False
+        self._startup = False  # holds a place among the runner's connections not yet logged in
+        self._login_timer: asyncio.TimerHandle | None = None
+        self._auth_requests = 0
         self._lost = False
         self._listeners: set[RemoteForwardListener] = set()
+        self._binding = 0  # forward listeners being bound (not yet in _listeners)
         self._dials = target_open.DialBudget(MAX_DIALS_PER_CONNECTION)
+        self._limit_logged: set[str] = set()  # per-connection limits already logged once
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -175,7 +196,14 @@ class _ServerConn(asyncssh.SSHServer):
         if isinstance(info, TransportInfo):
             self._info = info
             self._counted = True
+            self._startup = True  # the gate took the place
         self._runner.conns.add(self)
+        # One deadline from the accept. asyncssh's own login_timeout (the same length, from
+        # here) stays as a backstop; it never fires first.
+        accepted = conn.get_extra_info("wraith_accepted_at")
+        now = time.monotonic()
+        left = self._runner.options.login_grace_time - (now - accepted if isinstance(accepted, float) else 0.0)
+        self._login_timer = asyncio.get_running_loop().call_later(max(0.0, left), self._login_expired)
         conn_fixes.install(conn)
         log.info("connection opened remote_addr=%s transport=%s", self._info.remote_addr, self._info.kind)
         original = conn.validate_public_key
@@ -218,24 +246,46 @@ class _ServerConn(asyncssh.SSHServer):
         return True
 
     def _count_other_methods(self, conn: asyncssh.SSHServerConnection) -> None:
-        """Requests for any method but ``none`` and ``publickey`` (password,
-        keyboard-interactive, …) are refused by asyncssh without asking us: a client
-        that ignores the offered method list would get unlimited, unlogged tries.
-        Each one is logged as a reject and counts toward ``max_auth_attempts``."""
+        """Requests for any method but ``publickey`` (password, keyboard-interactive,
+        none, …) are refused by asyncssh without asking us: a client that ignores the
+        offered method list would get unlimited, unlogged tries (and a flood of "none"
+        requests a reply each, buffered for a client that does not read). Each one is
+        logged as a reject and counts toward ``max_auth_attempts`` — except a "none"
+        that is the connection's first request: clients ask for the method list with
+        it (OpenSSH's sshd does not count that one either)."""
         original = conn._finish_userauth
 
         async def finish_userauth(begin_auth: bool, method: bytes, packet: Any) -> None:
+            # (asyncssh handles one auth request at a time, in order: this count is exact)
+            self._auth_requests += 1
+            first = self._auth_requests == 1
             await original(begin_auth, method, packet)
-            if method in (b"none", b"publickey") or conn._auth_complete:
+            if method == b"publickey" or conn._auth_complete or (method == b"none" and first):
                 return
+            name = "none" if method == b"none" else _OTHER_METHODS.get(method, "other")
             log.info("auth attempt remote_addr=%s user=%s key_fingerprint=none method=%s result=reject",
-                     self._info.remote_addr, _safe(self._user), _OTHER_METHODS.get(method, "other"))
+                     self._info.remote_addr, _safe(self._user), name)
             self._auth_failed()
 
         conn._finish_userauth = finish_userauth  # type: ignore[method-assign]
 
+    def _login_expired(self) -> None:
+        self._login_timer = None  # (cancelled at login: this one never logged in)
+        if self._conn is not None:
+            self._conn.abort()  # as asyncssh's login timeout and OpenSSH's LoginGraceTime: no message
+
+    def _logged_in(self) -> None:
+        """Not a connection "not yet logged in" any more (logged in, or gone)."""
+        if self._login_timer is not None:
+            self._login_timer.cancel()
+            self._login_timer = None
+        if self._startup:
+            self._startup = False
+            self._runner.give_startup()
+
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
+        self._logged_in()
         for listener in list(self._listeners):  # remote forwards end with their session
             listener.close()
         self._listeners.clear()
@@ -281,6 +331,7 @@ class _ServerConn(asyncssh.SSHServer):
 
     def auth_completed(self) -> None:
         log.info("auth success remote_addr=%s user=%s", self._info.remote_addr, _safe(self._user))
+        self._logged_in()
         conn = self._conn
         if conn is not None and self._runner.proxy is None and self._plain_forwarding(conn):
             conn.wraith_open = self._fast_open  # type: ignore[attr-defined]  # read by lean_recv
@@ -302,7 +353,7 @@ class _ServerConn(asyncssh.SSHServer):
         address = target_open.numeric_address(host, port)  # an IP address is never a wraith-* name
         if address is None or self._conn is None:
             return False
-        if not self._dials.take():
+        if self._channels_full() or not self._dials.take():
             return False  # asyncssh's path refuses it, in connection_requested
         opts = self._runner.options
         pending = target_open.pending_channel(self._conn, address, opts.connect_timeout, opts.window,
@@ -318,9 +369,29 @@ class _ServerConn(asyncssh.SSHServer):
 
     # -- channels ------------------------------------------------------------------
 
+    def _channels_full(self) -> bool:
+        """Whether this connection has ``max_channels_per_connection`` channels open or being
+        opened (target connects in flight count too: each holds a descriptor already)."""
+        limit = self._runner.options.max_channels_per_connection
+        if not limit or self._conn is None:
+            return False
+        if len(getattr(self._conn, "_channels", ())) + self._dials.used < limit:
+            return False
+        self._limit_once("channel limit reached remote_addr=%s limit=%d", limit)
+        return True
+
+    def _limit_once(self, message: str, limit: int) -> None:
+        """Log reaching a per-connection limit once per connection (a client that keeps
+        asking must not turn into a line per request)."""
+        if message not in self._limit_logged:
+            self._limit_logged.add(message)
+            log.info(message, self._info.remote_addr, limit)
+
     def connection_requested(self, dest_host: str, dest_port: int, orig_host: str, orig_port: int) -> Any:
         runner = self._runner
         assert self._conn is not None
+        if self._channels_full():
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_RESOURCE_SHORTAGE, "Too many channels")
         if is_reserved(dest_host):
             if dest_host.lower() == CONTROL_HOST and dest_port == 0 and runner.on_control is not None:
                 return self._control_channel()
@@ -330,10 +401,12 @@ class _ServerConn(asyncssh.SSHServer):
             raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, "Port forwarding not permitted")
         if not _safe_target(dest_host) or not 0 < dest_port <= 65535:
             raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, "Invalid destination")
-        if not self._dials.take():
-            raise asyncssh.ChannelOpenError(asyncssh.OPEN_RESOURCE_SHORTAGE, "Too many connects in progress")
         opts = runner.options
         address = target_open.numeric_address(dest_host, dest_port) if runner.proxy is None else None
+        if address is None and target_open.fds_running_out():  # (an IP target's socket is checked when made)
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_RESOURCE_SHORTAGE, target_open.NO_DESCRIPTORS)
+        if not self._dials.take():
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_RESOURCE_SHORTAGE, "Too many connects in progress")
         if address is not None:  # connects, confirms, then builds the channel: by callback
             pending = target_open.pending_channel(self._conn, address, opts.connect_timeout, opts.window,
                                                   opts.max_pktsize, self._dials)
@@ -342,6 +415,9 @@ class _ServerConn(asyncssh.SSHServer):
                                                opts.window, opts.max_pktsize, runner.proxy, self._dials)
         if pending is not None:
             return pending
+        if address is not None and target_open.fds_running_out():
+            self._dials.give()
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_RESOURCE_SHORTAGE, target_open.NO_DESCRIPTORS)
         chan = self._conn.create_tcp_channel(window=opts.window, max_pktsize=opts.max_pktsize)
         return chan, self._open_target(dest_host, dest_port)
 
@@ -380,13 +456,24 @@ class _ServerConn(asyncssh.SSHServer):
         if 0 < listen_port < 1024:  # as OpenSSH for any login but root: a key is not root
             log.info("remote forward refused remote_addr=%s reason=privileged-port", self._info.remote_addr)
             return False
-        listener = RemoteForwardListener(self._runner, self._conn, listen_host)
+        limit = self._runner.options.max_forwards_per_connection
+        if limit and len(self._listeners) + self._binding >= limit:
+            self._limit_once("remote forward refused remote_addr=%s reason=max-forwards-per-connection "
+                             "limit=%d", limit)
+            return False
+        listener = RemoteForwardListener(self._runner, self._conn, listen_host, self._channels_full)
+        self._binding += 1
         try:
             await listener.start(listen_port)
         except (OSError, OverflowError, ValueError):
             log.info("remote forward refused remote_addr=%s reason=listen-failed", self._info.remote_addr)
             return False
+        finally:
+            self._binding -= 1
         if self._lost:  # the session ended while we were binding: nobody will ever close it
+            listener.close()
+            return False
+        if listener.in_fd_reserve():  # (logged by target_open, once per burst)
             listener.close()
             return False
         self._listeners.add(listener)
@@ -449,7 +536,7 @@ class _ForwardedConn(HoldingOpening):
         self._timer = asyncio.get_running_loop().call_later(wait, self._expire)
         self._chan = self._listener.open_channel(self, transport)
         if self._chan is None:
-            self._answered(ChannelOpenFailed("the SSH session is gone", Reply.GENERAL_FAILURE, "ESESSION"))
+            self._answered(ChannelOpenFailed("refused", Reply.GENERAL_FAILURE, "ESESSION"))
 
     def answer(self, failure: ChannelOpenFailed | None) -> None:
         self._socket_opened(failure)
@@ -459,11 +546,13 @@ class RemoteForwardListener:
     """A server-side ``tcpip-forward`` listener; each accepted socket becomes a
     ``forwarded-tcpip`` channel back to the client, on a SocketChannel."""
 
-    def __init__(self, runner: SSHServerRunner, conn: asyncssh.SSHServerConnection, listen_host: str) -> None:
+    def __init__(self, runner: SSHServerRunner, conn: asyncssh.SSHServerConnection, listen_host: str,
+                 channels_full: Callable[[], bool] = lambda: False) -> None:
         self._runner = runner
         self._conn = conn
         self._listen_host = listen_host
-        self._server: asyncio.AbstractServer | None = None
+        self._channels_full = channels_full  # the session's channel limit
+        self._server: asyncio.Server | None = None
         self._port = 0
         self.on_close: Callable[[RemoteForwardListener], None] | None = None
 
@@ -479,10 +568,19 @@ class RemoteForwardListener:
     def _accept(self) -> _ForwardedConn:
         return _ForwardedConn(self)
 
+    def in_fd_reserve(self) -> bool:
+        """Whether a listening socket took a descriptor kept in reserve."""
+        sockets = self._server.sockets if self._server is not None else ()
+        return any(target_open.in_fd_reserve(s.fileno()) for s in sockets)
+
     def open_channel(self, conn: _ForwardedConn, transport: Any) -> SocketChannel | None:
-        """Send the ``forwarded-tcpip`` open for an accepted socket (None: the session is gone)."""
+        """Send the ``forwarded-tcpip`` open for an accepted socket (None: refused — the
+        session is gone, at its channel limit, or the socket took a reserved descriptor)."""
         ssh = self._conn
-        if not ssh._transport:
+        if not ssh._transport or self._channels_full():
+            return None
+        sock = transport.get_extra_info("socket")
+        if sock is not None and target_open.in_fd_reserve(sock.fileno()):
             return None
         peer = transport.get_extra_info("peername")
         orig_host, orig_port = (str(peer[0]), int(peer[1])) if peer else ("", 0)
@@ -529,11 +627,16 @@ class SSHServerRunner:
         self.authorized_keys = asyncssh.import_authorized_keys(text)
         self.per_ip: Counter[str] = Counter()
         self.handshaking: Counter[str] = Counter()  # TLS handshakes / stealth peeks not yet SSH
+        self.startups = 0  # connections not yet logged in, from admission on (max_startups)
+        self._startup_limits = options.startups()
+        self._drops = 0  # dropped by max_startups since the last log line
+        self._drop_timer: asyncio.TimerHandle | None = None
         self.conns: set[_ServerConn] = set()
         self.closing = False
         self.acceptor: Acceptor = make_acceptor(options)
-        if hasattr(self.acceptor, "admit"):  # an acceptor with a phase before SSH (TLS)
-            self.acceptor.admit = self._admit
+        self.admits_early = hasattr(self.acceptor, "admit")  # an acceptor with a phase before SSH (TLS)
+        if self.admits_early:
+            self.acceptor.admit = self._admit  # type: ignore[attr-defined]
         self._ssh: asyncssh.SSHAcceptor | None = None
         self._closed = asyncio.Event()
 
@@ -546,14 +649,54 @@ class SSHServerRunner:
         if limit and self.per_ip[ip] + self.handshaking[ip] >= limit:
             log.info("connection refused remote_addr=%s reason=max-connections-per-ip", ip)
             return None
+        if not self.take_startup():
+            return None
         self.handshaking[ip] += 1
 
         def release() -> None:
             self.handshaking[ip] -= 1
             if self.handshaking[ip] <= 0:
                 del self.handshaking[ip]
+            self.give_startup()  # (the gate has taken its own place by now, if it got that far)
 
         return release
+
+    def take_startup(self, force: bool = False) -> bool:
+        """A place among the connections not yet logged in, or False: drop this one.
+        OpenSSH's MaxStartups START:RATE:FULL — below START every connection is taken; from
+        there each is dropped with a probability rising from RATE % to 100 % at FULL (random
+        early drop: a flood cannot predict which ones get through, and some logins still do).
+        ``force``: take it regardless (the stream was admitted earlier)."""
+        limits = self._startup_limits
+        if limits is not None and not force:
+            start, rate, full = limits
+            n = self.startups
+            if n >= start:  # (OpenSSH's should_drop_connection, to the same integer arithmetic)
+                percent = 100 if n >= full else rate + (100 - rate) * (n - start) // (full - start)
+                if percent >= 100 or random.randrange(100) < percent:
+                    self._dropped()
+                    return False
+        self.startups += 1
+        return True
+
+    def give_startup(self) -> None:
+        self.startups -= 1
+
+    def _dropped(self) -> None:
+        """Count a connection dropped by max_startups; log the count at most once per
+        DROP_LOG_EVERY (a flood must not become a flood of log lines). No address: the
+        drop is no judgement on that client, so nothing for fail2ban to ban."""
+        self._drops += 1
+        if self._drop_timer is None:
+            self._log_drops()
+
+    def _log_drops(self) -> None:
+        if not self._drops or self.closing:
+            self._drop_timer = None
+            return
+        log.warning("connections dropped reason=max-startups count=%d unauthenticated=%d", self._drops, self.startups)
+        self._drops = 0
+        self._drop_timer = asyncio.get_running_loop().call_later(DROP_LOG_EVERY, self._log_drops)
 
     async def start(self) -> None:
         opts = self.options
@@ -563,7 +706,7 @@ class SSHServerRunner:
             tunnel=tunnel,
             server_factory=lambda: _ServerConn(self),
             server_host_keys=[self.host_key],
-            login_timeout=opts.login_grace_time,
+            login_timeout=opts.login_grace_time,  # (a backstop: _ServerConn counts from the accept)
             encryption_algs=opts.ciphers,
             keepalive_interval=opts.keepalive_interval,
             keepalive_count_max=opts.keepalive_count_max,
@@ -582,6 +725,9 @@ class SSHServerRunner:
             await self._closed.wait()
             return
         self.closing = True
+        if self._drop_timer is not None:
+            self._drop_timer.cancel()
+            self._drop_timer = None
         if self._ssh is not None:
             self._ssh.close()
         for c in list(self.conns):

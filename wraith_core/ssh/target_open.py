@@ -204,7 +204,10 @@ class _PendingChannel:
         try:
             sock = socket.socket(family, socket.SOCK_STREAM)
         except OSError as exc:
-            self._fail(reason_for_oserror(exc))
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                self._fail(NO_DESCRIPTORS, asyncssh.OPEN_RESOURCE_SHORTAGE)
+            else:
+                self._fail(reason_for_oserror(exc))
             return
         if in_fd_reserve(sock.fileno()):
             sock.close()

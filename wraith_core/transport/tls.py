@@ -19,6 +19,7 @@ import socket
 import ssl
 import struct
 import tempfile
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -140,9 +141,16 @@ class TLSConnector:
 
 class TLSAcceptor(TCPAcceptor):
     """Accepts TCP itself, so a connection is admitted (``admit``, the server's per-IP
-    limit) before its TLS handshake: handshakes, and in stealth mode the silent
-    wait for the client's first bytes, hold a place in that limit too. Otherwise a
-    single address could keep any number of connections open in those phases."""
+    limit and max-startups) before its TLS handshake: handshakes, and in stealth mode
+    the silent wait for the client's first bytes, hold a place in those limits too.
+    Otherwise a single address could keep any number of connections open in those
+    phases.
+
+    The login grace time counts from the accept: the handshake gets what is left of
+    it, and the protocol that takes over once it is done (the server's gate) is told
+    the accept time (``accepted_at``) so SSH gets only the rest, not a new grace time.
+    In stealth mode the waits before SSH are nginx's (``--stealth-timeout``), but a
+    stream that turns out to be SSH still has to log in by accept + grace time."""
 
     kind = "tls"
 
@@ -186,12 +194,13 @@ class TLSAcceptor(TCPAcceptor):
                     loop.call_later(1.0, self._resume)
                     return
                 continue  # e.g. ECONNABORTED: that one connection is gone
+            accepted = time.monotonic()
             release = self.admit(str(addr[0])) if self.admit is not None else _nothing
             if release is None:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_ZERO)
                 sock.close()
                 continue
-            task = loop.create_task(self._handshake(sock, release))
+            task = loop.create_task(self._handshake(sock, release, accepted))
             self._handshakes.add(task)
             task.add_done_callback(self._handshakes.discard)
 
@@ -199,13 +208,13 @@ class TLSAcceptor(TCPAcceptor):
         if self._listeners:
             self._serve()
 
-    async def _handshake(self, sock: socket.socket, release: Callable[[], None]) -> None:
+    async def _handshake(self, sock: socket.socket, release: Callable[[], None], accepted: float) -> None:
         opts = self._options
-        inner = self._factory
-        assert inner is not None
+        assert self._factory is not None
+        inner = _accepted_at(self._factory, accepted)
         factory: ProtocolFactory = inner
         ctx: ssl.SSLContext | None = self._ctx
-        timeout = opts.login_grace_time
+        timeout = opts.login_grace_time - (time.monotonic() - accepted)
         once = _Once(release)
         loop = asyncio.get_running_loop()
         try:
@@ -239,7 +248,7 @@ class TLSAcceptor(TCPAcceptor):
         # too could close a descriptor number that a new connection has taken meanwhile.
         try:
             await loop.connect_accepted_socket(
-                factory, sock, ssl=ctx, ssl_handshake_timeout=None if ctx is None else max(1.0, timeout))
+                factory, sock, ssl=ctx, ssl_handshake_timeout=None if ctx is None else max(0.1, timeout))
         except asyncio.CancelledError:
             once()
             raise
@@ -273,6 +282,20 @@ LINGER_ZERO = struct.pack("ii", 1, 0)  # close = RST: a refused connection ends 
 
 def _nothing() -> None:
     pass
+
+
+def _accepted_at(factory: ProtocolFactory, accepted: float) -> ProtocolFactory:
+    """``factory``, whose protocols learn when their stream was accepted: those with an
+    ``accepted_at`` attribute (the server's gate) get it set to ``accepted``
+    (``time.monotonic()``)."""
+
+    def make() -> asyncio.BaseProtocol:
+        protocol = factory()
+        if hasattr(protocol, "accepted_at"):
+            protocol.accepted_at = accepted
+        return protocol
+
+    return make
 
 
 class _Once:
