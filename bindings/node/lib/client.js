@@ -105,9 +105,12 @@ function firstMessage(ws, { timeout, total = timeout, signal, what }) {
     const onClose = (code, reason) =>
       finish(
         pendingError ||
-          wraithError('EDAEMON', `the daemon closed the WebSocket before answering (close ${code}${reason && reason.length ? ` ${reason}` : ''})`, {
-            closeCode: code,
-          }),
+          (code === 1009
+            ? // the open message itself was over the daemon's size limit (refused from its header)
+              wraithError('EPROTO', 'the open message is larger than the daemon accepts (WebSocket close 1009)', { closeCode: code })
+            : wraithError('EDAEMON', `the daemon closed the WebSocket before answering (close ${code}${reason && reason.length ? ` ${reason}` : ''})`, {
+                closeCode: code,
+              })),
       );
     const onAbort = () => finish(abortError(signal));
     // A frame ws refuses (bad RSV bits, over maxPayload) is an 'error' event, then 'close':

@@ -132,6 +132,10 @@ test('garbage from the daemon is EDAEMON, for open and for a running stream', { 
   const d4 = await fakeDaemon((ws) => ws.close(1011));
   await assert.rejects(wraith.connect(opts(d4)), { code: 'EDAEMON' });
   await d4.close();
+  // an open over the daemon's size limit is refused from its frame header (close 1009): our message
+  const d5 = await fakeDaemon((ws) => ws.close(1009));
+  await assert.rejects(wraith.connect(opts(d5)), { code: 'EPROTO' });
+  await d5.close();
 });
 
 test('a frame ws refuses (RSV bits, over maxPayload) fails the open or the stream, never the process', { timeout: 10000 }, async () => {
