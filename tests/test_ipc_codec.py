@@ -113,6 +113,13 @@ def test_connect_options_map_to_the_dataclass() -> None:
                       "accept_any_host_key": False, "window": 1 << 22, "keepalive_interval": 2}
     assert ipc.serve_fields({"hostKey": "/k", "listen": "127.0.0.1:0"}) == {"key": "/k", "listen": "127.0.0.1:0"}
     assert ipc.serve_fields({"key": "/k"}) == {"key": "/k"}
+    # the server's limits are all there (a new one is not forgotten): only tuning knobs are CLI-only
+    served = {snake for snake, _ in ipc.SERVE_OPTIONS.values()}
+    assert set(ServeOptions.field_names()) - served == {"ciphers", "connect_timeout", "drain_time",
+                                                         "half_open_timeout", "stealth_timeout"}
+    assert ipc.serve_fields({"maxStartups": "10:30:100", "maxForwardsPerConnection": 8,
+                             "maxChannelsPerConnection": 100}) == {
+        "max_startups": "10:30:100", "max_forwards_per_connection": 8, "max_channels_per_connection": 100}
 
 
 @pytest.mark.parametrize("opts", [

@@ -97,6 +97,10 @@ export interface WraithServeOptions extends DaemonOptions {
   proxy?: string;
   irohRelay?: string;
   maxConnectionsPerIp?: number;
+  /** OpenSSH's MaxStartups over connections not yet logged in: `"start:rate:full"` or a number (0 = none). */
+  maxStartups?: string | number;
+  maxForwardsPerConnection?: number;
+  maxChannelsPerConnection?: number;
   maxAuthAttempts?: number;
   loginGraceTime?: number;
   maxPktsize?: number;
