@@ -134,27 +134,6 @@ def test_a_backed_up_burst_waits_as_one_buffer() -> None:
     assert conn._transport.calls == [("write", [b"".join(replies)])]
 
 
-async def test_a_peer_that_does_not_read_is_not_read_either() -> None:
-    """Replies piling up past READ_STOP: the peer's packets are not read until the buffer is
-    back under the low mark, so it cannot keep the server answering into memory."""
-    from wraith_core.ssh.backlog import READ_STOP, backlog_of
-    from wraith_core.ssh.speedups import _batch_sends
-
-    conn = _Conn()
-    transport = conn._transport = _BackedUpTransport(buffered=READ_STOP // 2)
-    backlog_of(conn)
-    _batch_sends(conn)
-    conn.pause_writing()  # type: ignore[attr-defined]  # (the transport's high-water mark was passed)
-    conn._recv_data()
-    assert transport.reading  # backed up, not yet that far
-    transport.buffered = READ_STOP + 1
-    conn._recv_data()
-    assert not transport.reading
-    transport.buffered = 0
-    conn.resume_writing()  # type: ignore[attr-defined]  # (under the low-water mark)
-    assert transport.reading
-
-
 def test_batched_packets_reach_the_transport_they_were_sent_on() -> None:
     """asyncssh drops its transport reference when it force-closes (and aborts on the
     next loop pass): packets queued before that still go out, like an immediate write."""

@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-forwards-per-connection", type=int, metavar="N",
                    help="remote-forward listeners one SSH connection may hold (default 64; 0: no limit)")
     s.add_argument("--max-channels-per-connection", type=int, metavar="N",
-                   help="channels open at once on one SSH connection (default 4096; 0: no limit)")
+                   help="channels open at once on one SSH connection (default 32768; 0: no limit)")
     _common(s, "dial channel targets through this socks5:// or http:// proxy (default: directly)")
 
     c = sub.add_parser("connect", help="connect to a wraith (or OpenSSH) server")

@@ -215,7 +215,7 @@ class ServeOptions(_Common):
     # per SSH connection: each remote-forward listener and each channel's target socket is
     # a descriptor, and one login must not be able to take all of the server's (0: no limit)
     max_forwards_per_connection: int = 64
-    max_channels_per_connection: int = 4096
+    max_channels_per_connection: int = 32768  # (idle channels cost ~2 KiB: one connection may carry many)
     connect_timeout: float = 10.0
     drain_time: float = 2.0
 

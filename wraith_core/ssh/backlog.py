@@ -26,12 +26,6 @@ CONN_LOW = CONN_HIGH // 4
 # peer that sends requests and never reads would otherwise grow it without bound.
 CONN_ABORT = 64 * CONN_HIGH
 CHECK_EVERY = 1.0  # seconds, while the buffer is over CONN_HIGH
-# Past this the peer's packets are not read either, until the buffer is back under CONN_LOW:
-# a peer that sends requests wanting replies and never reads them is held back by TCP, as it
-# would be by OpenSSH's per-connection process, instead of costing this loop CPU and memory.
-# Relays stop feeding at CONN_HIGH, so an honest connection gets here only for a moment (and
-# both ends of one connection would have to, at once, for neither to read the other).
-READ_STOP = 4 * CONN_HIGH
 
 
 class Waiter(Protocol):
@@ -75,7 +69,6 @@ def backlog_of(conn: Any) -> Backlog:
 
     def resume_writing() -> None:
         backlog.full = False
-        release_reading(conn, "backlog")
         if backlog.timer is not None:
             backlog.timer.cancel()
             backlog.timer = None
@@ -93,34 +86,3 @@ def backlog_of(conn: Any) -> Backlog:
             pass
     return backlog
 
-
-def stop_reading_if_backed_up(conn: Any) -> None:
-    """After a batch of the peer's packets: stop reading it while our replies pile up."""
-    transport = conn._transport
-    if transport is not None and transport.get_write_buffer_size() > READ_STOP:
-        hold_reading(conn, "backlog")
-
-
-def hold_reading(conn: Any, why: str) -> None:
-    """Stop reading ``conn``'s transport until every ``why`` given here is released."""
-    holds: set[str] | None = conn.__dict__.get("wraith_read_holds")
-    if holds is None:
-        holds = conn.wraith_read_holds = set()
-    if why in holds:
-        return
-    if not holds:
-        transport = conn._transport
-        if transport is None or transport.is_closing():
-            return
-        transport.pause_reading()
-    holds.add(why)
-
-
-def release_reading(conn: Any, why: str) -> None:
-    holds: set[str] | None = conn.__dict__.get("wraith_read_holds")
-    if not holds or why not in holds:
-        return
-    holds.discard(why)
-    transport = conn._transport
-    if not holds and transport is not None and not transport.is_closing():
-        transport.resume_reading()

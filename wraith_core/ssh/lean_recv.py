@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from .backlog import hold_reading, release_reading
 from .internals import has_names
 
 try:
@@ -76,8 +75,9 @@ def install(conn: Any, gcm_type: type) -> None:
         turn[0] = False
         if conn._transport:
             conn._recv_data()  # (the whole wrapped chain: batching, key swaps)
-        if not turn[0]:
-            release_reading(conn, "turn")
+        transport = conn._transport
+        if not turn[0] and transport and not transport.is_closing():
+            transport.resume_reading()
 
     def recv_data() -> None:
         cipher = lean_cipher()
@@ -95,7 +95,7 @@ def install(conn: Any, gcm_type: type) -> None:
                 conn._inpbuf = buf[pos:]
                 if len(buf) - pos >= 4 + _TAG and not turn[0]:
                     turn[0] = True
-                    hold_reading(conn, "turn")
+                    conn._transport.pause_reading()  # (nothing else pauses this transport's reading)
                     asyncio.get_running_loop().call_soon(next_turn)
                 return
             try:

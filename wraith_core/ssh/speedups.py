@@ -67,7 +67,6 @@ import time
 from typing import Any, cast
 
 from . import lean_recv
-from .backlog import stop_reading_if_backed_up
 from .internals import has_names
 
 try:
@@ -252,7 +251,6 @@ def _batch_sends(conn: Any) -> None:
             recv_data()
         finally:
             end()
-        stop_reading_if_backed_up(conn)
 
     conn._send = send
     conn._recv_data = batched_recv_data
