@@ -203,6 +203,15 @@ def _refused(port: int) -> bool:
         s.close()
 
 
+def _hold_two_before_ssh(port: int, stealth_on: bool) -> list[socket.socket]:
+    """Two connections in the phase before SSH (stealth: handshake done, silent; plain TLS:
+    TCP only, no ClientHello), with a limit of two in place: a third is refused."""
+    held = [_tls_socket(port) if stealth_on else socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
+    time.sleep(0.5)  # both accepted
+    assert _refused(port)
+    return held
+
+
 @pytest.mark.parametrize("stealth_on", [False, True], ids=["tls", "stealth"])
 def test_per_ip_limit_counts_connections_before_ssh(keys, certs, tmp_path, procs, stealth_on: bool) -> None:
     """--max-connections-per-ip holds for connections still in their TLS handshake and,
@@ -212,11 +221,7 @@ def test_per_ip_limit_counts_connections_before_ssh(keys, certs, tmp_path, procs
     server, port = start_server(keys, tmp_path, *tls_server_args(certs), "--max-connections-per-ip", "2",
                                 "--login-grace-time", "30", *extra)
     procs.append(server)
-    held: list[socket.socket] = []
-    for _ in range(2):  # stealth: handshake done, silent; plain TLS: TCP only, no ClientHello
-        held.append(_tls_socket(port) if stealth_on else socket.create_connection(("127.0.0.1", port)))
-    time.sleep(0.5)  # both accepted
-    assert _refused(port)
+    held = _hold_two_before_ssh(port, stealth_on)
     wait_for_log(server, "connection refused remote_addr=127.0.0.1 reason=max-connections-per-ip")
     for s in held:
         s.close()
@@ -413,11 +418,7 @@ def test_max_startups_counts_connections_before_ssh(keys, certs, tmp_path, procs
     server, port = start_server(keys, tmp_path, *tls_server_args(certs), "--max-startups", "2",
                                 "--login-grace-time", "30", *extra)
     procs.append(server)
-    held: list[socket.socket] = []
-    for _ in range(2):  # stealth: handshake done, silent; plain TLS: TCP only, no ClientHello
-        held.append(_tls_socket(port) if stealth_on else socket.create_connection(("127.0.0.1", port)))
-    time.sleep(0.5)  # both accepted
-    assert _refused(port)
+    held = _hold_two_before_ssh(port, stealth_on)
     wait_for_log(server, "connections dropped reason=max-startups count=1 unauthenticated=2")
     for s in held:
         s.close()
