@@ -85,4 +85,3 @@ def backlog_of(conn: Any) -> Backlog:
         except (AttributeError, NotImplementedError):  # a transport without flow control
             pass
     return backlog
-
