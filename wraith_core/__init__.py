@@ -7,9 +7,16 @@ The public API::
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING
 
 from .errors import WraithError
+
+# Recent cryptography releases warn that DSA is deprecated as soon as asyncssh's modules
+# merely name the DSA types at import. wraith negotiates only asyncssh's default
+# algorithms, which leave ssh-dss out; the warning would otherwise open every command's
+# output (and break its one-line errors).
+warnings.filterwarnings("ignore", message="DSA is deprecated", module=r"asyncssh(\.|$)")
 
 if TYPE_CHECKING:  # what the lazy attributes below resolve to, for type checkers
     from .events import create_event_target

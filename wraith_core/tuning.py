@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import inspect
 import ctypes.util
 import gc
 import os
@@ -78,10 +79,15 @@ def tune_gc() -> None:
 
 
 def run(main: object) -> object:
-    tune_malloc()
-    tune_gc()
-    raise_fd_limit()
-    loop = new_event_loop()
+    try:
+        tune_malloc()
+        tune_gc()
+        raise_fd_limit()
+        loop = new_event_loop()
+    except BaseException:  # (a Ctrl-C while uvloop loads, say): the coroutine never starts
+        if inspect.iscoroutine(main):
+            main.close()  # closed, so not reported as "never awaited"
+        raise
     try:
         asyncio.set_event_loop(loop)
         return loop.run_until_complete(main)  # type: ignore[arg-type]
