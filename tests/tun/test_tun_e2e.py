@@ -167,6 +167,7 @@ def test_cmd_cannot_reach_the_host_name_service_daemons(wnet: WraithNet, userns:
     tun = env + " ".join(f"'{a}'" for a in wraith_tun_cmd("-v", "--socks5", wnet.socks, "--unshare", "--", "sh", "-c", inner))
     script = f"""
         mount -t tmpfs tmpfs /run && mkdir -p /run/nscd /run/systemd/resolve || exit 99
+        rm -f {net.tmp}/resolvers.out  # (an earlier run's "ready" must not be taken for this one's)
         python3 {net.tmp}/resolvers.py {log} > {net.tmp}/resolvers.out & fake=$!
         i=0; until grep -qs ready {net.tmp}/resolvers.out || [ $i -ge 300 ]; do sleep 0.05; i=$((i+1)); done
         getent passwd root >/dev/null; echo control=$?
