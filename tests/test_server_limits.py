@@ -212,11 +212,13 @@ async def test_channels_are_capped_per_connection(keys: Keys, echo_port: int,
     assert str(echo_port) not in text and "localhost" not in text
 
 
+@pytest.mark.parametrize("target", ["127.0.0.1", "localhost"])
 async def test_descriptors_near_the_fd_limit_are_kept_for_logins(keys: Keys, tmp_path: Path, procs: list,
-                                                                 echo_port: int) -> None:
+                                                                 echo_port: int, target: str) -> None:
     """One login opening channels and forwards until the server's descriptors run out would
     lock everybody else out: past the reserve at the top of RLIMIT_NOFILE new channels and
-    forwards are refused ("resource shortage"), so accepting and logging in still work."""
+    forwards are refused ("resource shortage"), so accepting and logging in still work. Also
+    for a burst of opens to a host name, whose sockets are made later, in their dials."""
     server, port = await asyncio.to_thread(start_server, keys, tmp_path)
     procs.append(server)
     resource.prlimit(server.p.pid, resource.RLIMIT_NOFILE, (256, 256))  # reserve: the top 64
@@ -228,19 +230,20 @@ async def test_descriptors_near_the_fd_limit_are_kept_for_logins(keys: Keys, tmp
                 return exc.code
             return 0
 
-        codes = Counter(await asyncio.gather(*[try_open() for _ in range(300)]))
+        codes = Counter(await asyncio.gather(*[try_open(target) for _ in range(300)]))
         # at most 256 - 64 descriptors in use by then: well over 300 - 192 opens refused
         assert codes[asyncssh.OPEN_RESOURCE_SHORTAGE] >= 300 - 192, codes
         assert set(codes) == {0, asyncssh.OPEN_RESOURCE_SHORTAGE}, codes
-        assert await try_open("localhost") == asyncssh.OPEN_RESOURCE_SHORTAGE  # (checked before its dial)
-        forwards = 0
-        for _ in range(20):
-            try:
-                await greedy.forward_remote_port("127.0.0.1", 0, "127.0.0.1", 9)
-                forwards += 1
-            except asyncssh.ChannelListenError:
-                pass
-        assert forwards == 0
+        if target == "127.0.0.1":  # (dials by name count before their sockets exist: some room is left)
+            assert await try_open("localhost") == asyncssh.OPEN_RESOURCE_SHORTAGE  # (checked before its dial)
+            forwards = 0
+            for _ in range(20):
+                try:
+                    await greedy.forward_remote_port("127.0.0.1", 0, "127.0.0.1", 9)
+                    forwards += 1
+                except asyncssh.ChannelListenError:
+                    pass
+            assert forwards == 0
         for _ in range(3):  # others can still log in while the greedy one holds all it got
             async with await _login(keys, port, login_timeout=20) as fresh:
                 assert fresh.get_extra_info("username") == "u"
@@ -312,13 +315,13 @@ async def test_random_early_drop_between_start_and_full(keys: Keys, monkeypatch:
         assert ServeOptions(max_startups=5).startups() == (5, 100, 5)
         assert ServeOptions(max_startups="0").startups() is None
         for luck, admitted in ((99, 100), (0, 10)):  # the best luck: only FULL stops it; the worst: START
-            monkeypatch.setattr(server_mod.random, "randrange", lambda n, luck=luck: luck)
+            monkeypatch.setattr(server_mod.secrets, "randbelow", lambda n, luck=luck: luck)
             runner.startups = 0
             while runner.take_startup():
                 assert runner.startups <= 100
             assert runner.startups == admitted
         draws: list[int] = []
-        monkeypatch.setattr(server_mod.random, "randrange", lambda n: draws.append(n) or 64)
+        monkeypatch.setattr(server_mod.secrets, "randbelow", lambda n: draws.append(n) or 64)
         runner.startups = 55  # halfway: p = 30 + 70 * 45 // 90 = 65 %; a draw of 64 is below it
         assert not runner.take_startup() and draws == [100]
         runner.startups = 54  # p = 30 + 70 * 44 // 90 = 64 %
@@ -336,7 +339,8 @@ def test_max_startups_and_limits_flags_are_checked(keys: Keys) -> None:
     from wraith_core.errors import UsageError
 
     base = dict(key=str(keys.host), authorized_keys=str(keys.authorized))
-    for bad in ("10:30", "a:b:c", "100:30:10", "10:0:100", "10:101:100", "-1", ""):
+    for bad in ("10:30", "a:b:c", "100:30:10", "10:0:100", "10:101:100", "-1", "", "\u00b2", "\u0663",
+                "1:30:\u00b9\u2070"):  # (digits to str.isdigit(), not to int() or not ASCII)
         with pytest.raises(UsageError, match="--max-startups"):
             ServeOptions(**base, max_startups=bad).check()  # type: ignore[arg-type]
     for name in ("max_forwards_per_connection", "max_channels_per_connection"):
@@ -355,3 +359,90 @@ def test_bad_limit_flags_are_one_line_errors(keys: Keys, flag: str, value: str) 
     err = out.stderr.decode()
     assert out.returncode != 0, err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and flag in err, err
+
+
+async def test_a_silent_stealth_client_holds_no_startup_place_past_the_grace_time(keys: Keys, tmp_path) -> None:
+    """Stealth holds a silent client for nginx's timeouts (here 2 s before the TLS hello, 2
+    more after it), longer than the login grace time (1 s). Past that time the client can
+    no longer log in, so its --max-startups place is given back then, not when the decoy is
+    over: one such client per grace time must not keep everyone else out."""
+    from transport_helpers import Certs
+
+    certs = Certs.make(tmp_path / "certs")
+    port = free_port()
+    srv = await WraithServer(ServeOptions(key=str(keys.host), authorized_keys=str(keys.authorized),
+                                          listen=f"127.0.0.1:{port}", transport="tls", tls_cert=str(certs.cert),
+                                          tls_key=str(certs.key), stealth=True, stealth_timeout=2.0,
+                                          login_grace_time=1.0, max_startups="1"), use_hub=False).start()
+    runner = srv.runner
+    try:
+        silent = socket.create_connection(("127.0.0.1", port))
+        for _ in range(50):
+            if runner.startups == 1:
+                break
+            await asyncio.sleep(0.02)
+        assert runner.startups == 1  # the silent client has the only place
+        await asyncio.sleep(1.3)  # past the login grace time, within the stealth timeout
+        silent.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            silent.recv(1)  # still held by the decoy: nothing said, not closed
+        assert runner.startups == 0
+        assert (await asyncio.to_thread(_ssh_greeting_over_tls, port)).startswith(b"SSH-2.0-")  # another gets in
+        silent.close()
+        await asyncio.sleep(0.1)
+        assert runner.startups == 0  # and the silent client's end gives nothing back twice
+    finally:
+        await srv.close()
+
+
+def _ssh_greeting_over_tls(port: int) -> bytes:
+    import ssl
+
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    with ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10), server_hostname="localhost") as s:
+        s.sendall(b"SSH-2.0-probe\r\n")
+        return s.recv(256)
+
+
+async def test_connects_in_flight_by_name_count_once_toward_the_channel_limit(keys: Keys) -> None:
+    """An open to a host name has its channel in the connection's table while it connects:
+    it counts once toward --max-channels-per-connection, as an open to an IP address does
+    (it was counted twice, so half as many could wait for a slow target)."""
+    black_hole = socket.socket()  # a listener whose queue is full: connects to it hang
+    black_hole.bind(("127.0.0.1", 0))
+    black_hole.listen(0)
+    bport = black_hole.getsockname()[1]
+    fillers = []
+    for _ in range(3):
+        f = socket.socket()
+        f.setblocking(False)
+        f.connect_ex(("127.0.0.1", bport))
+        fillers.append(f)
+    await asyncio.sleep(0.2)
+    port = free_port()
+    srv = await WraithServer(ServeOptions(key=str(keys.host), authorized_keys=str(keys.authorized),
+                                          listen=f"127.0.0.1:{port}", max_channels_per_connection=4,
+                                          connect_timeout=2), use_hub=False).start()
+    try:
+        for host in ("127.0.0.1", "localhost"):
+            async with await _login(keys, port) as conn:
+                async def one() -> int:
+                    try:
+                        await conn.create_connection(asyncssh.SSHTCPSession, host, bport)
+                    except asyncssh.ChannelOpenError as exc:
+                        return exc.code
+                    return 0
+
+                tasks = []
+                for _ in range(5):
+                    tasks.append(asyncio.create_task(one()))
+                    await asyncio.sleep(0.1)
+                codes = await asyncio.wait_for(asyncio.gather(*tasks), 15)
+                assert codes == [asyncssh.OPEN_CONNECT_FAILED] * 4 + [asyncssh.OPEN_RESOURCE_SHORTAGE], (host, codes)
+    finally:
+        await srv.close()
+        for f in fillers:
+            f.close()
+        black_hole.close()

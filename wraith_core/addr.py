@@ -59,7 +59,7 @@ def parse_hostport(spec: str, what: str, default_host: str | None = None,
     else:
         fields = spec.split(":")
     if len(fields) == 1:
-        if fields[0].isdigit() and default_host is not None:
+        if fields[0].isascii() and fields[0].isdigit() and default_host is not None:
             return default_host, _port(fields[0], what, allow_zero)
         if default_port is None:
             raise UsageError(f"{what}: expected HOST:PORT, got {spec!r}")

@@ -157,7 +157,7 @@ def parse_expiry(spec: str) -> float:
     utc = spec.endswith(("Z", "z"))
     digits = spec[:-1] if utc else spec
     formats = {8: "%Y%m%d", 12: "%Y%m%d%H%M", 14: "%Y%m%d%H%M%S"}
-    if not digits.isdigit() or len(digits) not in formats:
+    if not (digits.isascii() and digits.isdigit()) or len(digits) not in formats:
         raise ValueError(spec)
     when = datetime.datetime.strptime(digits, formats[len(digits)])
     return when.replace(tzinfo=datetime.timezone.utc).timestamp() if utc else time.mktime(when.timetuple())

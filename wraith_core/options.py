@@ -253,7 +253,7 @@ class ServeOptions(_Common):
         text = str(self.max_startups).strip()
         parts = text.split(":")
         bad = UsageError(f"--max-startups: expected START:RATE:FULL (like 10:30:100), N or 0, got {text!r}")
-        if len(parts) not in (1, 3) or not all(p.isdigit() and len(p) <= 9 for p in parts):
+        if len(parts) not in (1, 3) or not all(p.isascii() and p.isdigit() and len(p) <= 9 for p in parts):
             raise bad
         if len(parts) == 1:
             full = int(parts[0])

@@ -62,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
 def _hostport(s: str) -> tuple[str, int]:
     host, sep, port = s.rpartition(":")
     host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         raise UsageError(f"--socks5 wants HOST:PORT, got {s!r}")
     return host, int(port)
 

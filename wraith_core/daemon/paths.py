@@ -190,7 +190,7 @@ def lock_holder(directory: Path) -> int | None:
         text = (directory / LOCK_NAME).read_text().strip()
     except OSError:
         return None
-    return int(text) if text.isdigit() else None
+    return int(text) if text.isascii() and text.isdigit() else None
 
 
 def running_daemon(directory: Path) -> dict[str, Any] | None:
@@ -250,7 +250,7 @@ def parse_ws(spec: str) -> WsEndpoint:
     if spec.startswith("tcp:"):
         rest = spec[4:]
         host, sep, port = rest.rpartition(":")
-        if not sep or not port.isdigit() or int(port) > 65535:
+        if not sep or not (port.isascii() and port.isdigit()) or int(port) > 65535:
             raise UsageError(f"--ws {spec}: expected tcp:HOST:PORT")
         host = host.strip("[]") or "127.0.0.1"
         if not _loopback(host):
@@ -269,7 +269,7 @@ def check_events(spec: str) -> str | None:
         return "ipc://" + os.path.abspath(spec[6:])
     if spec.startswith("tcp://"):
         host, sep, port = spec[6:].rpartition(":")
-        if not sep or not (port.isdigit() or port == "*"):
+        if not sep or not ((port.isascii() and port.isdigit()) or port == "*"):
             raise UsageError(f"--events {spec}: expected tcp://127.0.0.1:PORT")
         if not _loopback(host.strip("[]")):
             raise UsageError(f"--events {spec}: the TCP endpoint must be on loopback")

@@ -26,8 +26,8 @@ import fnmatch
 import functools
 import ipaddress
 import logging
-import random
 import re
+import secrets
 import time
 import unicodedata
 from collections import Counter
@@ -165,6 +165,42 @@ class _Gate(asyncio.Protocol):
         conn.set_extra_info(wraith_info=info, wraith_accepted_at=self.accepted_at)  # type: ignore[attr-defined]
         transport.set_protocol(conn)
         conn.connection_made(transport)
+
+
+class _Admission:
+    """The places a connection admitted before its TLS handshake holds: one in the per-IP
+    count, one among the connections not yet logged in (``max_startups``). Called once,
+    when the stream reaches SSH (the gate counts it from then on) or ends."""
+
+    __slots__ = ("_runner", "_ip", "_startup", "_timer")
+
+    def __init__(self, runner: SSHServerRunner, ip: str) -> None:
+        self._runner = runner
+        self._ip = ip
+        self._startup = True
+        self._timer: asyncio.TimerHandle | None = None
+
+    def startup_over_in(self, delay: float) -> None:
+        """Give the ``max_startups`` place back after ``delay`` (the login grace time left),
+        even if the stream is still held then: a stealth peek holds a silent client for
+        nginx's timeouts, longer than the login grace time, and such a stream can no longer
+        log in (the gate would end it at once), so its place must not keep others out."""
+        self._timer = asyncio.get_running_loop().call_later(max(0.0, delay), self._startup_over)
+
+    def _startup_over(self) -> None:
+        self._timer = None
+        if self._startup:
+            self._startup = False
+            self._runner.give_startup()  # (the gate has taken its own place by now, if it got that far)
+
+    def __call__(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        handshaking = self._runner.handshaking
+        handshaking[self._ip] -= 1
+        if handshaking[self._ip] <= 0:
+            del handshaking[self._ip]
+        self._startup_over()
 
 
 class _ServerConn(asyncssh.SSHServer):
@@ -375,7 +411,8 @@ class _ServerConn(asyncssh.SSHServer):
         limit = self._runner.options.max_channels_per_connection
         if not limit or self._conn is None:
             return False
-        if len(getattr(self._conn, "_channels", ())) + self._dials.used < limit:
+        dials = self._dials  # (those with a channel in the table already are counted there)
+        if len(getattr(self._conn, "_channels", ())) + dials.used - dials.with_channel < limit:
             return False
         self._limit_once("channel limit reached remote_addr=%s limit=%d", limit)
         return True
@@ -496,7 +533,7 @@ class _ServerConn(asyncssh.SSHServer):
         for entry in allowed if isinstance(allowed, list) else [allowed]:
             want_host, _, want_port = str(entry).rpartition(":")
             want_host = want_host[1:-1] if want_host.startswith("[") and want_host.endswith("]") else want_host
-            if want_port != "*" and (not want_port.isdigit() or int(want_port) != port):
+            if want_port != "*" and (not (want_port.isascii() and want_port.isdigit()) or int(want_port) != port):
                 continue
             if not want_host:  # no host: the default listen address (loopback) only
                 if host in ("", "localhost", "127.0.0.1", "::1"):
@@ -640,7 +677,7 @@ class SSHServerRunner:
         self._ssh: asyncssh.SSHAcceptor | None = None
         self._closed = asyncio.Event()
 
-    def _admit(self, ip: str) -> Callable[[], None] | None:
+    def _admit(self, ip: str) -> _Admission | None:
         """A TCP connection accepted before its TLS handshake: a place in the per-IP limit
         until it reaches SSH (the gate counts it from then on) or ends; None if refused."""
         if self.closing:
@@ -652,14 +689,7 @@ class SSHServerRunner:
         if not self.take_startup():
             return None
         self.handshaking[ip] += 1
-
-        def release() -> None:
-            self.handshaking[ip] -= 1
-            if self.handshaking[ip] <= 0:
-                del self.handshaking[ip]
-            self.give_startup()  # (the gate has taken its own place by now, if it got that far)
-
-        return release
+        return _Admission(self, ip)
 
     def take_startup(self, force: bool = False) -> bool:
         """A place among the connections not yet logged in, or False: drop this one.
@@ -673,7 +703,7 @@ class SSHServerRunner:
             n = self.startups
             if n >= start:  # (OpenSSH's should_drop_connection, to the same integer arithmetic)
                 percent = 100 if n >= full else rate + (100 - rate) * (n - start) // (full - start)
-                if percent >= 100 or random.randrange(100) < percent:
+                if percent >= 100 or secrets.randbelow(100) < percent:
                     self._dropped()
                     return False
         self.startups += 1

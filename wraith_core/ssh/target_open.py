@@ -66,11 +66,12 @@ class DialBudget:
     channels to a black-holed address could use up the server's descriptors, and so
     refuse everybody else's connections."""
 
-    __slots__ = ("limit", "used")
+    __slots__ = ("limit", "used", "with_channel")
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.used = 0
+        self.with_channel = 0  # of those, the ones whose channel is in the connection's table already
 
     def take(self) -> bool:
         if self.used >= self.limit:
@@ -111,15 +112,22 @@ def in_fd_reserve(fd: int) -> bool:
     return True
 
 
+# Dials made elsewhere (``dial.py``: host names, ``--proxy``) admitted and not yet over, on
+# all connections: each is about to take a descriptor, or holds one already.
+_dials_in_flight = 0
+
+
 def fds_running_out() -> bool:
-    """:func:`in_fd_reserve` for the descriptor the next socket would get (for a dial made
-    elsewhere, e.g. ``dial.py``), found by opening one and closing it again."""
+    """:func:`in_fd_reserve` for a dial made elsewhere (``dial.py``), whose socket is made
+    later in a task: the descriptor the next socket would get (found by opening one and
+    closing it again), counting one more for each such dial in flight — a burst of them
+    all passes this check before the first has its socket."""
     try:
         fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
         return exc.errno in (errno.EMFILE, errno.ENFILE)
     os.close(fd)
-    return in_fd_reserve(fd)
+    return in_fd_reserve(fd + _dials_in_flight)
 
 
 NO_DESCRIPTORS = "Server out of file descriptors"
@@ -326,7 +334,7 @@ def pending_dial(conn: Any, host: str, port: int, timeout: float, window: int, p
 
 
 class _PendingDial:
-    __slots__ = ("conn", "host", "port", "timeout", "window", "pktsize", "proxy", "budget")
+    __slots__ = ("conn", "host", "port", "timeout", "window", "pktsize", "proxy", "budget", "chan_made")
 
     def __init__(self, conn: Any, host: str, port: int, timeout: float, window: int, pktsize: int,
                  proxy: Any, budget: DialBudget | None = None) -> None:
@@ -338,25 +346,35 @@ class _PendingDial:
         self.window = window
         self.pktsize = pktsize
         self.proxy = proxy
+        self.chan_made = False
 
     def set_inbound_peer_names(self, *names: Any) -> None:
         """asyncssh passes the channel's peer names (nothing here keeps them)."""
 
     def process_open(self, send_chan: int, send_window: int, send_pktsize: int, session: Any) -> None:
+        global _dials_in_flight
+        _dials_in_flight += 1
         spawn(self._dial_within_budget(send_chan, send_window, send_pktsize))
 
     async def _dial_within_budget(self, send_chan: int, send_window: int, send_pktsize: int) -> None:
+        global _dials_in_flight
         try:
             await self._dial(send_chan, send_window, send_pktsize)
         finally:
+            _dials_in_flight -= 1
             if self.budget is not None:
                 self.budget.give()
+                if self.chan_made:
+                    self.budget.with_channel -= 1
 
     async def _dial(self, send_chan: int, send_window: int, send_pktsize: int) -> None:
         conn = self.conn
         if not conn._transport:
             return
         chan = SocketChannel(conn, self.window, self.pktsize)  # the socket may speak before the answer
+        if self.budget is not None:  # in the connection's table now: counted there, not twice
+            self.chan_made = True
+            self.budget.with_channel += 1
         code = asyncssh.OPEN_CONNECT_FAILED
         try:
             await dial(chan, self.host, self.port, self.timeout, self.proxy)

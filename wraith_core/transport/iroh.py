@@ -522,7 +522,7 @@ class IrohAcceptor:
             with contextlib.suppress(Exception):
                 source = await asyncio.wait_for(incoming.remote_addr(), grace)
                 host, _, port = str(getattr(source, "addr", "")).rpartition(":")
-                if host and port.isdigit():
+                if host and port.isascii() and port.isdigit():
                     peername = (host.strip("[]"), int(port))
             if self._only_ip is not None:
                 local = await asyncio.wait_for(incoming.local_addr(), grace)

@@ -226,6 +226,9 @@ class TLSAcceptor(TCPAcceptor):
         if opts.stealth:  # the place is held until the peek is over: handed to SSH, or closed
             from .stealth import StealthPeek, greet
 
+            startup_over_in = getattr(release, "startup_over_in", None)  # (max_startups: not past the grace time)
+            if startup_over_in is not None:
+                startup_over_in(opts.login_grace_time - (time.monotonic() - accepted))
             timeout, started = opts.stealth_timeout, loop.time()
             try:
                 greeted = await greet(sock, timeout)  # before TLS, on the raw socket
