@@ -205,3 +205,48 @@ async def test_a_serve_control_holds_a_bounded_number_of_waiting_streams(
         assert (await _msg(control))["type"] == "incoming"
         later.abort()
         await control.close()
+
+
+async def test_websockets_holding_room_do_not_wait_for_each_other_for_good(
+        tmp_path: Path, keys: Keys, procs, monkeypatch) -> None:
+    """Seven WebSockets each send the first 9 MiB fragment of a 15 MiB message (63 of the
+    64 MiB budget), then want 6 MiB more: each held room while waiting for the others, so
+    none ever finished, every other large message queued behind them, and their clients
+    going away went unnoticed (not read). A WebSocket holding room that waits HELD_WAIT
+    for more is closed: its room comes back and others go on."""
+    from test_daemon_support import start_target
+
+    from helpers import start_server
+    from wraith_core.daemon import inflow
+
+    monkeypatch.setattr(inflow, "HELD_WAIT", 1.0)
+    server, sport = start_server(keys, tmp_path)
+    procs.append(server)
+    target, tport = start_target(tmp_path)
+    procs.append(target)
+    async with _daemon_in_process(tmp_path) as info:
+        env = {"info": info, "keys": keys, "sport": sport, "tport": tport}
+        msg = wraith_client._ipc.encode_data(bytes(15 * MIB))
+        first, second = msg[:9 * MIB], msg[9 * MIB:]
+        go = asyncio.Event()
+
+        async def fragments() -> AsyncIterator[bytes]:
+            yield first
+            await go.wait()
+            yield second
+
+        stuck = [await _raw_stream(env, b"HASH\n") for _ in range(7)]
+        senders = [asyncio.create_task(ws.send(fragments())) for ws in stuck]
+        await asyncio.sleep(1.0)  # the first fragments are in
+        go.set()
+        other = await _raw_stream(env, b"HASH\n")
+        blob = os.urandom(2 * MIB)  # above the free size: needs room in the budget
+        await asyncio.wait_for(other.send(wraith_client._ipc.encode_data(blob)), 20)
+        await other.send(msgpack.packb({"type": "eof"}))
+        answer = msgpack.unpackb(await asyncio.wait_for(other.recv(), 20))
+        assert answer["data"].decode() == hashlib.sha256(blob).hexdigest()
+        for ws, sender in zip(stuck, senders):  # the daemon closed them (each waited, holding room)
+            with pytest.raises(ConnectionClosed):
+                await asyncio.wait_for(sender, 20)
+            ws.transport.abort()
+        await other.close()

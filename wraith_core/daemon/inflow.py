@@ -14,7 +14,12 @@ per WebSocket that sends only the start of a first frame). So:
   payload is read — and returned once the daemon is done with its message
   (the message handed to the channel, or the WebSocket gone). Until there is
   room, that WebSocket is not read (its client's writes block, as under any
-  backpressure); everyone sending ordinary messages keeps going.
+  backpressure); everyone sending ordinary messages keeps going;
+* a WebSocket that waits for room while it holds some (the start of a fragmented
+  message, say) is closed after ``HELD_WAIT`` seconds: WebSockets holding the
+  whole budget in first fragments, each waiting for room for its next one, would
+  otherwise wait for each other for good — and, not being read, never notice
+  their clients going away, so their room would never come back.
 
 The hooks are websockets' reader (``read_exact``) and its receive queue
 (``Assembler.put`` / ``pause`` / ``resume``), as frame_input hooks the input
@@ -37,6 +42,8 @@ log = logging.getLogger("wraith.daemon")
 LARGE_BUDGET = 64 * 1024 * 1024  # all WebSockets' frames above their free size, together
 OPEN_FREE = 64 * 1024  # before `open` is answered: an open with inline keys fits
 DATA_FREE = ipc.DATA_CHUNK + 64  # a stream: what the bindings send (1 MiB of data + its header)
+
+HELD_WAIT = 15.0  # seconds a WebSocket that holds room may wait for more before it is closed
 
 _DATA_OPCODES = (0, 1, 2)  # continuation, text, binary (control frames are never queued)
 
@@ -120,12 +127,24 @@ class InputGate:
                 self._admit()
             else:
                 self._pause("budget")
-                while self.wanted and not self._reader.eof:
-                    yield
+                timer = (asyncio.get_running_loop().call_later(HELD_WAIT, self._give_up)
+                         if self.held else None)
+                try:
+                    while self.wanted and not self._reader.eof:
+                        yield
+                finally:
+                    if timer is not None:
+                        timer.cancel()
                 if self.wanted:  # the connection ended while waiting: the read fails below
                     self.budget.forget(self)
                     self.wanted = 0
         return (yield from self._read_exact(n))
+
+    def _give_up(self) -> None:
+        """Holding room, it waited ``HELD_WAIT`` for more: closed, so its room comes back."""
+        if self.wanted and not self._closed:
+            log.debug("ipc: a connection holding input budget waited too long for more; closed")
+            self.ws.transport.abort()
 
     def granted(self) -> None:
         """Called by the budget: the waiting frame has its room."""
