@@ -85,6 +85,12 @@ class _Receiver:
     def internal_error(self) -> None:
         self.events.append(("internal error",))
 
+    def eof_received(self) -> None:
+        self.events.append(("eof",))
+
+    def connection_lost(self, exc: Exception | None = None) -> None:
+        self.events.append(("lost", exc))
+
     def process_packet(self, pkttype: int, seq: int, packet: Any) -> bool:
         self.events.append(("conn", pkttype, seq, packet.get_remaining_payload()))
         return True
@@ -332,4 +338,27 @@ async def test_a_long_read_is_handled_over_several_loop_passes() -> None:
             break
     assert passes == 3 and transport.reading
     assert [e[2] for e in rx.events] == list(range(3, 3 + count))  # in order, sequence numbers in step
+    assert rx._inpbuf == b""
+
+
+class _TLSTransport(_PausableTransport):
+    def get_extra_info(self, name: str) -> object:
+        return object() if name == "sslcontext" else None
+
+
+@pytest.mark.parametrize("end", ["eof_received", "connection_lost"])
+async def test_what_waits_for_a_turn_is_handled_before_the_end(end: str) -> None:
+    """Over TLS the transport is not paused for a turn (a paused TLS transport ends at the
+    peer's FIN without handing over what it holds): it goes on delivering, that waits in the
+    input buffer, and an EOF or the end of the connection first has all of it handled."""
+    tx, rx = _Sender(), _receiver()
+    transport = rx._transport = _TLSTransport()
+    count = 2 * lean_recv.TURN_PACKETS + 10
+    data = b"".join(tx.packet(EOF, CHAN5) for _ in range(count))
+    rx.feed(data[:len(data) // 2])
+    assert len(rx.events) == lean_recv.TURN_PACKETS and transport.reading  # a turn waits, reading goes on
+    rx.feed(data[len(data) // 2:])  # delivered meanwhile: waits for the turn
+    assert len(rx.events) == lean_recv.TURN_PACKETS
+    getattr(rx, end)()
+    assert [e[2] for e in rx.events[:-1]] == list(range(3, 3 + count)) and rx.events[-1][0] in ("eof", "lost")
     assert rx._inpbuf == b""

@@ -47,11 +47,18 @@ except ImportError:  # pragma: no cover - a future asyncssh without these names
 # what the lean loop reads and updates on asyncssh's connection
 _NAMES = ("_recv_data", "_recv_handler", "_recv_encryption", "_recv_blocksize", "_recv_macsize", "_decompressor",
           "_auth_complete", "_inpbuf", "_recv_seq", "_max_recv_pktlen", "_channels", "_transport", "_auth_final",
-          "_reset_keepalive_timer", "_send_disconnect", "_force_close", "internal_error", "process_packet")
+          "_reset_keepalive_timer", "_send_disconnect", "_force_close", "internal_error", "process_packet",
+          "eof_received", "connection_lost")
 
 _TAG = 16
 # packets one connection may have handled per loop pass (a few milliseconds of small ones)
 TURN_PACKETS = 256
+# Over TLS, bytes that may wait for the next turn before the transport's reading is paused.
+# A paused TLS transport keeps reading the socket, and at the peer's FIN it ends without
+# handing over what it holds: those packets, received, would be lost. Below this the TLS
+# transport is not paused; what it delivers meanwhile waits in the input buffer, and an
+# EOF first has that buffer worked off.
+TLS_TURN_HOLD = 1 << 20
 
 
 def install(conn: Any, gcm_type: type) -> None:
@@ -70,16 +77,53 @@ def install(conn: Any, gcm_type: type) -> None:
         return cipher
 
     turn = [False]  # the rest of a read waits for the next loop pass
+    paused = [False]  # reading paused by a turn
+    final = [False]  # the peer's EOF: all that has come is worked off at once
+    tls: list[bool | None] = [None]
+
+    def pause() -> None:
+        if tls[0] is None:
+            extra = getattr(conn._transport, "get_extra_info", None)
+            tls[0] = extra is not None and extra("sslcontext") is not None
+        if not paused[0] and (not tls[0] or len(conn._inpbuf) > TLS_TURN_HOLD):
+            paused[0] = True
+            conn._transport.pause_reading()  # (nothing else pauses this transport's reading)
 
     def next_turn() -> None:
         turn[0] = False
         if conn._transport:
             conn._recv_data()  # (the whole wrapped chain: batching, key swaps)
         transport = conn._transport
-        if not turn[0] and transport and not transport.is_closing():
-            transport.resume_reading()
+        if not turn[0] and paused[0]:
+            paused[0] = False
+            if transport and not transport.is_closing():
+                transport.resume_reading()
+
+    original_eof, original_lost = conn.eof_received, conn.connection_lost
+
+    def work_off() -> None:
+        """Received before the end (an EOF, or a TLS transport's end at the FIN): handled
+        now, not dropped with the connection."""
+        if turn[0] and conn._transport:
+            turn[0] = False
+            final[0] = True
+            try:
+                conn._recv_data()
+            finally:
+                final[0] = False
+
+    def eof_received() -> None:
+        work_off()
+        original_eof()
+
+    def connection_lost(exc: Exception | None = None) -> None:
+        work_off()
+        original_lost(exc)
 
     def recv_data() -> None:
+        if turn[0]:  # a turn is pending (a TLS transport still delivers): this waits for it too
+            pause()
+            return
         cipher = lean_cipher()
         if cipher is None:
             original()
@@ -87,7 +131,7 @@ def install(conn: Any, gcm_type: type) -> None:
         conn._reset_keepalive_timer()
         buf = conn._inpbuf
         pos = 0
-        budget = TURN_PACKETS
+        budget = TURN_PACKETS if not final[0] else len(buf)
         while True:
             if budget <= 0:
                 # One connection's read of small packets can be thousands of them: the rest
@@ -95,7 +139,7 @@ def install(conn: Any, gcm_type: type) -> None:
                 conn._inpbuf = buf[pos:]
                 if len(buf) - pos >= 4 + _TAG and not turn[0]:
                     turn[0] = True
-                    conn._transport.pause_reading()  # (nothing else pauses this transport's reading)
+                    pause()
                     asyncio.get_running_loop().call_soon(next_turn)
                 return
             try:
@@ -135,6 +179,8 @@ def install(conn: Any, gcm_type: type) -> None:
                 return
 
     conn._recv_data = recv_data
+    conn.eof_received = eof_received
+    conn.connection_lost = connection_lost
 
 
 def _lean_loop(conn: Any, cipher: Any, buf: bytes, pos: int, budget: int) -> tuple[int, bool, int]:
