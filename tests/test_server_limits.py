@@ -22,6 +22,7 @@ import pytest
 from asyncssh.packet import String
 
 from helpers import ROOT, Keys, curl, free_port, sha, start_client, start_server, wait_for_log, wraith
+from test_hostile import black_hole  # noqa: F401  (a fixture)
 from wraith_core.options import ServeOptions
 from wraith_core.server_api import WraithServer
 
@@ -406,21 +407,11 @@ def _ssh_greeting_over_tls(port: int) -> bytes:
         return s.recv(256)
 
 
-async def test_connects_in_flight_by_name_count_once_toward_the_channel_limit(keys: Keys) -> None:
+async def test_connects_in_flight_by_name_count_once_toward_the_channel_limit(keys: Keys, black_hole: int) -> None:
     """An open to a host name has its channel in the connection's table while it connects:
     it counts once toward --max-channels-per-connection, as an open to an IP address does
     (it was counted twice, so half as many could wait for a slow target)."""
-    black_hole = socket.socket()  # a listener whose queue is full: connects to it hang
-    black_hole.bind(("127.0.0.1", 0))
-    black_hole.listen(0)
-    bport = black_hole.getsockname()[1]
-    fillers = []
-    for _ in range(3):
-        f = socket.socket()
-        f.setblocking(False)
-        f.connect_ex(("127.0.0.1", bport))
-        fillers.append(f)
-    await asyncio.sleep(0.2)
+    bport = black_hole  # connects to it hang
     port = free_port()
     srv = await WraithServer(ServeOptions(key=str(keys.host), authorized_keys=str(keys.authorized),
                                           listen=f"127.0.0.1:{port}", max_channels_per_connection=4,
@@ -443,6 +434,3 @@ async def test_connects_in_flight_by_name_count_once_toward_the_channel_limit(ke
                 assert codes == [asyncssh.OPEN_CONNECT_FAILED] * 4 + [asyncssh.OPEN_RESOURCE_SHORTAGE], (host, codes)
     finally:
         await srv.close()
-        for f in fillers:
-            f.close()
-        black_hole.close()

@@ -176,26 +176,29 @@ class Session:
         client_keys: list[Any] = [(self.client_key, self.certificate) if self.certificate else self.client_key]
         self.host_key_mismatch = None
         try:
-            conn = await asyncio.wait_for(asyncssh.connect(
-                host, port,
-                tunnel=ConnectorTunnel(self.connector),
-                client_factory=lambda: _Owner(self),
-                username=opts.ssh_user(),
-                client_keys=client_keys,
-                known_hosts=self.known_hosts,
-                server_host_key_algs=self.pin.host_key_algs() if self.pin is not None else "default",
-                agent_path=None,
-                password=None,
-                kbdint_auth=False,
-                password_auth=False,
-                gss_host=None,
-                preferred_auth="publickey",
-                encryption_algs=opts.ciphers,
-                keepalive_interval=opts.keepalive_interval,
-                keepalive_count_max=opts.keepalive_count_max,
-                config=None,
-                x509_trusted_certs=None,
-            ), opts.connect_timeout + 5)
+            # (asyncio.timeout, not wait_for: on 3.11 a wait_for cancelled as the connect fails
+            # leaves that failure in a task nobody reads, reported as a traceback at shutdown)
+            async with asyncio.timeout(opts.connect_timeout + 5):
+                conn = await asyncssh.connect(
+                    host, port,
+                    tunnel=ConnectorTunnel(self.connector),
+                    client_factory=lambda: _Owner(self),
+                    username=opts.ssh_user(),
+                    client_keys=client_keys,
+                    known_hosts=self.known_hosts,
+                    server_host_key_algs=self.pin.host_key_algs() if self.pin is not None else "default",
+                    agent_path=None,
+                    password=None,
+                    kbdint_auth=False,
+                    password_auth=False,
+                    gss_host=None,
+                    preferred_auth="publickey",
+                    encryption_algs=opts.ciphers,
+                    keepalive_interval=opts.keepalive_interval,
+                    keepalive_count_max=opts.keepalive_count_max,
+                    config=None,
+                    x509_trusted_certs=None,
+                )
         except asyncssh.PermissionDenied:
             raise AuthError("authentication failed: the server did not accept the identity key") from None
         except asyncssh.HostKeyNotVerifiable as exc:
