@@ -119,11 +119,12 @@ def test_a_peer_that_stops_reading_cannot_grow_the_server(keys: Keys, tmp_path, 
 
 
 
-async def test_a_server_that_stops_reading_cannot_grow_the_client(keys: Keys, monkeypatch) -> None:
+async def test_a_server_that_stops_reading_cannot_grow_the_client(keys: Keys) -> None:
     """A hostile server stops reading its socket and floods requests that want a reply:
     the client answers each into its send buffer (no relay feeds it, so nothing pauses).
-    Past the hard limit the client drops the connection instead of growing without bound.
-    (The limit is lowered here so the test takes seconds, not a quarter GiB.)"""
+    Past REPLY_STOP answers over the buffer's mark the client reads the server no more,
+    instead of growing without bound; then, reading nothing, it gets no keepalive answer
+    and drops the connection."""
     import asyncssh
     from asyncssh.constants import MSG_GLOBAL_REQUEST
     from asyncssh.packet import Boolean, String
@@ -132,7 +133,6 @@ async def test_a_server_that_stops_reading_cannot_grow_the_client(keys: Keys, mo
     from wraith_core.ssh import backlog
     from wraith_core.ssh.client import Session
 
-    monkeypatch.setattr(backlog, "CONN_ABORT", 2 * backlog.CONN_HIGH)
     conns: list[asyncssh.SSHServerConnection] = []
 
     class Hostile(asyncssh.SSHServer):
@@ -149,13 +149,18 @@ async def test_a_server_that_stops_reading_cannot_grow_the_client(keys: Keys, mo
         conn = await session.connection(timeout=10)
         peer = conns[-1]
         peer._transport.pause_reading()  # never reads the client's answers again
-        for _ in range(600):  # up to ~1.2 M requests; the client must give up long before
-            if conn.is_closed():
-                break
-            for _ in range(2000):
-                peer.send_packet(MSG_GLOBAL_REQUEST, String(b"x"), Boolean(True))
+        most = 0
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 40  # keepalive: 5 s, twice, after the client stops reading
+        while not conn.is_closed() and loop.time() < deadline:
+            if peer._transport is not None and peer._transport.get_write_buffer_size() < 8 << 20:
+                for _ in range(2000):
+                    peer.send_packet(MSG_GLOBAL_REQUEST, String(b"x"), Boolean(True))
+            if conn._transport is not None:  # type: ignore[attr-defined]
+                most = max(most, conn._transport.get_write_buffer_size())  # type: ignore[attr-defined]
             await asyncio.sleep(0.01)
-        assert conn.is_closed(), "the client kept buffering its answers"
+        assert conn.is_closed(), "the client kept the connection of a server that reads nothing"
+        assert most < backlog.CONN_HIGH + (4 << 20), f"the client buffered {most >> 20} MiB of answers"
     finally:
         await session.close()
         srv.close()

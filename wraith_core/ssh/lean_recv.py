@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from .backlog import hold_reading, release_reading
 from .internals import has_names
 
 try:
@@ -77,7 +78,7 @@ def install(conn: Any, gcm_type: type) -> None:
         return cipher
 
     turn = [False]  # the rest of a read waits for the next loop pass
-    paused = [False]  # reading paused by a turn
+    paused = [False]  # reading held for a turn
     final = [False]  # the peer's EOF: all that has come is worked off at once
     tls: list[bool | None] = [None]
 
@@ -87,17 +88,15 @@ def install(conn: Any, gcm_type: type) -> None:
             tls[0] = extra is not None and extra("sslcontext") is not None
         if not paused[0] and (not tls[0] or len(conn._inpbuf) > TLS_TURN_HOLD):
             paused[0] = True
-            conn._transport.pause_reading()  # (nothing else pauses this transport's reading)
+            hold_reading(conn, "turn")
 
     def next_turn() -> None:
         turn[0] = False
         if conn._transport:
             conn._recv_data()  # (the whole wrapped chain: batching, key swaps)
-        transport = conn._transport
         if not turn[0] and paused[0]:
             paused[0] = False
-            if transport and not transport.is_closing():
-                transport.resume_reading()
+            release_reading(conn, "turn")
 
     original_eof, original_lost = conn.eof_received, conn.connection_lost
 

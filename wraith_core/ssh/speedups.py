@@ -67,6 +67,7 @@ import time
 from typing import Any, cast
 
 from . import lean_recv
+from .backlog import note_reply
 from .internals import has_names
 
 try:
@@ -91,6 +92,8 @@ except ImportError:  # pragma: no cover - a future asyncssh without these names
     GCMCipher = None  # type: ignore[assignment,misc]
 
 _EMPTY_STRING = b"\x00\x00\x00\x00"
+# answers to the peer's requests: global (REQUEST_SUCCESS/FAILURE), channel (CHANNEL_SUCCESS/FAILURE)
+_REPLIES = frozenset((81, 82, 99, 100))
 
 
 def install(conn: Any) -> None:
@@ -265,6 +268,8 @@ def _lean_send_packet(conn: Any, swap: Any) -> None:
     lean = all(hasattr(conn, a) for a in _LEAN_NAMES)
 
     def send_packet(pkttype: int, *args: bytes, handler: Any = None) -> None:
+        if pkttype in _REPLIES:
+            note_reply(conn)
         if swap is not None:
             swap()
         if (pkttype == MSG_IGNORE and args == (_EMPTY_STRING,)
@@ -284,8 +289,13 @@ _LEAN_NAMES = ("_send_encryption", "_compressor", "_kex_complete", "_auth_comple
 
 
 def send_lean(conn: Any, pkttype: int, parts: tuple[Any, ...]) -> bool:
-    """``_send_lean`` for callers outside asyncssh's ``send_packet`` (False: send it the usual way)."""
-    return has_names(conn, _LEAN_NAMES) and _send_lean(conn, pkttype, parts)
+    """``_send_lean`` for callers outside asyncssh's ``send_packet`` (False: send it the usual way,
+    through ``send_packet``)."""
+    if not (has_names(conn, _LEAN_NAMES) and _send_lean(conn, pkttype, parts)):
+        return False
+    if pkttype in _REPLIES:
+        note_reply(conn)
+    return True
 
 
 def _send_lean(conn: Any, pkttype: int, parts: tuple[Any, ...]) -> bool:
