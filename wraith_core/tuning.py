@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import inspect
 import ctypes.util
 import gc
+import inspect
 import os
 
 M_TRIM_THRESHOLD = -1
