@@ -347,7 +347,7 @@ async def test_quic_stream_transport_backpressure_and_half_close() -> None:
 
 
 @contextlib.asynccontextmanager
-async def _server_and_raw_client(keys: Keys) -> AsyncIterator[tuple[Any, Any, str]]:
+async def _server_and_raw_client(keys: Keys, **opts: Any) -> AsyncIterator[tuple[Any, Any, str]]:
     """An in-process iroh ``serve()`` and a bare iroh endpoint to poke it with: (ffi, client
     endpoint, the server's ticket)."""
     from wraith_core import ServeOptions, serve
@@ -355,7 +355,7 @@ async def _server_and_raw_client(keys: Keys) -> AsyncIterator[tuple[Any, Any, st
 
     ffi = wi.load_ffi()
     server = await serve(ServeOptions(key=str(keys.host), authorized_keys=str(keys.authorized),
-                                      transport="iroh", iroh_relay="none", listen="127.0.0.1:0"))
+                                      transport="iroh", iroh_relay="none", listen="127.0.0.1:0", **opts))
     cli = await ffi.Endpoint.bind(wi.endpoint_options(ffi, "none", bind_addr="127.0.0.1:0"))
     try:
         yield ffi, cli, next(a.split(" ", 1)[1] for a in server.addresses() if a.startswith("ticket "))
@@ -394,6 +394,27 @@ async def test_iroh_server_refuses_uni_streams_before_any_login(keys: Keys) -> N
         uni = await conn.open_uni()  # no bi-stream at all
         await uni.write_all(b"y" * 65536)
         await asyncio.wait_for(uni.stopped(), 5)
+        conn.close(0, b"")
+
+
+async def test_iroh_login_grace_time_counts_from_the_accept(keys: Keys) -> None:
+    """One login deadline from the accept, as over TCP and TLS: a peer that opens its SSH
+    stream late gets only the rest of the grace time for SSH, not a new one (each step
+    before SSH had its own grace time, and SSH a whole one after them)."""
+    from wraith_core.transport import iroh as wi
+
+    async with _server_and_raw_client(keys, login_grace_time=2.0) as (ffi, cli, ticket):
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        conn = await cli.connect(wi.parse_peer(ffi, ticket), wi.ALPN)
+        await asyncio.sleep(1.4)
+        stream = await conn.open_bi()
+        await stream.send().write_all(b"SSH-2.0-probe\r\n")
+        assert (await asyncio.wait_for(stream.recv().read(64), 10)).startswith(b"SSH-2.0-")
+        with contextlib.suppress(Exception):  # then nothing more from us: the server ends it
+            while await asyncio.wait_for(stream.recv().read(4096), 10):
+                pass
+        assert loop.time() - started < 3.0  # not 1.4 s + a whole 2 s for SSH
         conn.close(0, b"")
 
 

@@ -136,3 +136,17 @@ async def wait_readable(sock: socket.socket, timeout: float | None = None) -> bo
         return False
     finally:
         loop.remove_reader(sock.fileno())
+
+
+def accepted_at(factory: ProtocolFactory, accepted: float) -> ProtocolFactory:
+    """``factory``, whose protocols learn when their stream was accepted: those with an
+    ``accepted_at`` attribute (the server's gate) get it set to ``accepted``
+    (``time.monotonic()``)."""
+
+    def make() -> asyncio.BaseProtocol:
+        protocol = factory()
+        if hasattr(protocol, "accepted_at"):
+            protocol.accepted_at = accepted
+        return protocol
+
+    return make

@@ -25,12 +25,13 @@ import ipaddress
 import logging
 import re
 import socket
+import time
 from collections import deque
 from typing import Any
 
 from ..errors import ConnectError, UsageError
 from ..options import ConnectOptions, ServeOptions
-from .base import ProtocolFactory, TransportInfo
+from .base import ProtocolFactory, TransportInfo, accepted_at
 
 log = logging.getLogger("wraith.transport")
 
@@ -515,32 +516,33 @@ class IrohAcceptor:
             task.add_done_callback(self._tasks.discard)
 
     async def _handle(self, incoming: Any, protocol_factory: ProtocolFactory) -> None:
-        grace = self._options.login_grace_time
+        accepted = time.monotonic()  # one login deadline from here, SSH's part included
         conn = None
         peername: tuple[str, int] | None = None
         try:
-            with contextlib.suppress(Exception):
-                source = await asyncio.wait_for(incoming.remote_addr(), grace)
-                host, _, port = str(getattr(source, "addr", "")).rpartition(":")
-                if host and port.isascii() and port.isdigit():
-                    peername = (host.strip("[]"), int(port))
-            if self._only_ip is not None:
-                local = await asyncio.wait_for(incoming.local_addr(), grace)
-                if local.is_ip() and _ip_of(str(local.addr)) != self._only_ip:
-                    await incoming.refuse()
+            async with asyncio.timeout(self._options.login_grace_time):
+                with contextlib.suppress(Exception):
+                    source = await incoming.remote_addr()
+                    host, _, port = str(getattr(source, "addr", "")).rpartition(":")
+                    if host and port.isascii() and port.isdigit():
+                        peername = (host.strip("[]"), int(port))
+                if self._only_ip is not None:
+                    local = await incoming.local_addr()
+                    if local.is_ip() and _ip_of(str(local.addr)) != self._only_ip:
+                        await incoming.refuse()
+                        return
+                accepting = await incoming.accept()
+                conn = await accepting.connect()
+                if bytes(conn.alpn()) != ALPN:
+                    conn.close(1, b"unknown alpn")
                     return
-            accepting = await asyncio.wait_for(incoming.accept(), grace)
-            conn = await asyncio.wait_for(accepting.connect(), grace)
-            if bytes(conn.alpn()) != ALPN:
-                conn.close(1, b"unknown alpn")
-                return
-            # SSH needs one bidirectional stream and no other: no credit for unidirectional
-            # ones, and those already granted are refused at once (each would be buffered up
-            # to its receive window, ~100 MB per connection, before any login)
-            with contextlib.suppress(Exception):
-                conn.set_max_concurrent_uni_streams(0)
-            self._spawn(self._refuse_uni(conn))
-            bi = await asyncio.wait_for(conn.accept_bi(), grace)
+                # SSH needs one bidirectional stream and no other: no credit for unidirectional
+                # ones, and those already granted are refused at once (each would be buffered up
+                # to its receive window, ~100 MB per connection, before any login)
+                with contextlib.suppress(Exception):
+                    conn.set_max_concurrent_uni_streams(0)
+                self._spawn(self._refuse_uni(conn))
+                bi = await conn.accept_bi()
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -553,7 +555,7 @@ class IrohAcceptor:
         transport = IrohStreamTransport(conn, bi.send(), bi.recv(), info, peername=peername)
         transport._on_closed = lambda: self._transports.discard(transport)
         self._transports.add(transport)
-        transport.start(protocol_factory())
+        transport.start(accepted_at(protocol_factory, accepted)())
         # One stream per connection is all SSH needs. QUIC already granted the peer credit for
         # ~100 more, and each would be buffered up to its receive window (~127 MB held per
         # connection, before any login): no new credit, and every further stream is refused.

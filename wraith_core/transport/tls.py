@@ -26,7 +26,7 @@ from typing import Any
 from ..errors import ConnectError, UsageError
 from ..keys import KeyInput, read_key_input
 from ..options import ConnectOptions, ServeOptions
-from .base import ProtocolFactory
+from .base import ProtocolFactory, accepted_at
 from .tcp import TCPAcceptor, open_tcp_socket
 
 log = logging.getLogger("wraith.transport")
@@ -211,7 +211,7 @@ class TLSAcceptor(TCPAcceptor):
     async def _handshake(self, sock: socket.socket, release: Callable[[], None], accepted: float) -> None:
         opts = self._options
         assert self._factory is not None
-        inner = _accepted_at(self._factory, accepted)
+        inner = accepted_at(self._factory, accepted)
         factory: ProtocolFactory = inner
         ctx: ssl.SSLContext | None = self._ctx
         timeout = opts.login_grace_time - (time.monotonic() - accepted)
@@ -285,20 +285,6 @@ LINGER_ZERO = struct.pack("ii", 1, 0)  # close = RST: a refused connection ends 
 
 def _nothing() -> None:
     pass
-
-
-def _accepted_at(factory: ProtocolFactory, accepted: float) -> ProtocolFactory:
-    """``factory``, whose protocols learn when their stream was accepted: those with an
-    ``accepted_at`` attribute (the server's gate) get it set to ``accepted``
-    (``time.monotonic()``)."""
-
-    def make() -> asyncio.BaseProtocol:
-        protocol = factory()
-        if hasattr(protocol, "accepted_at"):
-            protocol.accepted_at = accepted
-        return protocol
-
-    return make
 
 
 class _Once:
