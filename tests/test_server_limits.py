@@ -397,12 +397,9 @@ async def test_a_silent_stealth_client_holds_no_startup_place_past_the_grace_tim
 
 
 def _ssh_greeting_over_tls(port: int) -> bytes:
-    import ssl
+    from test_transport_stealth import _tls_socket
 
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    with ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10), server_hostname="localhost") as s:
+    with _tls_socket(port) as s:
         s.sendall(b"SSH-2.0-probe\r\n")
         return s.recv(256)
 

@@ -228,7 +228,7 @@ class TLSAcceptor(TCPAcceptor):
 
             startup_over_in = getattr(release, "startup_over_in", None)  # (max_startups: not past the grace time)
             if startup_over_in is not None:
-                startup_over_in(opts.login_grace_time - (time.monotonic() - accepted))
+                startup_over_in(timeout)  # (the grace time left)
             timeout, started = opts.stealth_timeout, loop.time()
             try:
                 greeted = await greet(sock, timeout)  # before TLS, on the raw socket
